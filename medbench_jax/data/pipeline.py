@@ -1,0 +1,128 @@
+"""grain input pipelines over a random-access source (a TFDS ArrayRecord data source).
+
+Train: global seeded shuffle -> this process's slice -> per-example seeded
+augmentation -> infinite repeat (reshuffled every epoch) -> batch -> worker processes.
+Every stage is index-based, so the iterator state is a few integers that the
+checkpoint stores, and a resumed run sees exactly the batches it would have seen.
+
+Eval: every example exactly once, split across processes, padded to whole batches;
+`valid` marks the real examples so padding never reaches a metric.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Iterator, Sequence
+
+import grain
+import jax.numpy as jnp
+import numpy as np
+
+from medbench_jax.data import transforms
+
+
+@dataclasses.dataclass
+class Augment:
+  """Picklable per-example transform run inside grain workers."""
+  pp_spec: str
+
+  def __post_init__(self):
+    self._op = transforms.parse(self.pp_spec)
+
+  def __getstate__(self):
+    return {"pp_spec": self.pp_spec}
+
+  def __setstate__(self, state):
+    self.__init__(**state)
+
+  def __call__(self, example: dict[str, Any], rng: np.random.Generator) -> dict[str, Any]:
+    return {"image": self._op(example["image"], rng),
+            "labels": np.asarray(example["labels"], np.float32)}
+
+
+def train_dataset(source: Sequence[dict], *, pp_spec: str, local_batch_size: int,
+                  seed: int, num_workers: int, process_index: int = 0,
+                  process_count: int = 1) -> grain.IterDataset:
+  ds = grain.MapDataset.source(source).shuffle(seed=seed)
+  ds = ds[process_index::process_count]
+  ds = ds.random_map(Augment(pp_spec), seed=seed + 1)
+  ds = ds.repeat().batch(local_batch_size, drop_remainder=True)
+  iter_ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=2, prefetch_buffer_size=4))
+  if num_workers > 0:
+    iter_ds = iter_ds.mp_prefetch(grain.MultiprocessingOptions(
+        num_workers=num_workers, per_worker_buffer_size=2))
+  return iter_ds
+
+
+@dataclasses.dataclass
+class PaddedEvalExample:
+  """Maps a local padded index to this process's share of the source.
+
+  Process p gets source indices p, p + P, p + 2P, ...; beyond its share it returns
+  example 0 with valid=False so every process runs the same number of batches.
+  """
+  source: Sequence[dict]
+  pp_spec: str
+  process_index: int
+  process_count: int
+
+  def __post_init__(self):
+    self._op = transforms.parse(self.pp_spec)
+
+  def __getstate__(self):
+    return {k: getattr(self, k) for k in
+            ("source", "pp_spec", "process_index", "process_count")}
+
+  def __setstate__(self, state):
+    self.__init__(**state)
+
+  def __call__(self, local_index: int) -> dict[str, Any]:
+    index = self.process_index + local_index * self.process_count
+    valid = index < len(self.source)
+    example = self.source[index if valid else 0]
+    # Eval ops are deterministic; the generator is only there to satisfy the op API.
+    image = self._op(example["image"], np.random.default_rng(0))
+    return {"image": image, "labels": np.asarray(example["labels"], np.float32),
+            "valid": np.bool_(valid)}
+
+
+def eval_batches_per_process(num_examples: int, local_batch_size: int,
+                             process_count: int) -> int:
+  return math.ceil(math.ceil(num_examples / process_count) / local_batch_size)
+
+
+def eval_dataset(source: Sequence[dict], *, pp_spec: str, local_batch_size: int,
+                 num_workers: int, process_index: int = 0,
+                 process_count: int = 1) -> grain.IterDataset:
+  num_batches = eval_batches_per_process(len(source), local_batch_size, process_count)
+  ds = grain.MapDataset.range(num_batches * local_batch_size).map(
+      PaddedEvalExample(source, pp_spec, process_index, process_count))
+  ds = ds.batch(local_batch_size, drop_remainder=True)
+  iter_ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=2, prefetch_buffer_size=4))
+  if num_workers > 0:
+    iter_ds = iter_ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers))
+  return iter_ds
+
+
+def iterate(ds: grain.IterDataset) -> Iterator[dict[str, np.ndarray]]:
+  """Iterates a finite dataset and closes worker processes afterwards."""
+  iterator = iter(ds)
+  try:
+    yield from iterator
+  finally:
+    close = getattr(iterator, "close", None)
+    if close is not None:
+      close()
+
+
+def normalize(images: jnp.ndarray, mean: Sequence[float], std: Sequence[float]) -> jnp.ndarray:
+  """uint8 (..., H, W, 1) grayscale -> float32 (..., H, W, 3) normalised like the source.
+
+  Runs on the accelerator: the host ships one uint8 channel (12x fewer bytes than
+  float32 RGB) and the pretrained models still see the 3 channels they expect.
+  """
+  x = images.astype(jnp.float32) / 255.0
+  if x.shape[-1] == 1:
+    x = jnp.broadcast_to(x, x.shape[:-1] + (3,))
+  return (x - jnp.asarray(mean, jnp.float32)) / jnp.asarray(std, jnp.float32)

@@ -1,0 +1,281 @@
+"""Swin Transformer v1 as timm 1.0 builds it (`timm/models/swin_transformer.py`).
+
+Parameter paths mirror timm's keys (patch_embed/proj, layers_1/downsample/reduction,
+layers_0/blocks_1/attn/relative_position_bias_table, ..., norm, head) so `convert_timm`
+is the generic layout conversion plus timm's own key fixes. The relative position index
+and the shifted-window attention mask are constants recomputed here with numpy at trace
+time, never loaded. As in timm with strict_img_size, the input must be `img_size`: window
+sizes (and so the bias-table shapes) are fixed per stage from that resolution.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any, Mapping, Sequence
+
+import flax.linen as nn
+import jax.numpy as jnp
+import numpy as np
+
+from medbench_jax import models
+from medbench_jax.models import common
+
+# timm: trunc_normal_(std=.02) on every Linear, zero bias; LayerNorm eps is PyTorch's 1e-5.
+_dense_init = nn.initializers.truncated_normal(stddev=0.02)
+_LN_EPS = 1e-5
+# timm's fill value for attention between tokens from different regions of a shifted window.
+_MASK_VALUE = -100.0
+
+Pair = tuple[int, int]
+
+
+def _pair(x: int | Sequence[int]) -> Pair:
+  return (x, x) if isinstance(x, int) else (int(x[0]), int(x[1]))
+
+
+def _dense(features: int, dtype: Any, name: str, use_bias: bool = True) -> nn.Dense:
+  return nn.Dense(features, use_bias=use_bias, kernel_init=_dense_init, dtype=dtype,
+                  param_dtype=jnp.float32, name=name)
+
+
+def _layer_norm(dtype: Any, name: str) -> nn.LayerNorm:
+  return nn.LayerNorm(epsilon=_LN_EPS, dtype=dtype, param_dtype=jnp.float32, name=name)
+
+
+def window_and_shift(resolution: Pair, window: Pair, shift: Pair) -> tuple[Pair, Pair]:
+  """timm's clamping: a stage no larger than the window is one unshifted window."""
+  win = tuple(r if r <= w else w for r, w in zip(resolution, window))
+  shift = tuple(0 if r <= w else s for r, w, s in zip(resolution, win, shift))
+  return win, shift
+
+
+def relative_position_index(window: Pair) -> np.ndarray:
+  """(N, N) index into the (2Wh-1)(2Ww-1) bias table, N = Wh*Ww, computed as timm does."""
+  wh, ww = window
+  coords = np.stack(np.meshgrid(np.arange(wh), np.arange(ww), indexing="ij")).reshape(2, -1)
+  rel = (coords[:, :, None] - coords[:, None, :]).transpose(1, 2, 0)
+  rel[:, :, 0] += wh - 1
+  rel[:, :, 1] += ww - 1
+  rel[:, :, 0] *= 2 * ww - 1
+  return rel.sum(-1)
+
+
+def window_partition(x: jnp.ndarray, window: Pair) -> jnp.ndarray:
+  """(B, H, W, C) -> (B * num_windows, Wh * Ww, C), windows in row-major order per image."""
+  b, h, w, c = x.shape
+  x = x.reshape(b, h // window[0], window[0], w // window[1], window[1], c)
+  return x.transpose(0, 1, 3, 2, 4, 5).reshape(-1, window[0] * window[1], c)
+
+
+def window_reverse(windows: jnp.ndarray, window: Pair, h: int, w: int) -> jnp.ndarray:
+  c = windows.shape[-1]
+  x = windows.reshape(-1, h // window[0], w // window[1], window[0], window[1], c)
+  return x.transpose(0, 1, 3, 2, 4, 5).reshape(-1, h, w, c)
+
+
+def shifted_window_mask(padded: Pair, window: Pair, shift: Pair) -> np.ndarray:
+  """(num_windows, N, N) additive mask keeping attention inside the regions that the cyclic
+  shift brought together in one window (timm's `get_attn_mask`)."""
+  img = np.zeros(padded, np.float32)
+  regions = lambda w, s: ((0, -w), (-w, -s), (-s, None))
+  for i, (h0, h1) in enumerate(regions(window[0], shift[0])):
+    for j, (w0, w1) in enumerate(regions(window[1], shift[1])):
+      img[h0:h1, w0:w1] = 3 * i + j
+  windows = np.asarray(window_partition(img[None, :, :, None], window))[..., 0]
+  diff = windows[:, None, :] - windows[:, :, None]
+  return np.where(diff != 0, _MASK_VALUE, 0.0).astype(np.float32)
+
+
+class WindowAttention(nn.Module):
+  """Multi-head self-attention inside windows, with a learned relative position bias."""
+  num_heads: int
+  window: Pair
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jnp.ndarray, mask: np.ndarray | None) -> jnp.ndarray:
+    b, n, dim = x.shape
+    head_dim = dim // self.num_heads
+    table = self.param("relative_position_bias_table", _dense_init,
+                       ((2 * self.window[0] - 1) * (2 * self.window[1] - 1), self.num_heads),
+                       jnp.float32)
+    index = relative_position_index(self.window).reshape(-1)
+    bias = table[index].reshape(n, n, self.num_heads).transpose(2, 0, 1)
+
+    qkv = _dense(3 * dim, self.dtype, "qkv")(x)
+    q, k, v = qkv.reshape(b, n, 3, self.num_heads, head_dim).transpose(2, 0, 3, 1, 4)
+    attn = (q * head_dim**-0.5) @ k.swapaxes(-2, -1) + bias.astype(self.dtype)
+    if mask is not None:
+      num_windows = mask.shape[0]
+      attn = attn.reshape(-1, num_windows, self.num_heads, n, n) + mask[None, :, None]
+      attn = attn.reshape(-1, self.num_heads, n, n)
+    # Softmax in float32: bf16 exponentials of logits near -100 lose the whole row otherwise.
+    attn = nn.softmax(attn.astype(jnp.float32), axis=-1).astype(self.dtype)
+    x = (attn @ v).transpose(0, 2, 1, 3).reshape(b, n, dim)
+    return _dense(dim, self.dtype, "proj")(x)
+
+
+class Mlp(nn.Module):
+  hidden: int
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
+    dim = x.shape[-1]
+    x = nn.gelu(_dense(self.hidden, self.dtype, "fc1")(x), approximate=False)  # exact, as torch
+    return _dense(dim, self.dtype, "fc2")(x)
+
+
+class SwinBlock(nn.Module):
+  """(Shifted-)window attention and MLP, each pre-norm with a stochastic-depth residual."""
+  num_heads: int
+  window: Pair
+  shift: Pair
+  mlp_ratio: float
+  drop_path: float
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jnp.ndarray, train: bool) -> jnp.ndarray:
+    _, h, w, c = x.shape
+    y = _layer_norm(self.dtype, "norm1")(x)
+    shifted = any(self.shift)
+    if shifted:
+      y = jnp.roll(y, (-self.shift[0], -self.shift[1]), axis=(1, 2))
+    # Pad to whole windows after the shift, as timm does; the mask covers the padded grid.
+    ph, pw = (-h) % self.window[0], (-w) % self.window[1]
+    y = jnp.pad(y, ((0, 0), (0, ph), (0, pw), (0, 0)))
+    mask = shifted_window_mask((h + ph, w + pw), self.window, self.shift) if shifted else None
+    y = WindowAttention(self.num_heads, self.window, self.dtype, name="attn")(
+        window_partition(y, self.window), mask)
+    y = window_reverse(y, self.window, h + ph, w + pw)[:, :h, :w]
+    if shifted:
+      y = jnp.roll(y, self.shift, axis=(1, 2))
+    x = x + common.DropPath(self.drop_path)(y, deterministic=not train)
+    y = Mlp(int(c * self.mlp_ratio), self.dtype, name="mlp")(_layer_norm(self.dtype, "norm2")(x))
+    return x + common.DropPath(self.drop_path)(y, deterministic=not train)
+
+
+class PatchMerging(nn.Module):
+  """2x2 neighbourhood -> channels (timm's concat order), LayerNorm, linear 4C -> 2C."""
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
+    b, h, w, c = x.shape
+    x = jnp.pad(x, ((0, 0), (0, h % 2), (0, w % 2), (0, 0)))
+    h, w = x.shape[1:3]
+    # Channel blocks ordered (row 0, col 0), (1, 0), (0, 1), (1, 1): column-major in the 2x2.
+    x = x.reshape(b, h // 2, 2, w // 2, 2, c).transpose(0, 1, 3, 4, 2, 5).reshape(
+        b, h // 2, w // 2, 4 * c)
+    x = _layer_norm(self.dtype, "norm")(x)
+    return _dense(2 * c, self.dtype, "reduction", use_bias=False)(x)
+
+
+class PatchEmbed(nn.Module):
+  patch_size: int
+  embed_dim: int
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
+    p = self.patch_size
+    x = nn.Conv(self.embed_dim, (p, p), (p, p), padding="VALID", dtype=self.dtype,
+                param_dtype=jnp.float32, name="proj")(x)
+    return _layer_norm(self.dtype, "norm")(x)
+
+
+class SwinStage(nn.Module):
+  """Optional PatchMerging, then blocks alternating regular and shifted windows."""
+  depth: int
+  num_heads: int
+  downsample: bool
+  window: Pair
+  mlp_ratio: float
+  drop_path: Sequence[float]
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jnp.ndarray, train: bool) -> jnp.ndarray:
+    if self.downsample:
+      x = PatchMerging(self.dtype, name="downsample")(x)
+    half = (self.window[0] // 2, self.window[1] // 2)
+    for j in range(self.depth):
+      window, shift = window_and_shift(x.shape[1:3], self.window, half if j % 2 else (0, 0))
+      x = SwinBlock(self.num_heads, window, shift, self.mlp_ratio, self.drop_path[j],
+                    self.dtype, name=f"blocks_{j}")(x, train)
+    return x
+
+
+class SwinTransformer(nn.Module):
+  """Swin v1. Stage i > 0 starts with PatchMerging (timm >= 0.9 layout)."""
+  num_classes: int = 1000
+  img_size: int | Sequence[int] = 224
+  patch_size: int = 4
+  embed_dim: int = 96
+  depths: Sequence[int] = (2, 2, 6, 2)
+  num_heads: Sequence[int] = (3, 6, 12, 24)
+  window_size: int | Sequence[int] = 7
+  mlp_ratio: float = 4.0
+  drop_path_rate: float = 0.1
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jnp.ndarray, train: bool = False) -> jnp.ndarray:
+    img_size = _pair(self.img_size)
+    if tuple(x.shape[1:3]) != img_size:
+      raise ValueError(f"Swin built for img_size={img_size} got images of {x.shape[1:3]}; "
+                       "window sizes depend on it, create the model with the matching img_size.")
+    x = PatchEmbed(self.patch_size, self.embed_dim, self.dtype, name="patch_embed")(
+        x.astype(self.dtype))
+    target_window = _pair(self.window_size)
+    # Stochastic depth grows linearly over all blocks (timm's calculate_drop_path_rates).
+    rates = iter(np.linspace(0.0, self.drop_path_rate, sum(self.depths)).tolist())
+    for i, (depth, heads) in enumerate(zip(self.depths, self.num_heads)):
+      x = SwinStage(depth, heads, downsample=i > 0, window=target_window,
+                    mlp_ratio=self.mlp_ratio, drop_path=tuple(next(rates) for _ in range(depth)),
+                    dtype=self.dtype, name=f"layers_{i}")(x, train)
+    x = _layer_norm(self.dtype, "norm")(x)
+    return common.pool_and_classify(x, self.num_classes, self.dtype, "head")
+
+
+def convert_timm(state_dict: Mapping[str, np.ndarray],
+                 model_kw: Mapping[str, Any] | None = None) -> dict[str, dict]:
+  """timm Swin state dict -> {'params'}. Also reads the original Microsoft checkpoints,
+  whose stages downsample at their end (layers.i.downsample -> layers.{i+1}.downsample)
+  and whose head is `head` rather than timm's `head.fc`, as timm's checkpoint filter does."""
+  del model_kw  # The layout does not depend on the model's hyperparameters.
+  old_layout = "layers.0.downsample.reduction.weight" in state_dict
+
+  def rename(key: str) -> str:
+    if old_layout:
+      key = re.sub(r"^layers\.(\d+)\.downsample",
+                   lambda m: f"layers.{int(m.group(1)) + 1}.downsample", key)
+    return re.sub(r"^head\.fc\.", "head.", key)
+
+  return common.convert_torch_state_dict(
+      state_dict, rename=rename, drop=("relative_position_index", "attn_mask"))
+
+
+_CFG = dict(converter=convert_timm, first_conv="patch_embed/proj", classifier="head",
+            crop_pct=0.9, interpolation="bicubic")
+
+
+def _register(name: str, **arch: Any) -> None:
+  size = _pair(arch.get("img_size", 224))
+
+  @models.register(name, input_size=(*size, 3), **_CFG)
+  def factory(num_classes: int, **kw: Any) -> SwinTransformer:
+    return SwinTransformer(num_classes=num_classes, **{**arch, **kw})
+  factory.__name__ = factory.__qualname__ = name
+
+
+_register("swin_tiny_patch4_window7_224", embed_dim=96, depths=(2, 2, 6, 2),
+          num_heads=(3, 6, 12, 24))
+_register("swin_small_patch4_window7_224", embed_dim=96, depths=(2, 2, 18, 2),
+          num_heads=(3, 6, 12, 24))
+_register("swin_base_patch4_window7_224", embed_dim=128, depths=(2, 2, 18, 2),
+          num_heads=(4, 8, 16, 32))
+# CPU-sized variant for tests and demos: no published weights exist, random init only.
+_register("swin_demo_patch4_window4_128", img_size=128, window_size=4,
+          embed_dim=48, depths=(2, 2, 2, 2), num_heads=(2, 4, 8, 16))

@@ -1,0 +1,33 @@
+"""Test setup: 8 simulated CPU devices, parsed absl flags, a small prepared phantom set."""
+
+import os
+
+# Before JAX is imported anywhere: sharded code runs on 8 simulated devices, as on a
+# small accelerator host. Single-device code is unaffected.
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import pytest  # noqa: E402
+from absl import flags  # noqa: E402
+
+# grain reads absl flags; under pytest nobody calls app.run.
+flags.FLAGS.mark_as_parsed()
+
+
+def pytest_configure(config):
+  config.addinivalue_line("markers", "slow: long tests (full-size models); run with -m slow")
+
+
+@pytest.fixture(scope="session")
+def phantom_dir(tmp_path_factory):
+  """A small generated phantom data set in its on-disk (ChestX-ray14 list) format."""
+  from medbench_jax.data import phantom  # pylint: disable=g-import-not-at-top
+  path = tmp_path_factory.mktemp("phantom")
+  phantom.generate(path, seed=0, num_train=96, num_val=40, num_test=40, image_size=96)
+  return path
+
+
+@pytest.fixture(scope="session")
+def phantom_builder(phantom_dir, tmp_path_factory):
+  from medbench_jax.data import builders  # pylint: disable=g-import-not-at-top
+  return builders.prepare("phantom_cxr", phantom_dir, tmp_path_factory.mktemp("tfds"), 64)
