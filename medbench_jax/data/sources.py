@@ -73,8 +73,8 @@ def load_splits(config: ml_collections.ConfigDict) -> Splits:
   """Generates (phantom) and prepares the data set on process 0, then opens it everywhere."""
   manual_dir = manual_dir_for(config)
   data_dir = data_dir_for(config)
-  if config.dataset.name == "phantom_cxr" and not config.dataset.manual_dir:
-    if jax.process_index() == 0:
+  if config.dataset.name == "phantom_cxr":
+    if jax.process_index() == 0:  # generation is idempotent: a finished set is reused
       p = config.dataset.phantom
       phantom.generate(manual_dir, seed=p.seed, num_train=p.num_train, num_val=p.num_val,
                        num_test=p.num_test, image_size=p.image_size,
