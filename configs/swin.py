@@ -26,4 +26,4 @@ from medbench_jax import config_lib
 def get_config(arg=None):
   return config_lib.classification_config(
       arg, paper_model="swin_base_patch4_window7_224",
-      demo_model="swin_demo_patch4_window4_128")
+      demo_model="swin_demo_patch4_window4_96")

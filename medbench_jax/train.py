@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 import time
 from typing import Any
 
@@ -291,7 +292,8 @@ def run_trial(config: ml_collections.ConfigDict, workdir: epath.Path, trial: int
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Runs all trials of `config` in `workdir`; returns the results.json content."""
   config_lib.validate(config)
-  workdir = epath.Path(workdir)
+  # orbax's storage layer requires absolute paths; users type relative ones.
+  workdir = epath.Path(os.path.abspath(workdir))
   results_path = workdir / "results.json"
   if results_path.exists():
     results = json.loads(results_path.read_text())

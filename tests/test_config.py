@@ -12,7 +12,7 @@ from configs import swin as swin_config
 def test_default_swin_config_is_the_cpu_demo_and_valid():
   config = swin_config.get_config()
   config_lib.validate(config)
-  assert config.model.name == "swin_demo_patch4_window4_128"
+  assert config.model.name == "swin_demo_patch4_window4_96"
   assert config.dataset.name == "phantom_cxr"
 
 

@@ -10,7 +10,8 @@ from medbench_jax import models
 
 RESNETS = ["resnet18", "resnet34", "resnet50", "resnet101", "resnet152"]
 SWINS = ["swin_tiny_patch4_window7_224", "swin_small_patch4_window7_224",
-         "swin_base_patch4_window7_224", "swin_demo_patch4_window4_128"]
+         "swin_base_patch4_window7_224", "swin_demo_patch4_window4_128",
+         "swin_demo_patch4_window4_96"]
 DEMO = "swin_demo_patch4_window4_128"
 
 

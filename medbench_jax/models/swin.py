@@ -279,3 +279,6 @@ _register("swin_base_patch4_window7_224", embed_dim=128, depths=(2, 2, 18, 2),
 # CPU-sized variant for tests and demos: no published weights exist, random init only.
 _register("swin_demo_patch4_window4_128", img_size=128, window_size=4,
           embed_dim=48, depths=(2, 2, 2, 2), num_heads=(2, 4, 8, 16))
+# The same at 96 px without stochastic depth: the default CPU demo (configs/swin.py).
+_register("swin_demo_patch4_window4_96", img_size=96, window_size=4, drop_path_rate=0.0,
+          embed_dim=48, depths=(2, 2, 2, 2), num_heads=(2, 4, 8, 16))
