@@ -94,12 +94,13 @@ def load_splits(config: ml_collections.ConfigDict) -> Splits:
                                      config.dataset.label_fraction_seed)
     train = Subset(train, indices)
     subset.update(num_selected=len(indices), indices_sha1=_sha1(indices))
+  validation = builder.as_data_source("validation")
+  test = builder.as_data_source("test")
   logging.info("Dataset %s at %dpx: %d train / %d val / %d test examples; classes %s",
-               config.dataset.name, config.dataset.image_size, len(train),
-               len(builder.as_data_source("validation")), len(builder.as_data_source("test")),
-               json.dumps(class_names))
-  return Splits(train=train, validation=builder.as_data_source("validation"),
-                test=builder.as_data_source("test"), class_names=class_names, subset=subset)
+               config.dataset.name, config.dataset.image_size, len(train), len(validation),
+               len(test), json.dumps(class_names))
+  return Splits(train=train, validation=validation, test=test, class_names=class_names,
+                subset=subset)
 
 
 def _sha1(indices: np.ndarray) -> str:

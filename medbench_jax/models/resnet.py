@@ -38,41 +38,44 @@ class _Layers(nn.Module):
                         dtype=self.dtype, param_dtype=jnp.float32, name=name)
 
 
-class BasicBlock(_Layers):
-  """Two 3x3 convs (resnet18/34)."""
+class _Block(_Layers):
+  """A residual block: `residual` computes the branch, the shortcut is shared."""
   features: int = 64
   stride: int = 1
   expansion = 1
 
   @nn.compact
   def __call__(self, x: jnp.ndarray, train: bool) -> jnp.ndarray:
-    shortcut = x
+    y = self.residual(x, train)
+    return nn.relu(y + self.shortcut(x, self.features * self.expansion, train))
+
+  def residual(self, x: jnp.ndarray, train: bool) -> jnp.ndarray:
+    raise NotImplementedError
+
+  def shortcut(self, x: jnp.ndarray, features: int, train: bool) -> jnp.ndarray:
+    """Identity, or 1x1 strided conv + BN ('downsample.0/1' in PyTorch) when the shape changes."""
+    if self.stride == 1 and x.shape[-1] == features:
+      return x
+    x = self.conv(features, 1, self.stride, "downsample_0")(x)
+    return self.bn(train, "downsample_1")(x)
+
+
+class BasicBlock(_Block):
+  """Two 3x3 convs (resnet18/34)."""
+
+  def residual(self, x: jnp.ndarray, train: bool) -> jnp.ndarray:
     y = nn.relu(self.bn(train, "bn1")(self.conv(self.features, 3, self.stride, "conv1")(x)))
-    y = self.bn(train, "bn2")(self.conv(self.features, 3, 1, "conv2")(y))
-    return nn.relu(y + _shortcut(self, shortcut, self.features * self.expansion, train))
+    return self.bn(train, "bn2")(self.conv(self.features, 3, 1, "conv2")(y))
 
 
-class Bottleneck(_Layers):
+class Bottleneck(_Block):
   """1x1 reduce, 3x3 (carrying the stride, v1.5), 1x1 expand x4 (resnet50/101/152)."""
-  features: int = 64
-  stride: int = 1
   expansion = 4
 
-  @nn.compact
-  def __call__(self, x: jnp.ndarray, train: bool) -> jnp.ndarray:
-    shortcut = x
+  def residual(self, x: jnp.ndarray, train: bool) -> jnp.ndarray:
     y = nn.relu(self.bn(train, "bn1")(self.conv(self.features, 1, 1, "conv1")(x)))
     y = nn.relu(self.bn(train, "bn2")(self.conv(self.features, 3, self.stride, "conv2")(y)))
-    y = self.bn(train, "bn3")(self.conv(self.features * self.expansion, 1, 1, "conv3")(y))
-    return nn.relu(y + _shortcut(self, shortcut, self.features * self.expansion, train))
-
-
-def _shortcut(block: _Layers, x: jnp.ndarray, features: int, train: bool) -> jnp.ndarray:
-  """Identity, or 1x1 strided conv + BN ('downsample.0/1' in PyTorch) when the shape changes."""
-  if block.stride == 1 and x.shape[-1] == features:
-    return x
-  x = block.conv(features, 1, block.stride, "downsample_0")(x)
-  return block.bn(train, "downsample_1")(x)
+    return self.bn(train, "bn3")(self.conv(self.features * self.expansion, 1, 1, "conv3")(y))
 
 
 class ResNet(_Layers):
