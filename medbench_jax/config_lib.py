@@ -32,6 +32,16 @@ def default_config() -> ml_collections.ConfigDict:
   c.dataset.image_size = 256  # stored resolution of the prepared copy
   c.dataset.label_fraction = 1.0
   c.dataset.label_fraction_seed = 0  # fixed across models so comparisons are paired
+  # Bad files/rows: False fails listing them all; True prepares the rest and counts them.
+  c.dataset.skip_bad = False
+  # Uncertain (-1) and blank labels (CheXpert, MIMIC-CXR); see sources.apply_label_policy.
+  c.dataset.uncertain_policy = "u_ones"  # u_ones | u_zeros | lsr_ones | lsr_zeros
+  c.dataset.blank_label = 0.0
+  c.dataset.frontal_only = False
+  # Layout of dataset.name="csv_folder" (data/builders.py CsvConfig); labels: "A,B,C".
+  c.dataset.csv = ml_collections.ConfigDict(dict(
+      csv="labels.csv", image_dir="", path_column="path", labels="", split_column="split",
+      patient_column=""))
   c.dataset.phantom = ml_collections.ConfigDict(dict(
       seed=0, num_train=3000, num_val=500, num_test=1000, image_size=256))
 
@@ -46,7 +56,10 @@ def default_config() -> ml_collections.ConfigDict:
 
   c.model = ml_collections.ConfigDict()
   c.model.name = "swin_base_patch4_window7_224"
-  # "random", a checkpoint file, a directory written by medbench_jax.convert.
+  # "random", a checkpoint file (format detected; FORMAT:PATH names it, e.g.
+  # dino_student:/ckpt/dino.pth), a directory written by medbench_jax.convert,
+  # run:WORKDIR[/trial_K] (the encoder of an earlier run's best checkpoint) or
+  # timm:NAME.TAG (Hugging Face hub cache). See medbench_jax/weights/__init__.py.
   c.model.init = "random"
   c.model.dtype = "float32"  # compute dtype; parameters stay float32
   c.model.kw = ml_collections.ConfigDict()  # extra keyword args for models.create
@@ -114,14 +127,21 @@ def validate(config: ml_collections.ConfigDict) -> None:
   from medbench_jax import models  # pylint: disable=g-import-not-at-top
   from medbench_jax import optim  # pylint: disable=g-import-not-at-top
   from medbench_jax.data import builders  # pylint: disable=g-import-not-at-top
+  from medbench_jax.data import sources  # pylint: disable=g-import-not-at-top
   from medbench_jax.data import transforms  # pylint: disable=g-import-not-at-top
 
   _check(config.model.name in models.list_models(), "model.name", config.model.name,
          models.list_models())
-  _check(config.dataset.name in builders.BUILDERS, "dataset.name", config.dataset.name,
-         sorted(builders.BUILDERS))
+  # The fine-tuning loop trains classifiers; segmentation sets are prepared for decoders.
+  classification = sorted(name for name, builder in builders.BUILDERS.items()
+                          if builder.TASK != "segmentation")
+  _check(config.dataset.name in classification, "dataset.name", config.dataset.name,
+         f"classification data sets {classification}")
   _check(0.0 < config.dataset.label_fraction <= 1.0, "dataset.label_fraction",
          config.dataset.label_fraction, "0 < x <= 1")
+  _check(config.dataset.uncertain_policy in sources.UNCERTAIN_POLICIES,
+         "dataset.uncertain_policy", config.dataset.uncertain_policy,
+         sources.UNCERTAIN_POLICIES)
   _check(config.input.normalization in NORMALIZATIONS, "input.normalization",
          config.input.normalization, sorted(NORMALIZATIONS))
   _check(config.optim.optimizer in optim.OPTIMIZERS, "optim.optimizer",
@@ -152,17 +172,20 @@ def classification_config(arg: str | None, *, paper_model: str,
                           demo_model: str) -> ml_collections.ConfigDict:
   """The config every classification file in configs/ builds on.
 
-  Args (comma-separated): model=NAME, data=phantom|chestxray14, init=random|PATH,
+  Args (comma-separated): model=NAME, data=phantom|NAME (a data/builders.py
+  BUILDERS name: chestxray14, chexpert, ...), init=random|PATH,
   trials=N, label_fraction=F (alias anno_percent=P, in percent as the study's
   code takes it), paper (the study's full-size settings even on phantom data).
   With data=phantom and no `paper`, the run is sized for a 2-core CPU (see demo()).
   """
   args = parse_arg(arg, model="", data="phantom", init="random", trials=1,
                    label_fraction=1.0, anno_percent=0.0, paper=False)
-  if args.data not in DATASET_ALIASES:
-    raise ValueError(f"Unknown config arg data={args.data!r}; allowed: {sorted(DATASET_ALIASES)}")
+  from medbench_jax.data import builders  # pylint: disable=g-import-not-at-top
+  allowed = sorted(set(DATASET_ALIASES) | set(builders.BUILDERS))
+  if args.data not in allowed:
+    raise ValueError(f"Unknown config arg data={args.data!r}; allowed: {allowed}")
   config = default_config()
-  config.dataset.name = DATASET_ALIASES[args.data]
+  config.dataset.name = DATASET_ALIASES.get(args.data, args.data)
   config.model.init = args.init
   config.num_trials = args.trials
   config.dataset.label_fraction = (args.anno_percent / 100.0 if args.anno_percent
@@ -180,15 +203,18 @@ def demo(config: ml_collections.ConfigDict) -> None:
 
   Differences from the paper's setting: a small random-init Swin (48-dim, 2-2-2-2
   blocks) at 96 px instead of an ImageNet-pretrained one at 224 px; 112 px stored images
-  (resize 112 / crop 96 mirrors the paper's 256 / 224); crop scale (0.5, 1) instead of
-  (0.08, 1) because the model sees few epochs; AdamW 3e-4 with warmup + cosine over a
+  (resize 112 / crop 96 mirrors the paper's 256 / 224); training crops are the centre
+  crop with horizontal flips instead of random resized crops and rotation, because a
+  transformer trained from scratch for a few epochs learns the small findings (nodule,
+  pneumothorax) markedly faster without them; AdamW 3e-4 with warmup + cosine over a
   fixed 15 epochs (the paper: Adam 2e-4, reduce-on-plateau, up to 200 epochs with
-  early stopping on the validation loss).
+  early stopping on the validation loss). The paper's augmentation on the demo model:
+  `--config.input.pp_train="random_resized_crop(96)|flip_lr|rotate(7)"`.
   """
   config.dataset.image_size = 112
   config.input.batch_size = 32
   config.input.eval_batch_size = 100
-  config.input.pp_train = "random_resized_crop(96, scale=(0.5, 1.0))|flip_lr|rotate(7)"
+  config.input.pp_train = "resize(112)|center_crop(96)|flip_lr"
   config.input.pp_eval = "resize(112)|center_crop(96)"
   config.input.pp_test = "resize(112)|ten_crop(96)"
   config.optim.optimizer = "adamw"

@@ -61,6 +61,10 @@ def main(argv):
       config_flags.get_config_filename(flags.FLAGS["config"]))
   logging.info("Workdir: %s", workdir)
   train.train_and_evaluate(_CONFIG.value, workdir)
+  if _COORDINATOR.value or _MULTIPROCESS.value:
+    # Leave together: process 0 hosts the coordination service, and a process that finds
+    # it gone before its own shutdown aborts.
+    jax.distributed.shutdown()
 
 
 if __name__ == "__main__":

@@ -54,8 +54,11 @@ def init_variables(config: ml_collections.ConfigDict, model: nn.Module, num_clas
     dummy = jnp.zeros((1, input_size, input_size, 3), jnp.float32)
     return jax.jit(functools.partial(model.init, train=False))(
         {"params": rng, "dropout": rng}, dummy)
+  # Any weights.load source: a checkpoint file (format detected, or FORMAT:PATH), a
+  # medbench_jax.convert directory, run:WORKDIR (domain-adaptive chaining), timm:NAME.TAG.
   logging.info("Initialising %s from %s", config.model.name, config.model.init)
-  return weights.load(config.model.name, config.model.init, num_classes, seed=seed)
+  return weights.load(config.model.name, config.model.init, num_classes, seed=seed,
+                      **config.model.kw.to_dict())
 
 
 def train_step(state: TrainState, batch: dict, *, mean, std, dropout_rng) -> tuple:
@@ -313,7 +316,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
   results = evaluate.assemble_results(
       config=json.loads(config.to_json_best_effort()), class_names=splits.class_names,
-      trials=trials, subset=splits.subset)
+      trials=trials, subset=splits.subset, skipped_examples=splits.skipped_examples)
   if jax.process_index() == 0:
     evaluate.write_json(results_path, results)
   logging.info("Test %s over %d trial(s): %s", results["metric"], len(trials),

@@ -181,7 +181,7 @@ def test_generate_layout_and_formats(tmp_path):
     assert np.array_equal(heart > 0, masks["heart"])
 
     meta = json.loads((out / "phantom_meta.json").read_text())
-    assert meta["version"] == 1 and meta["seed"] == 1 and meta["image_size"] == 64
+    assert meta["version"] == phantom.FORMAT_VERSION and meta["seed"] == 1 and meta["image_size"] == 64
     assert (meta["num_train"], meta["num_val"], meta["num_test"]) == (6, 2, 3)
     assert meta["findings"] == list(FINDINGS) and meta["mask_classes"] == list(MASK_CLASSES)
     assert set(meta["prevalence"]) == {"train", "val", "test"}

@@ -1,5 +1,10 @@
 """grain pipelines: determinism, resumption, per-process sharding, eval padding."""
 
+import pathlib
+import subprocess
+import sys
+import time
+
 import numpy as np
 import pytest
 
@@ -93,3 +98,48 @@ def test_normalize_broadcasts_gray_to_rgb():
   assert out.shape == (1, 2, 1, 3)
   np.testing.assert_allclose(out[0, 0, 0], [-2.0, -2.0, -3.0], rtol=1e-6)
   np.testing.assert_allclose(out[0, 1, 0], [2.0, 3.0, 7.0], rtol=1e-6)
+
+
+_TRAINER = """
+import time
+import numpy as np
+from absl import flags
+from medbench_jax.data import pipeline
+flags.FLAGS.mark_as_parsed()  # grain reads absl flags
+source = [{"image": np.full((32, 32, 1), i, np.uint8), "labels": np.zeros(2, np.float32)}
+          for i in range(50)]
+it = iter(pipeline.train_dataset(source, pp_spec="", local_batch_size=8, seed=0, num_workers=2))
+next(it)
+print("running", flush=True)
+time.sleep(600)
+"""
+
+
+def _children(pid: int) -> list[int]:
+  children = []
+  for stat in pathlib.Path("/proc").glob("[0-9]*/stat"):
+    try:
+      fields = stat.read_text().rsplit(")", 1)[1].split()
+    except OSError:
+      continue
+    if int(fields[1]) == pid:
+      children.append(int(stat.parent.name))
+  return children
+
+
+@pytest.mark.skipif(not pathlib.Path("/proc").is_dir(), reason="reads /proc (Linux)")
+def test_workers_exit_when_the_trainer_is_killed():
+  """A preempted (SIGKILLed) run must not leave its input worker processes behind."""
+  trainer = subprocess.Popen([sys.executable, "-c", _TRAINER], stdout=subprocess.PIPE,
+                             text=True, cwd=pathlib.Path(__file__).resolve().parents[1])
+  try:
+    assert trainer.stdout.readline().strip() == "running"
+    workers = _children(trainer.pid)
+    assert len(workers) >= 2
+  finally:
+    trainer.kill()
+    trainer.wait()
+  deadline = time.time() + 10
+  while time.time() < deadline and any(pathlib.Path(f"/proc/{w}").exists() for w in workers):
+    time.sleep(0.2)
+  assert not [w for w in workers if pathlib.Path(f"/proc/{w}").exists()]

@@ -18,8 +18,7 @@ from timm.models.swin_transformer import SwinTransformer as TimmSwin
 
 from medbench_jax import models, weights
 from medbench_jax.weights import torch_pickle
-
-jax.config.update("jax_default_matmul_precision", "highest")
+from tests import parity
 
 K = 5
 DEMO = "swin_demo_patch4_window4_128"
@@ -27,35 +26,18 @@ DEMO_ARCH = dict(img_size=128, window_size=4, embed_dim=48, depths=(2, 2, 2, 2),
                  num_heads=(2, 4, 8, 16))
 
 
-def _torch_model(name: str, size: int, source: str = "timm") -> torch.nn.Module:
-  """Random-init reference in eval mode, with BatchNorm in a realistic state.
-
-  Raw random init is a poor parity probe: timm zero-inits each block's last BN (residual
-  branches contribute nothing) and torchvision's unit statistics let activations grow to
-  ~50 by the logits, where fp32 noise alone nears the tolerance. So BN statistics are
-  calibrated on random images and residual-branch gammas kept small, as in trained nets.
-  """
+def _torch_model(name: str, size: int, source: str = "timm", **kw) -> torch.nn.Module:
+  """Random-init reference in eval mode, BatchNorm calibrated (see parity.calibrate_batch_norm)."""
   torch.manual_seed(0)
   if source == "torchvision":
-    model = torchvision.models.get_model(name, num_classes=K)
+    model = torchvision.models.get_model(name, num_classes=K, **kw)
   elif name == DEMO:
-    model = TimmSwin(num_classes=K, **{**DEMO_ARCH, "img_size": size})
+    model = TimmSwin(num_classes=K, **{**DEMO_ARCH, "img_size": size, **kw})
   else:
-    kw = {"img_size": size} if name.startswith("swin") else {}
+    kw = {"img_size": size, **kw} if name.startswith("swin") else kw
     model = timm.create_model(name, pretrained=False, num_classes=K, **kw)
-  batch_norms = [(n, m) for n, m in model.named_modules() if isinstance(m, torch.nn.BatchNorm2d)]
-  if batch_norms:
-    last_bn = "bn2" if name in ("resnet18", "resnet34") else "bn3"
-    for module_name, bn in batch_norms:
-      high = 0.3 if module_name.endswith(last_bn) else 1.0
-      bn.weight.data.uniform_(high / 2, high)
-      bn.bias.data.normal_(0, 0.05)
-      bn.reset_running_stats()
-      bn.momentum = None  # Cumulative average over the calibration pass.
-    model.train()
-    with torch.no_grad():
-      model(torch.randn(8, 3, size, size))
-  return model.eval()
+  last_bn = "bn2" if name in ("resnet18", "resnet34") else "bn3"
+  return parity.calibrate_batch_norm(model, size, lambda module: module.endswith(last_bn))
 
 
 def _logits(name: str, variables, x_nchw: torch.Tensor, **model_kw) -> np.ndarray:
@@ -96,6 +78,19 @@ def test_forward_parity_with_pytorch(tmp_path, name, size, source):
                              **model_kw)
     diff = np.abs(_logits(name, variables, x, **model_kw) - expected).max()
     assert diff <= 1e-4, f"{name} {source} {file} at {size}px: max |diff| {diff}"
+
+
+@pytest.mark.parametrize("name,size,source,float64", [("resnet18", 64, "timm", False),
+                                                      ("resnet50", 64, "torchvision", True),
+                                                      (DEMO, 96, "timm", False)])
+def test_sgd_steps_in_train_mode_match_pytorch(tmp_path, name, size, source, float64):
+  """Train-mode semantics (BatchNorm batch statistics and torch's unbiased running variance,
+  gradients through every layer), not just inference."""
+  model_kw = {"img_size": size, "drop_path_rate": 0.0} if name == DEMO else {}
+  reference = _torch_model(name, size, source, **({"drop_path_rate": 0.0} if name == DEMO else {}))
+  rel, update_err = parity.sgd_steps_max_rel_diff(
+      name, reference, tmp_path, torch.randn(4, 3, size, size), K, float64=float64, **model_kw)
+  assert rel <= 1e-4 and update_err <= 1e-3, (rel, update_err)
 
 
 @pytest.fixture(scope="module")
@@ -159,23 +154,6 @@ def test_npz_and_bf16_checkpoints(tmp_path, resnet18_checkpoint):
     kernel = got["params"]["layer2_0"]["conv2"]["kernel"]
     assert kernel.dtype == jnp.float32
     np.testing.assert_array_equal(kernel, rounded)
-
-
-def test_original_microsoft_swin_layout(tmp_path):
-  """Microsoft's checkpoints downsample at the end of each stage and name the head `head`."""
-  reference = _torch_model(DEMO, 128)
-  timm_layout = {k: v for k, v in reference.state_dict().items()}
-  old_layout = {}
-  for key, value in timm_layout.items():
-    for stage in (1, 2, 3):
-      key = key.replace(f"layers.{stage}.downsample", f"layers.{stage - 1}.downsample")
-    old_layout[key.replace("head.fc.", "head.")] = value
-  old_layout["layers.0.blocks.1.attn_mask"] = torch.zeros(64, 16, 16)  # persistent there
-  torch.save({"model": old_layout}, tmp_path / "ms.pth")
-  torch.save(timm_layout, tmp_path / "timm.pth")
-  got = weights.load(DEMO, str(tmp_path / "ms.pth"), num_classes=K, keep_head=True)
-  expected = weights.load(DEMO, str(tmp_path / "timm.pth"), num_classes=K, keep_head=True)
-  jax.tree.map(np.testing.assert_array_equal, got, expected)
 
 
 def test_wrong_architecture_names_keys_and_shapes(resnet18_checkpoint):

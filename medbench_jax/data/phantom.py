@@ -39,7 +39,7 @@ MASK_CLASSES = ("left_lung", "right_lung", "heart", "clavicles")
 # not written to disk: the real data sets have no such masks.
 LESION_CLASSES = ("nodule", "effusion", "pneumothorax")
 CTR_THRESHOLD = 0.5
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 
 _SPLITS = ("train", "val", "test")
 _META_NAME = "phantom_meta.json"
@@ -49,8 +49,8 @@ _SHIFT = 4
 _ONE = 1 << _SHIFT
 _P_EFFUSION_CARDIO = 0.4
 _P_EFFUSION_NORMAL = 0.1
-_P_NODULE = 0.15
-_P_PNEUMOTHORAX = 0.1
+_P_NODULE = 0.25
+_P_PNEUMOTHORAX = 0.2
 
 
 def cardiothoracic_ratio(heart: np.ndarray, lungs: np.ndarray) -> float:
@@ -264,18 +264,20 @@ def render(rng: np.random.Generator, image_size: int = 256
     if rng.random() < _P_PNEUMOTHORAX:
         side = int(rng.choice((-1, 1)))
         anchor = (cx + side * tw * 0.25, y_apex + 0.6 * (y_cp[side] - y_apex))
-        warp = cv2.getRotationMatrix2D(anchor, 0.0, rng.uniform(0.66, 0.92))
+        warp = cv2.getRotationMatrix2D(anchor, 0.0, rng.uniform(0.6, 0.85))
         lung_u8 = lungs[side].astype(np.uint8)
         collapsed = cv2.warpAffine(lung_u8, warp, shape[::-1], flags=cv2.INTER_NEAREST) & lung_u8
         space = lungs[side] & ~collapsed.astype(bool)
         kernel = np.ones((3, 3), np.uint8)
         edge = (collapsed - cv2.erode(collapsed, kernel)).astype(bool)
-        line = edge & cv2.dilate(space.astype(np.uint8), kernel).astype(bool)
+        # Two pixels wide at 256 px so the pleural line survives downscaling to ~100 px.
+        line = cv2.dilate((edge & cv2.dilate(space.astype(np.uint8), kernel).astype(bool)
+                           ).astype(np.uint8), kernel).astype(bool) & ~space
         if space.any():
             lesions["pneumothorax"] = space
             visible &= ~space
-            atten -= 0.05 * _blur(space.astype(np.float32), 0.8 * s / 256)
-            atten += rng.uniform(0.1, 0.16) * _blur(line.astype(np.float32), 0.5 * s / 256)
+            atten -= 0.12 * _blur(space.astype(np.float32), 0.8 * s / 256)
+            atten += rng.uniform(0.12, 0.18) * _blur(line.astype(np.float32), 0.5 * s / 256)
 
     # --- Effusion: meniscus-shaped fluid in the lateral costophrenic recess. ---
     p_eff = (_P_EFFUSION_CARDIO if cardiothoracic_ratio(heart, lung_any) > CTR_THRESHOLD
@@ -312,14 +314,14 @@ def render(rng: np.random.Generator, image_size: int = 256
         count = 2 if rng.random() < 0.25 else 1
         layer = np.zeros(shape, np.float32)
         for _ in range(count):
-            radius = rng.uniform(0.022, 0.04) * s
+            radius = rng.uniform(0.03, 0.05) * s
             room = cv2.distanceTransform(visible.astype(np.uint8), cv2.DIST_L2, 5)
             candidates = np.flatnonzero(room > radius + 2)
             if candidates.size == 0:
                 continue
             y, x = divmod(int(rng.choice(candidates)), image_size)
             disk = (xx - x) ** 2 + (yy - y) ** 2 <= radius ** 2
-            layer += rng.uniform(0.12, 0.25) * disk
+            layer += rng.uniform(0.18, 0.3) * disk
             lesions["nodule"] |= disk
             visible &= ~disk
         if lesions["nodule"].any():

@@ -13,6 +13,9 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
+import threading
+import time
 from typing import Any, Iterator, Sequence
 
 import grain
@@ -20,6 +23,23 @@ import jax.numpy as jnp
 import numpy as np
 
 from medbench_jax.data import transforms
+
+
+def exit_with_parent(worker_index: int, worker_count: int) -> None:
+  """grain worker init: end this worker once the process that started it is gone.
+
+  grain's worker processes block on their output queue forever after a SIGKILLed trainer
+  (a preempted job, `kill -9`), so each one watches for being re-parented.
+  """
+  del worker_index, worker_count
+  parent = os.getppid()
+
+  def watch() -> None:
+    while os.getppid() == parent:
+      time.sleep(1.0)
+    os._exit(0)
+
+  threading.Thread(target=watch, daemon=True, name="exit-with-parent").start()
 
 
 @dataclasses.dataclass
@@ -51,7 +71,7 @@ def train_dataset(source: Sequence[dict], *, pp_spec: str, local_batch_size: int
   iter_ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=2, prefetch_buffer_size=4))
   if num_workers > 0:
     iter_ds = iter_ds.mp_prefetch(grain.MultiprocessingOptions(
-        num_workers=num_workers, per_worker_buffer_size=2))
+        num_workers=num_workers, per_worker_buffer_size=2), worker_init_fn=exit_with_parent)
   return iter_ds
 
 
@@ -101,7 +121,8 @@ def eval_dataset(source: Sequence[dict], *, pp_spec: str, local_batch_size: int,
   ds = ds.batch(local_batch_size, drop_remainder=True)
   iter_ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=2, prefetch_buffer_size=4))
   if num_workers > 0:
-    iter_ds = iter_ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers))
+    iter_ds = iter_ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers),
+                                  worker_init_fn=exit_with_parent)
   return iter_ds
 
 

@@ -92,4 +92,4 @@ def converter(name: str) -> Converter:
 
 
 # Imported last: the model files register themselves through the functions above.
-from medbench_jax.models import resnet, swin  # noqa: E402,F401  pylint: disable=g-import-not-at-top
+from medbench_jax.models import convnext, densenet, resnet, swin, vit  # noqa: E402,F401  pylint: disable=g-import-not-at-top

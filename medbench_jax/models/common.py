@@ -6,6 +6,7 @@ import re
 from typing import Any, Callable, Iterable, Mapping
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
@@ -33,6 +34,56 @@ def pool_and_classify(x: jnp.ndarray, num_classes: int, dtype: Dtype,
   return x.astype(jnp.float32)
 
 
+class BatchNorm(nn.Module):
+  """PyTorch's BatchNorm2d, so fine-tuning a converted CNN behaves as in the reference.
+
+  Differs from `nn.BatchNorm` where it matters for parity: the running variance is updated
+  with the unbiased batch variance (torch does; Flax uses the biased one), statistics are
+  computed in at least float32 with two passes, and `momentum` is torch's (weight of the
+  new batch).
+  Variable names (scale, bias; batch_stats mean, var) are Flax's, so converters stay generic.
+  Under jit with a batch sharded over devices the statistics span the global batch.
+  """
+  use_running_average: bool
+  momentum: float = 0.1
+  epsilon: float = 1e-5
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
+    features = x.shape[-1]
+    scale = self.param("scale", nn.initializers.ones, (features,), jnp.float32)
+    bias = self.param("bias", nn.initializers.zeros, (features,), jnp.float32)
+    running_mean = self.variable("batch_stats", "mean", jnp.zeros, (features,), jnp.float32)
+    running_var = self.variable("batch_stats", "var", jnp.ones, (features,), jnp.float32)
+    if self.use_running_average:
+      mean, var = running_mean.value, running_var.value
+    else:
+      axes = tuple(range(x.ndim - 1))
+      # At least float32 (bf16 compute), float64 where the model computes in it.
+      xs = x.astype(jnp.promote_types(self.dtype, jnp.float32))
+      mean = xs.mean(axes)
+      var = jnp.square(xs - mean).mean(axes)
+      if not self.is_initializing():
+        n = x.size // features
+        running_mean.value = (1 - self.momentum) * running_mean.value + self.momentum * mean
+        running_var.value = ((1 - self.momentum) * running_var.value
+                             + self.momentum * var * (n / max(n - 1, 1)))
+    multiplier = scale * jax.lax.rsqrt(var + self.epsilon)
+    y = x * multiplier.astype(self.dtype) + (bias - mean * multiplier).astype(self.dtype)
+    return y.astype(self.dtype)
+
+
+def torch_conv(features: int, kernel: int, stride: int, kernel_init: Callable, dtype: Dtype,
+               name: str) -> nn.Conv:
+  """Bias-free square conv padded kernel // 2 on every side, as PyTorch CNNs pad: 'SAME'
+  would pad (0, 1) at stride 2 where PyTorch pads (1, 1)."""
+  pad = kernel // 2
+  return nn.Conv(features, (kernel, kernel), (stride, stride), padding=((pad, pad), (pad, pad)),
+                 use_bias=False, kernel_init=kernel_init, dtype=dtype, param_dtype=jnp.float32,
+                 name=name)
+
+
 class DropPath(nn.Module):
   """Stochastic depth: drops the whole residual branch per sample (timm's DropPath).
 
@@ -47,6 +98,47 @@ class DropPath(nn.Module):
       return x
     return nn.Dropout(self.rate, broadcast_dims=tuple(range(1, x.ndim)))(
         x, deterministic=deterministic)
+
+
+def layer_norm(epsilon: float, dtype: Dtype, name: str) -> nn.LayerNorm:
+  """torch.nn.LayerNorm: two-pass variance as torch computes it. Flax's default one-pass
+  E[x^2] - E[x]^2 loses the digits of tokens whose mean is large next to their spread, as in
+  trained residual streams (fp32, mean 300, std 1: outputs off by 5e-2, two-pass 6e-5)."""
+  return nn.LayerNorm(epsilon=epsilon, use_fast_variance=False, dtype=dtype,
+                      param_dtype=jnp.float32, name=name)
+
+
+class PatchEmbed(nn.Module):
+  """Non-overlapping patches -> tokens (timm's PatchEmbed): a conv with kernel = stride =
+  patch size, NHWC out, then a LayerNorm named 'norm' where `norm_epsilon` is given (Swin)."""
+  patch_size: int
+  embed_dim: int
+  norm_epsilon: float | None = None
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
+    p = self.patch_size
+    x = nn.Conv(self.embed_dim, (p, p), (p, p), padding="VALID", dtype=self.dtype,
+                param_dtype=jnp.float32, name="proj")(x)
+    if self.norm_epsilon is not None:
+      x = layer_norm(self.norm_epsilon, self.dtype, "norm")(x)
+    return x
+
+
+class Mlp(nn.Module):
+  """timm's transformer Mlp: fc1, exact GELU (torch's default), fc2 back to the input width,
+  with timm's Linear init (trunc_normal std 0.02, zero bias); names match keys mlp.fc1/fc2."""
+  hidden: int
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
+    dense = lambda features, name: nn.Dense(
+        features, kernel_init=nn.initializers.truncated_normal(stddev=0.02), dtype=self.dtype,
+        param_dtype=jnp.float32, name=name)
+    y = nn.gelu(dense(self.hidden, "fc1")(x), approximate=False)
+    return dense(x.shape[-1], "fc2")(y)
 
 
 # --- PyTorch state dict -> Flax variables -------------------------------------------------
@@ -86,6 +178,7 @@ def convert_torch_state_dict(
       leaf = "scale"
     elif leaf in ("running_mean", "running_var"):
       collection, leaf = "batch_stats", leaf[len("running_"):]
-    path = (collection, *torch_key_to_flax_path(module).split("/"), leaf)
+    # Top-level tensors (a ViT's cls_token, pos_embed) have no module part.
+    path = (collection, *filter(None, torch_key_to_flax_path(module).split("/")), leaf)
     flat[path] = np.ascontiguousarray(value)
   return traverse_util.unflatten_dict(flat)

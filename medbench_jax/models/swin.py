@@ -5,11 +5,15 @@ layers_0/blocks_1/attn/relative_position_bias_table, ..., norm, head) so `conver
 is the generic layout conversion plus timm's own key fixes. The relative position index
 and the shifted-window attention mask are constants recomputed here with numpy at trace
 time, never loaded. As in timm with strict_img_size, the input must be `img_size`: window
-sizes (and so the bias-table shapes) are fixed per stage from that resolution.
+sizes (and so the bias-table shapes) are fixed per stage from that resolution. Loading a
+checkpoint into another img_size or window_size resizes its bias tables as timm's
+checkpoint filter does (`resize_relative_position_bias_table`).
 """
 
 from __future__ import annotations
 
+import functools
+import math
 import re
 from typing import Any, Mapping, Sequence
 
@@ -39,7 +43,7 @@ def _dense(features: int, dtype: Any, name: str, use_bias: bool = True) -> nn.De
 
 
 def _layer_norm(dtype: Any, name: str) -> nn.LayerNorm:
-  return nn.LayerNorm(epsilon=_LN_EPS, dtype=dtype, param_dtype=jnp.float32, name=name)
+  return common.layer_norm(_LN_EPS, dtype, name)
 
 
 def window_and_shift(resolution: Pair, window: Pair, shift: Pair) -> tuple[Pair, Pair]:
@@ -47,6 +51,18 @@ def window_and_shift(resolution: Pair, window: Pair, shift: Pair) -> tuple[Pair,
   win = tuple(r if r <= w else w for r, w in zip(resolution, window))
   shift = tuple(0 if r <= w else s for r, w, s in zip(resolution, win, shift))
   return win, shift
+
+
+def stage_windows(img_size: int | Sequence[int], patch_size: int,
+                  window_size: int | Sequence[int], num_stages: int) -> list[Pair]:
+  """The attention window of each stage's blocks for an `img_size` input (after clamping)."""
+  resolution = tuple(s // patch_size for s in _pair(img_size))
+  windows = []
+  for i in range(num_stages):
+    if i:  # PatchMerging pads odd sizes.
+      resolution = tuple(-(-r // 2) for r in resolution)
+    windows.append(window_and_shift(resolution, _pair(window_size), (0, 0))[0])
+  return windows
 
 
 def relative_position_index(window: Pair) -> np.ndarray:
@@ -115,17 +131,6 @@ class WindowAttention(nn.Module):
     return _dense(dim, self.dtype, "proj")(x)
 
 
-class Mlp(nn.Module):
-  hidden: int
-  dtype: Any = jnp.float32
-
-  @nn.compact
-  def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
-    dim = x.shape[-1]
-    x = nn.gelu(_dense(self.hidden, self.dtype, "fc1")(x), approximate=False)  # exact, as torch
-    return _dense(dim, self.dtype, "fc2")(x)
-
-
 class SwinBlock(nn.Module):
   """(Shifted-)window attention and MLP, each pre-norm with a stochastic-depth residual."""
   num_heads: int
@@ -152,7 +157,8 @@ class SwinBlock(nn.Module):
     if shifted:
       y = jnp.roll(y, self.shift, axis=(1, 2))
     x = x + common.DropPath(self.drop_path)(y, deterministic=not train)
-    y = Mlp(int(c * self.mlp_ratio), self.dtype, name="mlp")(_layer_norm(self.dtype, "norm2")(x))
+    y = common.Mlp(int(c * self.mlp_ratio), self.dtype, name="mlp")(
+        _layer_norm(self.dtype, "norm2")(x))
     return x + common.DropPath(self.drop_path)(y, deterministic=not train)
 
 
@@ -170,19 +176,6 @@ class PatchMerging(nn.Module):
         b, h // 2, w // 2, 4 * c)
     x = _layer_norm(self.dtype, "norm")(x)
     return _dense(2 * c, self.dtype, "reduction", use_bias=False)(x)
-
-
-class PatchEmbed(nn.Module):
-  patch_size: int
-  embed_dim: int
-  dtype: Any = jnp.float32
-
-  @nn.compact
-  def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
-    p = self.patch_size
-    x = nn.Conv(self.embed_dim, (p, p), (p, p), padding="VALID", dtype=self.dtype,
-                param_dtype=jnp.float32, name="proj")(x)
-    return _layer_norm(self.dtype, "norm")(x)
 
 
 class SwinStage(nn.Module):
@@ -208,7 +201,12 @@ class SwinStage(nn.Module):
 
 
 class SwinTransformer(nn.Module):
-  """Swin v1. Stage i > 0 starts with PatchMerging (timm >= 0.9 layout)."""
+  """Swin v1. Stage i > 0 starts with PatchMerging (timm >= 0.9 layout).
+
+  `apply(..., feature_maps=True)` returns the output of each stage instead of logits:
+  NHWC maps at strides 4, 8, 16, 32 with 1, 2, 4, 8 x embed_dim channels, before the final
+  norm (timm's `features_only=True`), in the compute dtype.
+  """
   num_classes: int = 1000
   img_size: int | Sequence[int] = 224
   patch_size: int = 4
@@ -221,30 +219,83 @@ class SwinTransformer(nn.Module):
   dtype: Any = jnp.float32
 
   @nn.compact
-  def __call__(self, x: jnp.ndarray, train: bool = False) -> jnp.ndarray:
+  def __call__(self, x: jnp.ndarray, train: bool = False,
+               feature_maps: bool = False) -> jnp.ndarray | list[jnp.ndarray]:
     img_size = _pair(self.img_size)
     if tuple(x.shape[1:3]) != img_size:
       raise ValueError(f"Swin built for img_size={img_size} got images of {x.shape[1:3]}; "
                        "window sizes depend on it, create the model with the matching img_size.")
-    x = PatchEmbed(self.patch_size, self.embed_dim, self.dtype, name="patch_embed")(
-        x.astype(self.dtype))
+    x = common.PatchEmbed(self.patch_size, self.embed_dim, _LN_EPS, self.dtype,
+                          name="patch_embed")(x.astype(self.dtype))
     target_window = _pair(self.window_size)
     # Stochastic depth grows linearly over all blocks (timm's calculate_drop_path_rates).
     rates = iter(np.linspace(0.0, self.drop_path_rate, sum(self.depths)).tolist())
+    stages = []
     for i, (depth, heads) in enumerate(zip(self.depths, self.num_heads)):
       x = SwinStage(depth, heads, downsample=i > 0, window=target_window,
                     mlp_ratio=self.mlp_ratio, drop_path=tuple(next(rates) for _ in range(depth)),
                     dtype=self.dtype, name=f"layers_{i}")(x, train)
+      stages.append(x)
+    if feature_maps:
+      return stages
     x = _layer_norm(self.dtype, "norm")(x)
     return common.pool_and_classify(x, self.num_classes, self.dtype, "head")
 
 
-def convert_timm(state_dict: Mapping[str, np.ndarray],
-                 model_kw: Mapping[str, Any] | None = None) -> dict[str, dict]:
-  """timm Swin state dict -> {'params'}. Also reads the original Microsoft checkpoints,
-  whose stages downsample at their end (layers.i.downsample -> layers.{i+1}.downsample)
-  and whose head is `head` rather than timm's `head.fc`, as timm's checkpoint filter does."""
-  del model_kw  # The layout does not depend on the model's hyperparameters.
+def _stretched_offsets(src: int, dst: int) -> np.ndarray:
+  """Source offsets of a `src`-wide relative-position axis placed on a `dst`-wide one (BEiT's
+  scheme, timm's `_calc`): steps grow geometrically from 1 by the ratio q, found by bisection,
+  that makes the outermost offset land at about dst // 2."""
+  n = src // 2
+  left, right = 1.01, 1.5
+  while right - left > 1e-6:
+    q = (left + right) / 2.0
+    if (1.0 - q**n) / (1.0 - q) > dst // 2:
+      right = q
+    else:
+      left = q
+  positive = np.cumsum(q ** np.arange(n))
+  return np.concatenate([-positive[::-1], [0.0], positive])
+
+
+def _interpolation_matrix(src: int, dst: int) -> np.ndarray:
+  """(dst, src) weights of linear interpolation from the stretched source offsets to the
+  integer target offsets, holding the end values beyond the ends (as timm's interpolator)."""
+  offsets = _stretched_offsets(src, dst)
+  targets = np.arange(-(dst // 2), dst // 2 + 1, dtype=np.float64)
+  return np.stack([np.interp(targets, offsets, basis) for basis in np.eye(src)], axis=1)
+
+
+def resize_relative_position_bias_table(table: np.ndarray, window: Pair) -> np.ndarray:
+  """((2S-1)^2, heads) bias table of a square window -> ((2Wh-1)(2Ww-1), heads) for `window`.
+
+  timm's `resize_rel_pos_bias_table` (its Swin checkpoint filter), not a plain bicubic
+  resize: per head, the source offsets are stretched geometrically over the target range
+  and sampled bilinearly. Tables that are not square, or already fit, are returned as is.
+  """
+  rows, heads = table.shape
+  side = math.isqrt(rows)
+  dst = (2 * window[0] - 1, 2 * window[1] - 1)
+  if side * side != rows or rows == dst[0] * dst[1]:
+    return table
+  grid = np.asarray(table, np.float64).T.reshape(heads, side, side)
+  resized = np.einsum("ys,hst,xt->yxh", _interpolation_matrix(side, dst[0]), grid,
+                      _interpolation_matrix(side, dst[1]))
+  return resized.reshape(-1, heads).astype(table.dtype)
+
+
+def convert_timm(state_dict: Mapping[str, np.ndarray], model_kw: Mapping[str, Any] | None = None,
+                 *, arch: Mapping[str, Any] | None = None) -> dict[str, dict]:
+  """timm or original Microsoft Swin state dict -> {'params'} of
+  `SwinTransformer(**arch, **model_kw)`.
+
+  Microsoft's checkpoints (and the reference study's, which use Microsoft's model) downsample
+  at the end of each stage (layers.i.downsample -> layers.{i+1}.downsample) and name the head
+  `head` rather than timm's `head.fc`; their relative_position_index and attn_mask buffers
+  are dropped. Bias tables made for other windows are resized to the model's.
+  """
+  model = SwinTransformer(**{**(arch or {}), **(model_kw or {})})
+  windows = stage_windows(model.img_size, model.patch_size, model.window_size, len(model.depths))
   old_layout = "layers.0.downsample.reduction.weight" in state_dict
 
   def rename(key: str) -> str:
@@ -253,29 +304,41 @@ def convert_timm(state_dict: Mapping[str, np.ndarray],
                    lambda m: f"layers.{int(m.group(1)) + 1}.downsample", key)
     return re.sub(r"^head\.fc\.", "head.", key)
 
+  def resize(key: str, value: np.ndarray) -> np.ndarray:
+    stage = re.match(r"layers\.(\d+)\.blocks\.\d+\.attn\.relative_position_bias_table$", key)
+    if stage is None or int(stage.group(1)) >= len(windows):
+      return value
+    return resize_relative_position_bias_table(np.asarray(value), windows[int(stage.group(1))])
+
+  renamed = {rename(k): v for k, v in state_dict.items()}
   return common.convert_torch_state_dict(
-      state_dict, rename=rename, drop=("relative_position_index", "attn_mask"))
+      {k: resize(k, v) for k, v in renamed.items()},
+      drop=("relative_position_index", "attn_mask"))
 
 
-_CFG = dict(converter=convert_timm, first_conv="patch_embed/proj", classifier="head",
-            crop_pct=0.9, interpolation="bicubic")
-
-
-def _register(name: str, **arch: Any) -> None:
+def _register(name: str, crop_pct: float = 0.9, **arch: Any) -> None:
   size = _pair(arch.get("img_size", 224))
 
-  @models.register(name, input_size=(*size, 3), **_CFG)
+  @models.register(name, converter=functools.partial(convert_timm, arch=arch),
+                   first_conv="patch_embed/proj", classifier="head", input_size=(*size, 3),
+                   crop_pct=crop_pct, interpolation="bicubic")
   def factory(num_classes: int, **kw: Any) -> SwinTransformer:
     return SwinTransformer(num_classes=num_classes, **{**arch, **kw})
   factory.__name__ = factory.__qualname__ = name
 
 
+_BASE = dict(embed_dim=128, depths=(2, 2, 18, 2), num_heads=(4, 8, 16, 32))
+_LARGE = dict(embed_dim=192, depths=(2, 2, 18, 2), num_heads=(6, 12, 24, 48))
 _register("swin_tiny_patch4_window7_224", embed_dim=96, depths=(2, 2, 6, 2),
           num_heads=(3, 6, 12, 24))
 _register("swin_small_patch4_window7_224", embed_dim=96, depths=(2, 2, 18, 2),
           num_heads=(3, 6, 12, 24))
-_register("swin_base_patch4_window7_224", embed_dim=128, depths=(2, 2, 18, 2),
-          num_heads=(4, 8, 16, 32))
+_register("swin_base_patch4_window7_224", **_BASE)
+# timm evaluates the 384 px models on uncropped images.
+_register("swin_base_patch4_window12_384", crop_pct=1.0, img_size=384, window_size=12, **_BASE)
+_register("swin_large_patch4_window7_224", **_LARGE)
+_register("swin_large_patch4_window12_384", crop_pct=1.0, img_size=384, window_size=12,
+          **_LARGE)
 # CPU-sized variant for tests and demos: no published weights exist, random init only.
 _register("swin_demo_patch4_window4_128", img_size=128, window_size=4,
           embed_dim=48, depths=(2, 2, 2, 2), num_heads=(2, 4, 8, 16))

@@ -1,15 +1,27 @@
 """Pretrained checkpoints -> Flax variables of a registered model, loaded safely.
 
-Reading never executes code from the file (.pth through a restricted unpickler, .safetensors,
-.npz without pickles). Merging is by flattened parameter path into freshly initialised
-variables, as big_vision does: every tensor must fit except the classifier, which is
-re-initialised unless `keep_head`; anything else that does not fit is an error naming the
-keys and shapes on both sides.
+Reading never executes code from the file (.pth through a restricted unpickler, BYOL's
+Haiku .pkl likewise, .safetensors, .npz without pickles). What the file holds is found by
+key signature (weights/formats.py: the study's own checkpoints, MoCo, SwAV, PyContrast,
+DINO, MoCo v3, MAE, BYOL, plain state dicts) and normalised to the backbone's state dict,
+with everything stripped or dropped logged. Merging is by flattened parameter path into
+freshly initialised variables, as big_vision does: every tensor must fit except the
+classifier, which is re-initialised unless `keep_head`; anything else that does not fit is
+an error naming the keys and shapes on both sides.
+
+Sources `load` accepts (also as --config.model.init):
+  PATH             a checkpoint file, format detected
+  FORMAT:PATH      a checkpoint file in the named format (formats.names(), e.g. dino_student)
+  DIR              a directory written by `python -m medbench_jax.convert`
+  run:WORKDIR      the best checkpoint of an earlier run (optionally run:WORKDIR/trial_K)
+  timm:NAME.TAG    timm weights from the Hugging Face hub cache (downloaded when online)
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
+import zipfile
 from typing import Any, Mapping
 
 import jax
@@ -21,48 +33,109 @@ from flax import traverse_util
 
 from medbench_jax import models
 from medbench_jax.weights.torch_pickle import UnsafeCheckpointError  # noqa: F401  (re-export)
+from medbench_jax.weights import formats
+from medbench_jax.weights import haiku_pickle
+from medbench_jax.weights import sources
 from medbench_jax.weights import torch_pickle
 
-_TORCH_EXTENSIONS = (".pth", ".pt", ".bin")
-# Training scripts wrap the state dict in these keys (timm, DeiT/MAE/Swin, Lightning...).
-_WRAPPER_KEYS = ("state_dict", "model")
-_DDP_PREFIX = "module."
+_PICKLE_EXTENSIONS = (".pkl", ".pickle")
 # Error messages list at most this many keys per category.
 _MAX_LISTED = 30
 
 
-def read_state_dict(path: str) -> dict[str, np.ndarray]:
-  """The flat {torch key: array} state dict stored in `path`, chosen by extension.
-
-  Unwraps {'state_dict': ...} / {'model': ...} wrappers and strips DDP's 'module.' prefix.
-  """
+def read_checkpoint(path: str) -> Any:
+  """The object stored in `path`, tensors as numpy arrays: .safetensors and .npz by
+  extension, BYOL-style Haiku pickles (.pkl), anything else as a torch.save file."""
   ext = os.path.splitext(path)[1].lower()
-  if ext in _TORCH_EXTENSIONS:
-    obj = torch_pickle.load(path)
-  elif ext == ".safetensors":
-    obj = safetensors.numpy.load_file(path)
-  elif ext == ".npz":
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f"Checkpoint {path} does not exist")
+  if ext == ".safetensors":
+    return safetensors.numpy.load_file(path)
+  if ext == ".npz":
     with np.load(path, allow_pickle=False) as npz:
-      obj = dict(npz)
-  else:
-    raise ValueError(f"{path}: unknown checkpoint extension {ext!r}; expected one of "
-                     f"{', '.join((*_TORCH_EXTENSIONS, '.safetensors', '.npz'))}")
-  while isinstance(obj, Mapping):
-    wrapper = next((k for k in _WRAPPER_KEYS if isinstance(obj.get(k), Mapping)), None)
-    if wrapper is None:
-      break
-    obj = obj[wrapper]
-  if not isinstance(obj, Mapping):
-    raise ValueError(f"{path}: expected a state dict (name -> tensor), got {type(obj).__name__}")
-  state_dict = {}
-  for key, value in obj.items():
-    if not isinstance(value, np.ndarray):
-      raise ValueError(f"{path}: entry {key!r} is a {type(value).__name__}, not a tensor; "
-                       "pass a checkpoint holding only the model's state dict.")
-    key = key[len(_DDP_PREFIX):] if key.startswith(_DDP_PREFIX) else key
-    # bf16/fp8 arrive as ml_dtypes types (numpy kind 'V') numpy cannot compute with.
-    state_dict[key] = value.astype(np.float32) if value.dtype.kind == "V" else value
-  return state_dict
+      return dict(npz)
+  if ext in _PICKLE_EXTENSIONS and not zipfile.is_zipfile(path):
+    return haiku_pickle.load(path)
+  return torch_pickle.load(path)
+
+
+def _split_source(path: str) -> tuple[formats.Format | None, str]:
+  """('moco', '/x.pth') for 'moco:/x.pth'; (None, path) without a format prefix."""
+  name, sep, rest = path.partition(":")
+  if sep and name in formats.names():
+    return formats.get(name), rest
+  return None, path
+
+
+def read_state_dict(path: str) -> formats.Normalised:
+  """The backbone state dict in the checkpoint `path` ('FORMAT:PATH' names the format,
+  otherwise it is detected), with the account of what was stripped and dropped."""
+  fmt, path = _split_source(path)
+  raw = read_checkpoint(path)
+  return formats.normalise(raw, fmt or formats.detect(raw), path)
+
+
+@dataclasses.dataclass
+class LoadReport:
+  """What `load` did, for logs and the convert CLI's summary."""
+  source: str
+  format: str
+  num_loaded: int  # values (not tensors) taken from the checkpoint
+  dropped: dict[str, tuple[int, ...]]  # checkpoint key -> shape, with the reason below
+  dropped_reason: dict[str, str]
+  reinitialised: dict[str, tuple[int, ...]]  # Flax path -> shape
+  normalised: formats.Normalised | None = None
+
+
+def _log_normalised(n: formats.Normalised, path: str) -> None:
+  logging.info("%s: format %s%s", path, n.format,
+               f", weights under {'/'.join(n.wrappers)}" if n.wrappers else "")
+  if n.ignored_entries:
+    logging.info("Ignored checkpoint entries (not weights of this network): %s",
+                 ", ".join(n.ignored_entries))
+  for prefix, count in n.stripped_prefixes.items():
+    logging.info("Stripped prefix %r from %d keys", prefix, count)
+  if n.renamed:
+    logging.info("Renamed: %s", ", ".join(f"{a} -> {b}" for a, b in n.renamed.items()))
+  if n.dropped:
+    logging.info("Dropped %d entries that are not part of the backbone: %s", len(n.dropped),
+                 ", ".join(f"{k} {tuple(s)}" for k, s in n.dropped.items()))
+
+
+def _read_variables(name: str, path: str, model_kw: Mapping[str, Any]
+                    ) -> tuple[dict[str, Any], formats.Normalised | None, str, str]:
+  """(flat Flax variables, normalisation report or None, format name, readable source)."""
+  if path.startswith(sources.RUN_PREFIX):
+    flat, ckpt = sources.read_run(path)
+    return flat, None, "run", ckpt
+  if path.startswith(sources.TIMM_PREFIX):
+    path = sources.resolve_timm(path)
+  if os.path.isdir(path):
+    if not sources.is_converted(path):
+      raise ValueError(f"{path} is a directory but not one written by medbench_jax.convert "
+                       f"(no {sources.CONVERTED_INFO}).")
+    flat, info = sources.read_converted(path)
+    if info["model"] != name:
+      raise ValueError(f"{path} holds {info['model']} weights (converted from "
+                       f"{info.get('source')}), not {name}.")
+    return flat, None, "converted", path
+  normalised = read_state_dict(path)
+  _log_normalised(normalised, path)
+  flat = _flatten(models.converter(name)(normalised.state_dict, model_kw))
+  return flat, normalised, normalised.format, path
+
+
+def _sum_input_channels(loaded: dict[str, Any], first_conv: str, in_chans: int) -> None:
+  """Adapts the first conv to 1-channel input as timm does: the RGB kernels summed."""
+  key = f"params/{first_conv}/kernel"
+  kernel = np.asarray(loaded[key])  # HWIO
+  if kernel.shape[2] == in_chans:  # Adapted already (a convert output).
+    return
+  if in_chans != 1 or kernel.shape[2] != 3:
+    raise ValueError(f"in_chans={in_chans}: only 3 -> 1 channel adaptation is supported, "
+                     f"{key} has {kernel.shape[2]} input channels")
+  loaded[key] = kernel.sum(axis=2, keepdims=True)
+  logging.info("Summed the RGB kernels of %s for 1-channel input", key)
 
 
 def _ordered(keys: list[str]) -> list[str]:
@@ -78,36 +151,45 @@ def _describe(keys: list[str], shape_of: Mapping[str, Any]) -> str:
 
 
 def load(name: str, path: str, num_classes: int, keep_head: bool = False, seed: int = 0,
-         **model_kw: Any) -> dict[str, Any]:
+         in_chans: int = 3, **model_kw: Any) -> dict[str, Any]:
   """Variables ({'params', ['batch_stats']}) of `models.create(name, num_classes, **model_kw)`
-  initialised from the checkpoint at `path`.
+  initialised from `path` (any source in the module docstring).
 
   The classifier (the pretrained config's `classifier` path) is dropped from the checkpoint
   and keeps its fresh initialisation (normal std 0.01, zero bias; `seed` drives it) unless
-  `keep_head`, in which case it is loaded and must match `num_classes`. Raises ValueError
-  listing missing keys, unexpected keys and shape mismatches (with shapes) otherwise.
+  `keep_head`, in which case it is loaded and must match `num_classes`. `in_chans=1` sums
+  the first conv's RGB kernels for grayscale input. Raises ValueError listing missing keys,
+  unexpected keys and shape mismatches (with shapes) otherwise.
   """
+  return load_with_report(name, path, num_classes, keep_head, seed, in_chans, **model_kw)[0]
+
+
+def load_with_report(name: str, path: str, num_classes: int, keep_head: bool = False,
+                     seed: int = 0, in_chans: int = 3, **model_kw: Any
+                     ) -> tuple[dict[str, Any], LoadReport]:
+  """`load`, and the LoadReport of what was taken, dropped and re-initialised."""
   model = models.create(name, num_classes, **model_kw)
   cfg = models.pretrained_cfg(name)
-  state_dict = read_state_dict(path)
-  loaded = _flatten(models.converter(name)(state_dict, model_kw))
+  loaded, normalised, fmt, source = _read_variables(name, path, model_kw)
+  if in_chans != cfg["input_size"][2]:
+    _sum_input_channels(loaded, cfg["first_conv"], in_chans)
 
   # Models with a fixed input size (Swin) declare it; the others accept the default one.
   img_size = getattr(model, "img_size", cfg["input_size"][:2])
   img_size = (img_size, img_size) if isinstance(img_size, int) else tuple(img_size)
-  dummy = jnp.zeros((1, *img_size, cfg["input_size"][2]), jnp.float32)
+  dummy = jnp.zeros((1, *img_size, in_chans), jnp.float32)
   init = lambda rng: _flatten(model.init(rng, dummy))
   fresh = jax.eval_shape(init, jax.random.PRNGKey(seed))
 
   head = f"params/{cfg['classifier']}/"
-  dropped = {} if keep_head else {
+  dropped_head = {} if keep_head else {
       k: loaded.pop(k).shape for k in sorted(loaded) if k.startswith(head)}
   missing = [k for k in fresh if k not in loaded and (keep_head or not k.startswith(head))]
   unexpected = [k for k in loaded if k not in fresh]
   mismatched = [k for k in loaded if k in fresh and loaded[k].shape != fresh[k].shape]
   if missing or unexpected or mismatched:
-    parts = [f"Checkpoint {path} does not fit model {name} (num_classes={num_classes}, "
-             f"keep_head={keep_head}, {model_kw or 'default architecture'}):"]
+    parts = [f"Checkpoint {source} ({fmt}) does not fit model {name} (num_classes="
+             f"{num_classes}, keep_head={keep_head}, {model_kw or 'default architecture'}):"]
     if missing:
       parts.append(f"  missing in the checkpoint ({len(missing)}), model shapes:\n"
                    + _describe(missing, fresh))
@@ -119,7 +201,9 @@ def load(name: str, path: str, num_classes: int, keep_head: bool = False, seed: 
           f"    {k} {loaded[k].shape} vs {tuple(fresh[k].shape)}"
           for k in _ordered(mismatched)[:_MAX_LISTED]))
     parts.append("Check that the checkpoint is for this architecture; Flax paths mirror the "
-                 "PyTorch keys ('layer1.0.conv1.weight' -> params/layer1_0/conv1/kernel).")
+                 "PyTorch keys ('layer1.0.conv1.weight' -> params/layer1_0/conv1/kernel). "
+                 "If the checkpoint's format was misdetected, name it: FORMAT:PATH with "
+                 f"FORMAT one of {', '.join(formats.names())}.")
     raise ValueError("\n".join(parts))
 
   reinit = sorted(k for k in fresh if k not in loaded)
@@ -128,15 +212,22 @@ def load(name: str, path: str, num_classes: int, keep_head: bool = False, seed: 
   variables = jax.jit(lambda rng: {k: v for k, v in init(rng).items() if k in reinit})(
       jax.random.PRNGKey(seed))
   variables.update((k, jnp.asarray(v, fresh[k].dtype)) for k, v in loaded.items())
+  report = LoadReport(
+      source=source, format=fmt, num_loaded=sum(int(np.size(v)) for v in loaded.values()),
+      dropped={**(normalised.dropped if normalised else {}), **dropped_head},
+      dropped_reason={**{k: "not part of the backbone" for k in
+                         (normalised.dropped if normalised else {})},
+                      **{k: "classifier (keep_head=False)" for k in dropped_head}},
+      reinitialised={k: tuple(fresh[k].shape) for k in reinit}, normalised=normalised)
   logging.info("Loaded %d tensors (%d values) of %s from %s.", len(loaded),
-               sum(v.size for v in loaded.values()), name, path)
-  if dropped:
+               report.num_loaded, name, source)
+  if dropped_head:
     logging.info("Dropped from the checkpoint (classifier): %s",
-                 ", ".join(f"{k} {shape}" for k, shape in dropped.items()))
+                 ", ".join(f"{k} {shape}" for k, shape in dropped_head.items()))
   if reinit:
     logging.info("Re-initialised (normal std 0.01, zero bias, seed %d) for %d classes: %s",
                  seed, num_classes, ", ".join(f"{k} {fresh[k].shape}" for k in reinit))
-  return traverse_util.unflatten_dict(variables, sep="/")
+  return traverse_util.unflatten_dict(variables, sep="/"), report
 
 
 def _flatten(variables: Mapping[str, Any]) -> dict[str, Any]:

@@ -22,5 +22,6 @@ def get_config(arg=None):
   config.train.log_every_steps = 1
   if args.model.startswith("swin"):
     config.model.kw = ml_collections.ConfigDict(dict(
-        img_size=64, embed_dim=16, depths=(1, 1, 1, 1), num_heads=(1, 1, 2, 2)))
+        img_size=64, embed_dim=16, depths=(1, 1, 1, 1), num_heads=(1, 1, 2, 2),
+        drop_path_rate=0.0))
   return config

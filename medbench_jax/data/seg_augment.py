@@ -1,0 +1,84 @@
+"""Joint image + mask augmentation for segmentation training, run in grain workers.
+
+The reference study's recipe (BenchmarkTransferLearning, dataloader.py,
+build_transform_segmentation), in albumentations 2.0.8, for stored size S:
+  OneOf([RandomBrightnessContrast(), RandomGamma()], p=0.3)
+  OneOf([ElasticTransform(alpha=120, sigma=6), GridDistortion(),
+         OpticalDistortion(distort_limit=2)], p=0.3)
+  RandomSizedCrop(min_max_height=(S * 156 / 224, S), size=(S, S), p=0.25)
+albumentations 2 removed two arguments the study passed: ElasticTransform's
+alpha_affine (a small random affine added to the elastic field) and
+OpticalDistortion's shift_limit (a shift of the distortion centre); the rest keeps
+the study's values.
+
+Geometric transforms move the image, the mask and the FOV (where present) with the
+same sampled parameters; masks are resampled by nearest neighbour, so they stay 0/1.
+`SegAugment` is the segmentation counterpart of pipeline.Augment: a picklable
+random-map transform, deterministic given grain's per-example generator.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import threading
+from typing import Any
+
+import albumentations as A
+import numpy as np
+
+# The study's crop heights are 156..224 for 224-pixel inputs.
+CROP_MIN_FRACTION = 156 / 224
+
+
+def build(size: int) -> A.Compose:
+  """The study's training augmentation for (size, size) images, masks and FOVs."""
+  return A.Compose([
+      A.OneOf([A.RandomBrightnessContrast(), A.RandomGamma()], p=0.3),
+      A.OneOf([A.ElasticTransform(alpha=120, sigma=120 * 0.05), A.GridDistortion(),
+               A.OpticalDistortion(distort_limit=2)], p=0.3),
+      A.RandomSizedCrop(min_max_height=(int(round(size * CROP_MIN_FRACTION)), size),
+                        size=(size, size), p=0.25),
+  ], additional_targets={"fov": "mask"})
+
+
+def _reseed(transform: A.BasicTransform | A.BaseCompose, rng: np.random.Generator) -> None:
+  """Gives every transform in the tree its own seed drawn from `rng`.
+
+  albumentations' set_random_seed hands a compose's one seed to all its children,
+  so their "apply with probability p" draws would be the same number: the crop
+  would only ever come with a distortion. Parents first, then each child overrides.
+  """
+  transform.set_random_seed(int(rng.integers(2**32)))
+  for child in getattr(transform, "transforms", ()):
+    _reseed(child, rng)
+
+
+@dataclasses.dataclass
+class SegAugment:
+  """Picklable per-example transform: {image, mask[, fov]} -> the same keys, augmented.
+
+  Other keys (name) are dropped: batches hold arrays only.
+  """
+  size: int
+
+  def __post_init__(self):
+    # A Compose is costly to build (~4 ms) and holds its random state, and grain
+    # calls one transform from several threads: one Compose per thread, reseeded
+    # from grain's generator for every example.
+    self._local = threading.local()
+
+  def __getstate__(self):
+    return {"size": self.size}
+
+  def __setstate__(self, state):
+    self.__init__(**state)
+
+  def __call__(self, example: dict[str, Any], rng: np.random.Generator) -> dict[str, Any]:
+    compose = getattr(self._local, "compose", None)
+    if compose is None:
+      compose = self._local.compose = build(self.size)
+    _reseed(compose, rng)
+    targets = {key: np.asarray(example[key]) for key in ("image", "mask", "fov")
+               if key in example}
+    out = compose(**targets)
+    return {key: np.ascontiguousarray(out[key]) for key in targets}
