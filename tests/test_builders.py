@@ -4,6 +4,8 @@ import numpy as np
 import pytest
 
 from medbench_jax.data import builders
+from medbench_jax.data import chexpert
+from medbench_jax.data import medmnist
 from medbench_jax.data import phantom
 
 
@@ -176,7 +178,7 @@ def test_chestxray14_nih_csv_and_lists(tmp_path):
 
 
 CHEXPERT_HEADER = ["Path", "Sex", "Age", "Frontal/Lateral", "AP/PA"] + list(
-    builders.CHEXPERT_LABELS)
+    chexpert.CHEXPERT_LABELS)
 
 
 def _chexpert_layout(root: pathlib.Path, release="CheXpert-v1.0-small"):
@@ -218,7 +220,7 @@ def test_chexpert_keeps_raw_labels_views_and_patients(tmp_path):
       seen[name] = split
   assert sorted(seen) == sorted(expected)
   assert {n for n, s in seen.items() if s == "test"} == {n for n in expected if "/valid/" in n}
-  assert builder.info.metadata["eval_label_names"] == list(builders.CHEXPERT_COMPETITION)
+  assert builder.info.metadata["eval_label_names"] == list(chexpert.CHEXPERT_COMPETITION)
 
 
 def test_chexpert_folder_given_directly_and_renamed(tmp_path):
@@ -228,7 +230,7 @@ def test_chexpert_folder_given_directly_and_renamed(tmp_path):
   assert sum(len(builder.as_data_source(s)) for s in builders.SPLITS) == len(expected)
 
 
-MIMIC_LABEL_HEADER = ["subject_id", "study_id"] + sorted(builders.CHEXPERT_LABELS)
+MIMIC_LABEL_HEADER = ["subject_id", "study_id"] + sorted(chexpert.CHEXPERT_LABELS)
 
 
 def test_mimic_cxr_jpg_layout(tmp_path):
@@ -240,9 +242,9 @@ def test_mimic_cxr_jpg_layout(tmp_path):
     values = ["1.0", "-1.0", "", "0.0"] * 3 + ["1.0", ""]
     values = values[k:] + values[:k]
     label_rows.append([subject, study] + values)
-    by_name = dict(zip(sorted(builders.CHEXPERT_LABELS), values))
+    by_name = dict(zip(sorted(chexpert.CHEXPERT_LABELS), values))
     labels = np.array([float(by_name[n]) if by_name[n] else np.nan
-                       for n in builders.CHEXPERT_LABELS], np.float32)
+                       for n in chexpert.CHEXPERT_LABELS], np.float32)
     for j, view in enumerate(("PA", "LATERAL")):
       dicom = f"{k:04d}{j}abc-12345678-90abcdef-12345678-90abcdef"
       split_rows.append([dicom, study, subject, split])
@@ -323,7 +325,7 @@ def test_medmnist_npz(tmp_path, flag, labels_of, onehot):
       np.testing.assert_array_equal(source[i]["image"][..., 0], images[i])
       want = np.eye(11)[labels[i][0]] if onehot else labels[i]
       np.testing.assert_array_equal(source[i]["labels"], want)
-  assert builder.info.metadata["task"] == builders.MEDMNIST[flag].task
+  assert builder.info.metadata["task"] == medmnist.MEDMNIST[flag].task
 
 
 def test_medmnist_plus_rgb_picks_the_size_file(tmp_path):

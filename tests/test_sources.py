@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from medbench_jax import config_lib
-from medbench_jax.data import builders
+from medbench_jax.data import chexpert
 from medbench_jax.data import sources
 from tests import test_builders
 
@@ -76,7 +76,7 @@ def test_load_splits_applies_frontal_policy_and_fraction(tmp_path):
   config = _config("chexpert", tmp_path / "chexpert", tmp_path / "tfds", frontal_only=True,
                    uncertain_policy="u_zeros", blank_label=0.0, label_fraction=0.5)
   splits = sources.load_splits(config)
-  assert splits.eval_class_names == builders.CHEXPERT_COMPETITION
+  assert splits.eval_class_names == chexpert.CHEXPERT_COMPETITION
   frontal = {n for n, (_, _, f) in expected.items() if f}
   for split in (splits.train, splits.validation, splits.test):
     for i in range(len(split)):
@@ -89,7 +89,7 @@ def test_load_splits_applies_frontal_policy_and_fraction(tmp_path):
   subset = splits.subset
   assert subset["num_selected"] == len(splits.train) == round(subset["num_examples"] / 2)
   assert len(subset["indices_sha1"]) == 40 and subset["seed"] == 0
-  assert set(subset["class_counts"]) == set(builders.CHEXPERT_LABELS)
+  assert set(subset["class_counts"]) == set(chexpert.CHEXPERT_LABELS)
   assert sum(subset["class_counts"].values()) == int(
       sum((splits.train[i]["labels"] >= 0.5).sum() for i in range(len(splits.train))))
   assert sources.load_splits(config).subset == subset  # identical for every model

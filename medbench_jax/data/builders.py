@@ -28,9 +28,11 @@ How one preparation runs (`prepare`, or TFDS's `download_and_prepare`):
 A finished preparation is reused; an interrupted one leaves only TFDS's incomplete
 directory, which the next `prepare` deletes before it starts again.
 
-Data sets: phantom_cxr, chestxray14 (the study's lists), chestxray14_nih (NIH's CSV
-and lists), chexpert, mimic_cxr_jpg, shenzhen_cxr, medmnist_<flag> (MedMNIST v2/+),
-csv_folder (any folder + CSV, described by options: CsvConfig).
+Data sets here: phantom_cxr, chestxray14 (the study's lists), chestxray14_nih (NIH's
+CSV and lists), shenzhen_cxr, csv_folder (any folder + CSV, described by options:
+CsvConfig). In their own modules, which add themselves to BUILDERS: chexpert.py
+(chexpert, mimic_cxr_jpg), medmnist.py (medmnist_<flag>, MedMNIST v2/+), dicom_sets.py
+(VinDr-CXR, RSNA Pneumonia), segmentation.py.
 
 For another data set: subclass `ClassificationBuilder`, set LABELS (and
 EVAL_LABELS, TASK, CHANNELS, OFFICIAL_SPLITS where they differ), implement
@@ -55,9 +57,7 @@ import math
 import multiprocessing
 import os
 import pathlib
-import re
 import shutil
-import zipfile
 from typing import Any, Collection, Iterable, Iterator, Mapping, Sequence
 
 import cv2
@@ -775,319 +775,6 @@ class Chestxray14Nih(ClassificationBuilder):
     return {s: splits[s] for s in SPLITS}
 
 
-# ---------------------------------------------------------------- CheXpert and MIMIC-CXR
-
-CHEXPERT_LABELS = ("No Finding", "Enlarged Cardiomediastinum", "Cardiomegaly",
-                   "Lung Opacity", "Lung Lesion", "Edema", "Consolidation", "Pneumonia",
-                   "Atelectasis", "Pneumothorax", "Pleural Effusion", "Pleural Other",
-                   "Fracture", "Support Devices")
-# The CheXpert competition's five findings, on which results are compared.
-CHEXPERT_COMPETITION = ("Atelectasis", "Cardiomegaly", "Consolidation", "Edema",
-                        "Pleural Effusion")
-_CHEXPERT_VALUES = (1.0, 0.0, -1.0)
-
-
-def chexpert_labels(row: Mapping[str, str], names: Sequence[str]) -> np.ndarray:
-  """1.0 / 0.0 / -1.0 (uncertain) / blank (NaN: not mentioned) per observation."""
-  labels = np.array([parse_number(row[n], n, blank=math.nan) for n in names], np.float32)
-  bad = [n for n, v in zip(names, labels) if not (math.isnan(v) or v in _CHEXPERT_VALUES)]
-  if bad:
-    raise RowError(f"labels must be 1.0, 0.0, -1.0 or blank; columns {bad} are not")
-  return labels
-
-
-class Chexpert(ClassificationBuilder):
-  """CheXpert (Stanford): train.csv / valid.csv with 14 observations per image.
-
-  Labels are stored as published (-1 uncertain, NaN blank); the uncertainty policy
-  (U-Ones, U-Zeros, LSR-Ones, LSR-Zeros) and the blank value are applied when a run
-  loads them (sources.py), so one prepared copy serves every policy. Splits: the
-  official valid.csv is the test split (the official test set is hidden);
-  VALIDATION_FRACTION of train.csv's patients are held out for validation.
-  """
-
-  MANUAL_DOWNLOAD_INSTRUCTIONS = """
-  manual_dir must hold CheXpert as Stanford distributes it
-  (https://stanfordmlgroup.github.io/competitions/chexpert/): either the extracted
-  folder CheXpert-v1.0-small/ (or CheXpert-v1.0/), or its contents: train.csv,
-  valid.csv, train/, valid/.
-  """
-  LABELS = CHEXPERT_LABELS
-  EVAL_LABELS = CHEXPERT_COMPETITION
-  FRONTAL = "Frontal"
-
-  def read_records(self, manual_dir, problems):
-    candidates = [manual_dir] + sorted(pathlib.Path(p).parent for p in
-                                       glob.glob(str(manual_dir / "CheXpert-v1.0*/train.csv")))
-    root = next((c for c in candidates if (c / "train.csv").exists()), None)
-    if root is None:
-      problems.fatal(str(manual_dir / "train.csv"),
-                     "not found. " + self.MANUAL_DOWNLOAD_INSTRUCTIONS.strip())
-      return {}
-    splits = {}
-    for split, csv_name in (("train", "train.csv"), ("test", "valid.csv")):
-      path = root / csv_name
-      if not path.exists():
-        problems.fatal(str(path), "file not found")
-        continue
-      records = []
-      for where, row in read_csv(path, split, problems,
-                                 ("Path", "Frontal/Lateral") + self.LABELS):
-        try:
-          labels = chexpert_labels(row, self.LABELS)
-        except RowError as e:
-          problems.add(split, where, str(e))
-          continue
-        # CSV paths start with the release folder ("CheXpert-v1.0-small/train/...");
-        # whatever the user named that folder, the rest is relative to the CSV's folder.
-        relative = pathlib.PurePosixPath(row["Path"].strip())
-        image = root.joinpath(*relative.parts[1:])
-        match = re.search(r"patient\d+", row["Path"])
-        records.append(Record(str(relative), str(image), labels, where,
-                              match.group(0) if match else "",
-                              row["Frontal/Lateral"].strip() == self.FRONTAL))
-      splits[split] = records
-    if problems.fatal_errors:
-      return {}
-    splits["train"], splits["validation"] = patient_holdout(
-        splits["train"], VALIDATION_FRACTION, "chexpert")
-    return {s: splits[s] for s in SPLITS}
-
-
-class MimicCxrJpg(ClassificationBuilder):
-  """MIMIC-CXR-JPG 2.0.0: CheXpert-labeller labels per study, official splits.
-
-  mimic-cxr-2.0.0-chexpert.csv(.gz) (subject_id, study_id, 14 observations),
-  mimic-cxr-2.0.0-split.csv(.gz) (dicom_id, study_id, subject_id, split),
-  optionally mimic-cxr-2.0.0-metadata.csv(.gz) (ViewPosition: PA/AP are frontal;
-  without it every image counts as frontal and metadata views_known is false), and
-  files/pXX/pSUBJECT/sSTUDY/DICOM_ID.jpg. Labels are stored as published, like
-  CheXpert's; a study without a labeller row has every observation blank.
-  """
-
-  MANUAL_DOWNLOAD_INSTRUCTIONS = """
-  manual_dir must hold MIMIC-CXR-JPG 2.0.0 as PhysioNet distributes it
-  (https://physionet.org/content/mimic-cxr-jpg/2.0.0/): files/ and the
-  mimic-cxr-2.0.0-{chexpert,split,metadata}.csv.gz files beside it.
-  """
-  LABELS = CHEXPERT_LABELS
-  EVAL_LABELS = CHEXPERT_COMPETITION
-  SPLIT_NAMES = {"train": "train", "validate": "validation", "test": "test"}
-  FRONTAL_VIEWS = ("PA", "AP")
-
-  def read_records(self, manual_dir, problems):
-    label_path = find_file(manual_dir, "mimic-cxr-2.0.0-chexpert.csv", problems)
-    split_path = find_file(manual_dir, "mimic-cxr-2.0.0-split.csv", problems)
-    if problems.fatal_errors:
-      return {}
-    labels: dict[tuple[str, str], np.ndarray | None] = {}
-    for where, row in read_csv(label_path, "train", problems,
-                               ("subject_id", "study_id") + self.LABELS):
-      key = (row["subject_id"].strip(), row["study_id"].strip())
-      try:
-        labels[key] = chexpert_labels(row, self.LABELS)
-      except RowError as e:
-        problems.add("train", where, str(e))
-        labels[key] = None
-    views = {}
-    meta_path = next((p for p in (manual_dir / "mimic-cxr-2.0.0-metadata.csv",
-                                  manual_dir / "mimic-cxr-2.0.0-metadata.csv.gz")
-                      if p.exists()), None)
-    if meta_path is not None:
-      for _, row in read_csv(meta_path, "train", problems, ("dicom_id", "ViewPosition")):
-        views[row["dicom_id"].strip()] = row["ViewPosition"].strip()
-    self.info.metadata["views_known"] = meta_path is not None
-    blank = np.full(len(self.LABELS), np.nan, np.float32)
-    splits: dict[str, list[Record]] = {s: [] for s in SPLITS}
-    for where, row in read_csv(split_path, "train", problems,
-                               ("dicom_id", "study_id", "subject_id", "split")):
-      split = self.SPLIT_NAMES.get(row["split"].strip())
-      if split is None:
-        problems.add("train", where, f"split {row['split']!r} is not one of "
-                     f"{sorted(self.SPLIT_NAMES)}")
-        continue
-      subject, study, dicom_id = (row[k].strip() for k in ("subject_id", "study_id",
-                                                           "dicom_id"))
-      study_labels = labels.get((subject, study), blank)
-      if study_labels is None:  # its label row is already reported
-        continue
-      relative = f"files/p{subject[:2]}/p{subject}/s{study}/{dicom_id}.jpg"
-      frontal = views.get(dicom_id, self.FRONTAL_VIEWS[0]) in self.FRONTAL_VIEWS
-      splits[split].append(Record(relative, str(manual_dir / relative), study_labels, where,
-                                  subject, frontal))
-    return splits
-
-
-# ---------------------------------------------------------------- MedMNIST
-
-
-@dataclasses.dataclass(frozen=True)
-class MedMnistSubset:
-  labels: tuple[str, ...]
-  task: str  # "multi-label", "multi-class" (one-hot), "binary" (positive = label 1)
-  channels: int
-
-
-_ORGAN = ("bladder", "femur-left", "femur-right", "heart", "kidney-left", "kidney-right",
-          "liver", "lung-left", "lung-right", "pancreas", "spleen")
-MEDMNIST = {
-    "pathmnist": MedMnistSubset(("adipose", "background", "debris", "lymphocytes", "mucus",
-                                 "smooth muscle", "normal colon mucosa",
-                                 "cancer-associated stroma",
-                                 "colorectal adenocarcinoma epithelium"), "multi-class", 3),
-    "chestmnist": MedMnistSubset(("atelectasis", "cardiomegaly", "effusion", "infiltration",
-                                  "mass", "nodule", "pneumonia", "pneumothorax",
-                                  "consolidation", "edema", "emphysema", "fibrosis",
-                                  "pleural", "hernia"), "multi-label", 1),
-    "dermamnist": MedMnistSubset(("actinic keratoses and intraepithelial carcinoma",
-                                  "basal cell carcinoma", "benign keratosis-like lesions",
-                                  "dermatofibroma", "melanoma", "melanocytic nevi",
-                                  "vascular lesions"), "multi-class", 3),
-    "octmnist": MedMnistSubset(("choroidal neovascularization", "diabetic macular edema",
-                                "drusen", "normal"), "multi-class", 1),
-    "pneumoniamnist": MedMnistSubset(("pneumonia",), "binary", 1),
-    # Ordinal grades, trained as classes (MedMNIST's own baselines do the same).
-    "retinamnist": MedMnistSubset(("0", "1", "2", "3", "4"), "multi-class", 3),
-    # Label 1 is "normal, benign", label 0 "malignant".
-    "breastmnist": MedMnistSubset(("normal, benign",), "binary", 1),
-    "bloodmnist": MedMnistSubset(("basophil", "eosinophil", "erythroblast",
-                                  "immature granulocytes", "lymphocyte", "monocyte",
-                                  "neutrophil", "platelet"), "multi-class", 3),
-    "tissuemnist": MedMnistSubset(("Collecting Duct, Connecting Tubule",
-                                   "Distal Convoluted Tubule",
-                                   "Glomerular endothelial cells",
-                                   "Interstitial endothelial cells", "Leukocytes",
-                                   "Podocytes", "Proximal Tubule Segments",
-                                   "Thick Ascending Limb"), "multi-class", 1),
-    "organamnist": MedMnistSubset(_ORGAN, "multi-class", 1),
-    "organcmnist": MedMnistSubset(_ORGAN, "multi-class", 1),
-    "organsmnist": MedMnistSubset(_ORGAN, "multi-class", 1),
-}
-MEDMNIST_SIZES = (28, 64, 128, 224)  # MedMNIST v2 is 28 px; MedMNIST+ adds _64/_128/_224
-
-
-def _npz_member(archive: zipfile.ZipFile, key: str):
-  """Opens `key` of an .npz as a stream: (file object, shape, dtype)."""
-  f = archive.open(key + ".npy")
-  version = np.lib.format.read_magic(f)
-  reader = (np.lib.format.read_array_header_1_0 if version == (1, 0)
-            else np.lib.format.read_array_header_2_0)
-  shape, fortran, dtype = reader(f)
-  if fortran:
-    raise DataFormatError(f"{archive.filename}:{key}: Fortran-ordered arrays are not supported")
-  return f, shape, dtype
-
-
-class MedMnist(ClassificationBuilder):
-  """A MedMNIST v2 / MedMNIST+ subset from the .npz the medmnist package downloads.
-
-  `{flag}.npz` (28 px) or `{flag}_{64,128,224}.npz` with `{split}_images` (N, H, W[, 3])
-  uint8 and `{split}_labels` (N, K) for ChestMNIST's 14 labels, else (N, 1) class
-  indices. The file closest above the configured image size is used (the largest
-  when none is). Multi-class labels are stored one-hot: training uses per-class
-  sigmoid BCE for every task (one-vs-rest, as for the multi-label sets) and the
-  metric is the mean one-vs-rest AUC, which is MedMNIST's own AUC definition.
-  Images are streamed from the archive in chunks (no decode step: the arrays are
-  already pixels), so memory stays flat even for tissuemnist_224.
-  """
-
-  FLAG = ""
-  SPLIT_KEYS = {"train": "train", "validation": "val", "test": "test"}
-  CHUNK = 4096
-  MANUAL_DOWNLOAD_INSTRUCTIONS = """
-  manual_dir must hold the subset's .npz as medmnist downloads it (e.g.
-  ~/.medmnist/chestmnist.npz, chestmnist_224.npz; https://zenodo.org/records/10519652).
-  """
-
-  def npz_path(self, manual_dir: pathlib.Path, problems: Problems) -> pathlib.Path | None:
-    available = {s: manual_dir / (f"{self.FLAG}.npz" if s == 28 else f"{self.FLAG}_{s}.npz")
-                 for s in MEDMNIST_SIZES}
-    available = {s: p for s, p in available.items() if p.exists()}
-    if not available:
-      problems.fatal(str(manual_dir / f"{self.FLAG}.npz"),
-                     "not found (nor a _64/_128/_224 copy). "
-                     + self.MANUAL_DOWNLOAD_INSTRUCTIONS.strip())
-      return None
-    size = self.builder_config.image_size
-    above = [s for s in available if s >= size]
-    return available[min(above) if above else max(available)]
-
-  def read_records(self, manual_dir, problems):
-    path = self.npz_path(manual_dir, problems)
-    if path is None:
-      return {}
-    self._npz = path
-    num = len(self.LABELS)
-    image_rank = 4 if self.CHANNELS == 3 else 3
-    splits = {}
-    with np.load(path) as archive:
-      for split, key in self.SPLIT_KEYS.items():
-        missing = [k for k in (f"{key}_images", f"{key}_labels") if k not in archive.files]
-        if missing:
-          problems.fatal(str(path), f"missing array(s) {missing}; it has {archive.files}")
-          continue
-        with zipfile.ZipFile(path) as z:
-          f, shape, dtype = _npz_member(z, f"{key}_images")
-          f.close()
-        where = f"{path}:{key}_labels"
-        raw = archive[f"{key}_labels"]
-        if len(shape) != image_rank or dtype != np.uint8:
-          problems.fatal(f"{path}:{key}_images", f"expected uint8 images of rank "
-                         f"{image_rank}, got {dtype} {shape}")
-        if raw.dtype.kind not in "iuf" or raw.ndim != 2 or len(raw) != shape[0]:
-          problems.fatal(where, f"expected a numeric (N, K) array with N = {shape[0]} "
-                         f"images, got {raw.dtype} {raw.shape}")
-        if problems.fatal_errors:
-          continue
-        records = []
-        for i, row in enumerate(raw):
-          row_where = f"{where}[{i}]"
-          if self.TASK == "multi-class":
-            if row.shape != (1,) or not 0 <= row[0] < num or row[0] != int(row[0]):
-              problems.add(split, row_where, f"expected one class index in [0, {num}), "
-                           f"got {row.tolist()}")
-              continue
-            labels = np.eye(num, dtype=np.float32)[int(row[0])]
-          else:
-            if row.shape != (num,) or not np.isin(row, (0, 1)).all():
-              problems.add(split, row_where, f"expected {num} labels of 0 or 1, got "
-                           f"{row.tolist()}")
-              continue
-            labels = row.astype(np.float32)
-          # path: the row of the images array this record's image is.
-          records.append(Record(f"{path.stem}/{key}/{i}", str(i), labels, row_where))
-        splits[split] = records
-    return splits
-
-  def stage_images(self, split, records, scratch, problems):
-    del problems  # read_records checked shapes; the arrays are pixels already
-    size, channels = self.builder_config.image_size, self.CHANNELS
-    slot_of = {int(r.path): slot for slot, r in enumerate(records)}
-    nbytes = size * size * channels
-    with zipfile.ZipFile(self._npz) as archive, open(scratch, "wb") as out:
-      out.truncate(len(records) * nbytes)
-      f, shape, _ = _npz_member(archive, f"{self.SPLIT_KEYS[split]}_images")
-      per_image = math.prod(shape[1:])
-      with f:
-        for start in range(0, shape[0], self.CHUNK):
-          count = min(self.CHUNK, shape[0] - start)
-          images = np.frombuffer(f.read(count * per_image), np.uint8).reshape(
-              (count,) + tuple(shape[1:]))
-          for i, image in enumerate(images, start=start):
-            if i in slot_of:
-              # MedMNIST stores RGB; to_stored expects OpenCV's BGR order.
-              image = image[..., ::-1] if channels == 3 else image
-              out.seek(slot_of[i] * nbytes)
-              out.write(to_stored(image, size, channels).tobytes())
-
-
-def _medmnist_builder(flag: str, subset: MedMnistSubset) -> type[MedMnist]:
-  return type(f"Medmnist{flag.capitalize()}", (MedMnist,), {
-      "FLAG": flag, "LABELS": subset.labels, "TASK": subset.task,
-      "CHANNELS": subset.channels, "__module__": __name__,
-      "__doc__": f"MedMNIST {flag} ({subset.task}, {len(subset.labels)} labels)."})
-
-
 # ---------------------------------------------------------------- generic CSV
 
 
@@ -1178,12 +865,8 @@ BUILDERS: dict[str, type[ClassificationBuilder]] = {
     "phantom_cxr": PhantomCxr,
     "chestxray14": Chestxray14,
     "chestxray14_nih": Chestxray14Nih,
-    "chexpert": Chexpert,
-    "mimic_cxr_jpg": MimicCxrJpg,
     "shenzhen_cxr": ShenzhenCxr,
     "csv_folder": CsvFolder,
-    **{f"medmnist_{flag}": _medmnist_builder(flag, subset)
-       for flag, subset in MEDMNIST.items()},
 }
 
 
@@ -1256,4 +939,4 @@ def summary_lines(builder: tfds.core.DatasetBuilder) -> str:
 
 # Builders kept in their own modules import this one and add themselves to BUILDERS
 # when imported, so they are imported here, last.
-from medbench_jax.data import dicom_sets, segmentation  # noqa: E402,F401  pylint: disable=g-import-not-at-top,unused-import
+from medbench_jax.data import chexpert, dicom_sets, medmnist, segmentation  # noqa: E402,F401  pylint: disable=g-import-not-at-top,unused-import

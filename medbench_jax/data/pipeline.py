@@ -12,6 +12,7 @@ Eval: every example exactly once, split across processes, padded to whole batche
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import os
 import threading
@@ -25,17 +26,18 @@ import numpy as np
 from medbench_jax.data import transforms
 
 
-def exit_with_parent(worker_index: int, worker_count: int) -> None:
-  """grain worker init: end this worker once the process that started it is gone.
+def exit_with_parent(trainer_pid: int, worker_index: int, worker_count: int) -> None:
+  """grain worker init (bound to the trainer's pid): end this worker once the trainer is gone.
 
   grain's worker processes block on their output queue forever after a SIGKILLed trainer
-  (a preempted job, `kill -9`), so each one watches for being re-parented.
+  (a preempted job, `kill -9`), so each one watches for being re-parented. The pid is
+  bound in the trainer, not read here: a trainer killed while the worker still imports
+  has already re-parented it.
   """
   del worker_index, worker_count
-  parent = os.getppid()
 
   def watch() -> None:
-    while os.getppid() == parent:
+    while os.getppid() == trainer_pid:
       time.sleep(1.0)
     os._exit(0)
 
@@ -70,8 +72,9 @@ def train_dataset(source: Sequence[dict], *, pp_spec: str, local_batch_size: int
   ds = ds.repeat().batch(local_batch_size, drop_remainder=True)
   iter_ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=2, prefetch_buffer_size=4))
   if num_workers > 0:
-    iter_ds = iter_ds.mp_prefetch(grain.MultiprocessingOptions(
-        num_workers=num_workers, per_worker_buffer_size=2), worker_init_fn=exit_with_parent)
+    iter_ds = iter_ds.mp_prefetch(
+        grain.MultiprocessingOptions(num_workers=num_workers, per_worker_buffer_size=2),
+        worker_init_fn=functools.partial(exit_with_parent, os.getpid()))
   return iter_ds
 
 
@@ -121,8 +124,9 @@ def eval_dataset(source: Sequence[dict], *, pp_spec: str, local_batch_size: int,
   ds = ds.batch(local_batch_size, drop_remainder=True)
   iter_ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=2, prefetch_buffer_size=4))
   if num_workers > 0:
-    iter_ds = iter_ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers),
-                                  worker_init_fn=exit_with_parent)
+    iter_ds = iter_ds.mp_prefetch(
+        grain.MultiprocessingOptions(num_workers=num_workers),
+        worker_init_fn=functools.partial(exit_with_parent, os.getpid()))
   return iter_ds
 
 
