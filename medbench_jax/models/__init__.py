@@ -1,95 +1,13 @@
-"""Model registry: timm-named factories, their pretrained configs and checkpoint converters.
+"""Models: one architecture family per file, each registering its timm-named factories in
+`registry` with its pretrained config and checkpoint converter.
 
-Names follow timm so users can match them to the checkpoints they already have. Each model
-file registers its factories with a config (mean/std, input size, first-conv and classifier
-parameter paths) and the converter that maps PyTorch state-dict keys onto its Flax tree, so
-head reset and channel adaptation are driven by data, never special-cased by name.
+    model = models.create("resnet50", num_classes=14)
+    logits = model.apply(variables, images, train=False)   # NHWC float32 in
+
+The families are imported here, so `from medbench_jax import models` sees them all; the
+registry itself imports none of them.
 """
 
-from __future__ import annotations
-
-import dataclasses
-import difflib
-from typing import Any, Callable, Mapping
-
-import flax.linen as nn
-import numpy as np
-
-Converter = Callable[[Mapping[str, np.ndarray], Mapping[str, Any]], dict]
-
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-
-# Keys every pretrained config carries. Parameter paths are "/"-joined Flax paths under
-# "params" (e.g. "fc", "patch_embed/proj"); input_size is (H, W, C) because images are NHWC.
-_DEFAULT_CFG = {
-    "mean": IMAGENET_MEAN,
-    "std": IMAGENET_STD,
-    "input_size": (224, 224, 3),
-    "crop_pct": 0.875,
-    "interpolation": "bilinear",
-}
-
-
-@dataclasses.dataclass(frozen=True)
-class _Entry:
-  factory: Callable[..., nn.Module]
-  converter: Converter
-  cfg: Mapping[str, Any]
-
-
-_REGISTRY: dict[str, _Entry] = {}
-
-
-def register(name: str, *, converter: Converter, first_conv: str, classifier: str,
-             **cfg: Any) -> Callable[[Callable[..., nn.Module]], Callable[..., nn.Module]]:
-  """Decorator registering `factory(num_classes, **kw) -> nn.Module` under `name`.
-
-  `converter` maps a PyTorch state dict of this architecture to Flax variables; the other
-  arguments form the pretrained config returned by `pretrained_cfg` (defaults: ImageNet
-  mean/std, 224x224x3 input).
-  """
-  def decorator(factory: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
-    if name in _REGISTRY:
-      raise ValueError(f"Model {name!r} is registered twice.")
-    full_cfg = {**_DEFAULT_CFG, **cfg, "first_conv": first_conv, "classifier": classifier}
-    _REGISTRY[name] = _Entry(factory, converter, full_cfg)
-    return factory
-  return decorator
-
-
-def _entry(name: str) -> _Entry:
-  if name not in _REGISTRY:
-    available = list_models()
-    close = difflib.get_close_matches(name, available, n=len(available), cutoff=0.0)
-    raise ValueError(f"Unknown model {name!r}. Available models (closest first): "
-                     + ", ".join(close))
-  return _REGISTRY[name]
-
-
-def create(name: str, num_classes: int, **kw: Any) -> nn.Module:
-  """Builds model `name` with a `num_classes` head (0: return pooled features).
-
-  `kw` overrides architecture fields (e.g. `dtype=jnp.bfloat16`, Swin's `img_size`).
-  """
-  return _entry(name).factory(num_classes=num_classes, **kw)
-
-
-def list_models() -> list[str]:
-  """Sorted names of all registered models."""
-  return sorted(_REGISTRY)
-
-
-def pretrained_cfg(name: str) -> dict[str, Any]:
-  """Copy of the config of `name`: mean, std, input_size (H, W, C), crop_pct,
-  interpolation, first_conv and classifier (Flax parameter paths)."""
-  return dict(_entry(name).cfg)
-
-
-def converter(name: str) -> Converter:
-  """The function mapping a PyTorch state dict of `name` to Flax variables."""
-  return _entry(name).converter
-
-
-# Imported last: the model files register themselves through the functions above.
-from medbench_jax.models import convnext, densenet, resnet, swin, vit  # noqa: E402,F401  pylint: disable=g-import-not-at-top
+from medbench_jax.models.registry import (IMAGENET_MEAN, IMAGENET_STD, Converter, converter,
+                                          create, list_models, pretrained_cfg, register)
+from medbench_jax.models import convnext, densenet, resnet, swin, vit  # noqa: F401  (register)

@@ -20,8 +20,8 @@ import flax.linen as nn
 import jax.numpy as jnp
 import numpy as np
 
-from medbench_jax import models
 from medbench_jax.models import common
+from medbench_jax.models import registry
 
 # timm: trunc_normal_(std=.02) on every conv (and Linear: common.Mlp), zero bias.
 _conv_init = nn.initializers.truncated_normal(stddev=0.02)
@@ -156,7 +156,7 @@ _CFG = dict(converter=convert_timm, first_conv="stem_0", classifier="head/fc",
 
 
 def _register(name: str, depths: Sequence[int], dims: Sequence[int]) -> None:
-  @models.register(name, **_CFG)
+  @registry.register(name, **_CFG)
   def factory(num_classes: int, **kw: Any) -> ConvNeXt:
     return ConvNeXt(num_classes=num_classes, **{"depths": depths, "dims": dims, **kw})
   factory.__name__ = factory.__qualname__ = name

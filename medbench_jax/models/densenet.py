@@ -22,8 +22,8 @@ import flax.linen as nn
 import jax.numpy as jnp
 import numpy as np
 
-from medbench_jax import models
 from medbench_jax.models import common
+from medbench_jax.models import registry
 
 # torchvision/timm: kaiming_normal_ with its defaults (fan_in, ReLU gain), untruncated.
 _conv_init = nn.initializers.variance_scaling(2.0, "fan_in", "normal")
@@ -132,7 +132,7 @@ def convert_timm(state_dict: Mapping[str, np.ndarray],
 
 
 def _register(name: str, growth_rate: int, block_config: Sequence[int]) -> None:
-  @models.register(name, converter=convert_timm, first_conv="features/conv0",
+  @registry.register(name, converter=convert_timm, first_conv="features/conv0",
                    classifier="classifier", interpolation="bicubic")
   def factory(num_classes: int, **kw: Any) -> DenseNet:
     return DenseNet(num_classes=num_classes,

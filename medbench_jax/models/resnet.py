@@ -30,8 +30,8 @@ import flax.linen as nn
 import jax.numpy as jnp
 import numpy as np
 
-from medbench_jax import models
 from medbench_jax.models import common
+from medbench_jax.models import registry
 
 # torchvision: kaiming_normal_(mode='fan_out', nonlinearity='relu'), untruncated.
 _conv_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
@@ -170,7 +170,7 @@ _SIMCLR_CFG = dict(mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0), interpolation="bic
 
 def _register(name: str, block: type[nn.Module], stage_sizes: Sequence[int],
               cfg: Mapping[str, Any] | None = None, **arch: Any) -> None:
-  @models.register(name, converter=convert_timm, first_conv="conv1", classifier="fc",
+  @registry.register(name, converter=convert_timm, first_conv="conv1", classifier="fc",
                    **(cfg or {}))
   def factory(num_classes: int, **kw: Any) -> ResNet:
     return ResNet(num_classes=num_classes,

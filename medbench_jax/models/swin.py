@@ -21,8 +21,8 @@ import flax.linen as nn
 import jax.numpy as jnp
 import numpy as np
 
-from medbench_jax import models
 from medbench_jax.models import common
+from medbench_jax.models import registry
 
 # timm: trunc_normal_(std=.02) on every Linear, zero bias; LayerNorm eps is PyTorch's 1e-5.
 _dense_init = nn.initializers.truncated_normal(stddev=0.02)
@@ -319,7 +319,7 @@ def convert_timm(state_dict: Mapping[str, np.ndarray], model_kw: Mapping[str, An
 def _register(name: str, crop_pct: float = 0.9, **arch: Any) -> None:
   size = _pair(arch.get("img_size", 224))
 
-  @models.register(name, converter=functools.partial(convert_timm, arch=arch),
+  @registry.register(name, converter=functools.partial(convert_timm, arch=arch),
                    first_conv="patch_embed/proj", classifier="head", input_size=(*size, 3),
                    crop_pct=crop_pct, interpolation="bicubic")
   def factory(num_classes: int, **kw: Any) -> SwinTransformer:

@@ -25,8 +25,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from medbench_jax import models
 from medbench_jax.models import common
+from medbench_jax.models import registry
 
 # timm: trunc_normal_(std=.02) on Linear layers and pos_embed, normal_(std=1e-6) on cls_token.
 _dense_init = nn.initializers.truncated_normal(stddev=0.02)
@@ -205,7 +205,7 @@ def _register(name: str, **arch: Any) -> None:
   size = _pair(arch.get("img_size", 224))
   converter = functools.partial(convert_timm, default_img_size=arch.get("img_size", 224))
 
-  @models.register(name, converter=converter, first_conv="patch_embed/proj",
+  @registry.register(name, converter=converter, first_conv="patch_embed/proj",
                    classifier="head", input_size=(*size, 3), **_CFG)
   def factory(num_classes: int, **kw: Any) -> VisionTransformer:
     return VisionTransformer(num_classes=num_classes, **{**arch, **kw})
