@@ -2,11 +2,13 @@
 
 Config files start from `default_config()` and change a few fields, so every run
 has the same keys; the dict is locked, so `--config.typo=1` fails naming the key.
+`validate` lets each component check its own section before any work starts.
+Importing this module (which every config file does) loads no data or model code.
 """
 
 from __future__ import annotations
 
-import os
+import json
 from typing import Any
 
 import ml_collections
@@ -15,8 +17,11 @@ NORMALIZATIONS = {
     "imagenet": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
     # ChestX-ray14 statistics used by the reference study's "chestx-ray" option.
     "chestxray": ((0.5056, 0.5056, 0.5056), (0.252, 0.252, 0.252)),
+    # The reference study's "none": pixels scaled to [0, 1], nothing else.
+    "none": ((0.0, 0.0, 0.0), (1.0, 1.0, 1.0)),
 }
-DEFAULT_CACHE = os.path.join(os.path.expanduser("~"), ".cache", "medbench_jax")
+# The mean/std of the model's own pretrained config (e.g. SimCLR's 0/1).
+MODEL_NORMALIZATION = "model"
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -27,8 +32,8 @@ def default_config() -> ml_collections.ConfigDict:
   c.dataset = ml_collections.ConfigDict()
   c.dataset.name = "phantom_cxr"
   # Folder with the data set as its publisher distributes it (generated for the phantom).
-  c.dataset.manual_dir = ""  # "" -> DEFAULT_CACHE/<name>/raw
-  c.dataset.data_dir = ""  # prepared ArrayRecords; "" -> DEFAULT_CACHE/tfds
+  c.dataset.manual_dir = ""  # "" -> generated under paths.CACHE_DIR (phantom sets only)
+  c.dataset.data_dir = ""  # prepared ArrayRecords; "" -> paths.CACHE_DIR/tfds
   c.dataset.image_size = 256  # stored resolution of the prepared copy
   c.dataset.label_fraction = 1.0
   c.dataset.label_fraction_seed = 0  # fixed across models so comparisons are paired
@@ -52,7 +57,7 @@ def default_config() -> ml_collections.ConfigDict:
   c.input.pp_train = "random_resized_crop(224)|flip_lr|rotate(7)"
   c.input.pp_eval = "resize(256)|center_crop(224)"
   c.input.pp_test = "resize(256)|ten_crop(224)"
-  c.input.normalization = "imagenet"
+  c.input.normalization = "imagenet"  # imagenet | chestxray | none | model
 
   c.model = ml_collections.ConfigDict()
   c.model.name = "swin_base_patch4_window7_224"
@@ -117,52 +122,57 @@ def parse_arg(arg: str | None, **defaults: Any) -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict(result)
 
 
-def _check(condition: bool, key: str, value: Any, allowed: Any) -> None:
+def check(condition: bool, key: str, value: Any, allowed: Any) -> None:
+  """Raises a ValueError naming config.`key`, its value and what is allowed."""
   if not condition:
     raise ValueError(f"config.{key}={value!r} is not allowed; allowed: {allowed}")
 
 
 def validate(config: ml_collections.ConfigDict) -> None:
   """Fails before any work starts, naming the key and the allowed values."""
-  from medbench_jax import models  # pylint: disable=g-import-not-at-top
-  from medbench_jax import optim  # pylint: disable=g-import-not-at-top
-  from medbench_jax.data import builders  # pylint: disable=g-import-not-at-top
-  from medbench_jax.data import sources  # pylint: disable=g-import-not-at-top
-  from medbench_jax.data import transforms  # pylint: disable=g-import-not-at-top
-
-  _check(config.model.name in models.list_models(), "model.name", config.model.name,
-         models.list_models())
-  # The fine-tuning loop trains classifiers; segmentation sets are prepared for decoders.
-  classification = sorted(name for name, builder in builders.BUILDERS.items()
-                          if builder.TASK != "segmentation")
-  _check(config.dataset.name in classification, "dataset.name", config.dataset.name,
-         f"classification data sets {classification}")
-  _check(0.0 < config.dataset.label_fraction <= 1.0, "dataset.label_fraction",
-         config.dataset.label_fraction, "0 < x <= 1")
-  _check(config.dataset.uncertain_policy in sources.UNCERTAIN_POLICIES,
-         "dataset.uncertain_policy", config.dataset.uncertain_policy,
-         sources.UNCERTAIN_POLICIES)
-  _check(config.input.normalization in NORMALIZATIONS, "input.normalization",
-         config.input.normalization, sorted(NORMALIZATIONS))
-  _check(config.optim.optimizer in optim.OPTIMIZERS, "optim.optimizer",
-         config.optim.optimizer, optim.OPTIMIZERS)
-  _check(config.optim.schedule in optim.SCHEDULES, "optim.schedule",
-         config.optim.schedule, optim.SCHEDULES)
-  _check(config.model.dtype in ("float32", "bfloat16"), "model.dtype", config.model.dtype,
-         ("float32", "bfloat16"))
-  for key in ("num_trials", "input.batch_size", "input.eval_batch_size", "train.num_epochs",
-              "dataset.image_size"):
+  # pylint: disable=g-import-not-at-top
+  from medbench_jax import models
+  from medbench_jax.data import sources
+  from medbench_jax.data import transforms
+  from medbench_jax.trainer import optim
+  # pylint: enable=g-import-not-at-top
+  check(config.model.name in models.list_models(), "model.name", config.model.name,
+        models.list_models())
+  check(config.model.dtype in ("float32", "bfloat16"), "model.dtype", config.model.dtype,
+        ("float32", "bfloat16"))
+  sources.validate_dataset_config(config.dataset)
+  optim.validate(config.optim)
+  check(config.input.normalization in (*NORMALIZATIONS, MODEL_NORMALIZATION),
+        "input.normalization", config.input.normalization,
+        (*NORMALIZATIONS, MODEL_NORMALIZATION))
+  for key in ("num_trials", "input.batch_size", "input.eval_batch_size", "train.num_epochs"):
     value = config
     for part in key.split("."):
       value = value[part]
-    _check(isinstance(value, int) and value > 0, key, value, "a positive integer")
-  _check(config.input.num_workers >= 0, "input.num_workers", config.input.num_workers, ">= 0")
-  _check(config.train.patience >= 0, "train.patience", config.train.patience, ">= 0")
+    check(isinstance(value, int) and value > 0, key, value, "a positive integer")
+  check(config.input.num_workers >= 0, "input.num_workers", config.input.num_workers, ">= 0")
+  check(config.train.patience >= 0, "train.patience", config.train.patience, ">= 0")
   for key in ("pp_train", "pp_eval", "pp_test"):
     try:
       transforms.parse(config.input[key])
     except ValueError as e:
       raise ValueError(f"config.input.{key}: {e}") from None
+
+
+def normalization(config: ml_collections.ConfigDict) -> dict[str, tuple[float, ...]]:
+  """{"mean", "std"} (RGB) of `config.input.normalization`."""
+  name = config.input.normalization
+  if name == MODEL_NORMALIZATION:
+    from medbench_jax import models  # pylint: disable=g-import-not-at-top
+    cfg = models.pretrained_cfg(config.model.name)
+    return {"mean": tuple(cfg["mean"]), "std": tuple(cfg["std"])}
+  mean, std = NORMALIZATIONS[name]
+  return {"mean": mean, "std": std}
+
+
+def to_dict(config: ml_collections.ConfigDict) -> dict:
+  """The resolved config as plain JSON types (config.json, results.json)."""
+  return json.loads(config.to_json_best_effort())
 
 
 DATASET_ALIASES = {"phantom": "phantom_cxr", "chestxray14": "chestxray14"}
@@ -180,8 +190,8 @@ def classification_config(arg: str | None, *, paper_model: str,
   """
   args = parse_arg(arg, model="", data="phantom", init="random", trials=1,
                    label_fraction=1.0, anno_percent=0.0, paper=False)
-  from medbench_jax.data import builders  # pylint: disable=g-import-not-at-top
-  allowed = sorted(set(DATASET_ALIASES) | set(builders.BUILDERS))
+  from medbench_jax.data.prepare import registry  # pylint: disable=g-import-not-at-top
+  allowed = sorted(set(DATASET_ALIASES) | set(registry.names()))
   if args.data not in allowed:
     raise ValueError(f"Unknown config arg data={args.data!r}; allowed: {allowed}")
   config = default_config()

@@ -14,8 +14,19 @@ from typing import Any
 import ml_collections
 import optax
 
+from medbench_jax import config_lib
+
 OPTIMIZERS = ("adam", "adamw", "sgd")
 SCHEDULES = ("plateau", "warmup_cosine", "constant")
+
+
+def validate(config: ml_collections.ConfigDict) -> None:
+  """Checks config.optim before any work starts."""
+  config_lib.check(config.optimizer in OPTIMIZERS, "optim.optimizer", config.optimizer,
+                   OPTIMIZERS)
+  config_lib.check(config.schedule in SCHEDULES, "optim.schedule", config.schedule, SCHEDULES)
+  config_lib.check(config.lr > 0, "optim.lr", config.lr, "> 0")
+  config_lib.check(config.warmup_steps >= 0, "optim.warmup_steps", config.warmup_steps, ">= 0")
 
 
 def learning_rate_schedule(config: ml_collections.ConfigDict, total_steps: int):

@@ -1,0 +1,72 @@
+"""Process start-up and coordination, shared by every entry point.
+
+`start()` keeps TensorFlow (there only for TFDS and TensorBoard writers) off the
+accelerators, quietens libraries' INFO chatter, and joins a multi-process run;
+`is_lead()` picks the process that writes shared files; `barrier(name)` waits for
+all processes on the coordination service (not a device collective, whose timeout
+is far shorter than, say, preparing a data set).
+"""
+
+from __future__ import annotations
+
+import logging as py_logging
+
+import jax
+from absl import logging
+
+# How long processes wait at a barrier for the others (data preparation is the longest).
+BARRIER_TIMEOUT_S = 24 * 3600
+
+
+class _QuietLibraries(py_logging.Filter):
+  """Keeps the run's own progress readable: libraries' INFO chatter is dropped."""
+  _LIBRARIES = ("/orbax/", "/tensorflow_datasets/", "/grain/", "/jax/", "/clu/")
+
+  def filter(self, record: py_logging.LogRecord) -> bool:
+    return (record.levelno >= py_logging.WARNING or
+            not any(lib in record.pathname for lib in self._LIBRARIES))
+
+
+def keep_tensorflow_off_accelerators() -> None:
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  tf.config.set_visible_devices([], "GPU")
+
+
+def start(*, coordinator_address: str | None = None, num_processes: int | None = None,
+          process_id: int | None = None, multiprocess: bool = False) -> None:
+  """Prepares this process; joins a multi-process run when asked to.
+
+  coordinator_address (+ num_processes, process_id): processes started by hand, e.g. over
+  loopback; multiprocess: TPU pods and SLURM, where jax.distributed finds the rest itself.
+  """
+  logging.get_absl_handler().addFilter(_QuietLibraries())
+  keep_tensorflow_off_accelerators()
+  if coordinator_address:
+    # Collectives between CPU processes (simulated multi-host runs); GPUs/TPUs ignore it.
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.distributed.initialize(coordinator_address, num_processes, process_id)
+  elif multiprocess:
+    jax.distributed.initialize()
+
+
+def stop() -> None:
+  """Leaves a multi-process run together with the others.
+
+  Process 0 hosts the coordination service: a process that finds it gone before its own
+  shutdown aborts.
+  """
+  if jax.process_count() > 1:
+    jax.distributed.shutdown()
+
+
+def is_lead() -> bool:
+  """Whether this process writes the files all processes share (results, configs)."""
+  return jax.process_index() == 0
+
+
+def barrier(name: str, timeout_s: float = BARRIER_TIMEOUT_S) -> None:
+  """Blocks until every process has reached the barrier `name` (no-op for one process)."""
+  if jax.process_count() == 1:
+    return
+  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+  ocp.multihost.get_barrier_sync_fn()(key=f"medbench_{name}", timeout_ms=int(timeout_s * 1000))
