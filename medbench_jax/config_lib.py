@@ -69,6 +69,10 @@ def default_config() -> ml_collections.ConfigDict:
   c.model.dtype = "float32"  # compute dtype; parameters stay float32
   c.model.kw = ml_collections.ConfigDict()  # extra keyword args for models.create
 
+  # Segmentation data sets only (tasks/segmentation.py): "auto" is the reference study's
+  # choice, Dice (BCE for DRIVE); or dice | bce | bce_dice | softmax_ce_dice.
+  c.segmentation = ml_collections.ConfigDict(dict(loss="auto"))
+
   c.optim = ml_collections.ConfigDict()
   c.optim.optimizer = "adam"
   c.optim.lr = 2e-4
@@ -82,6 +86,7 @@ def default_config() -> ml_collections.ConfigDict:
   c.optim.schedule = "plateau"
   c.optim.plateau_factor = 0.5
   c.optim.warmup_steps = 0
+  c.optim.warmup_epochs = 0.0  # > 0: warmup in epochs (overrides warmup_steps)
   c.optim.min_lr_ratio = 0.0
 
   c.train = ml_collections.ConfigDict()

@@ -37,8 +37,8 @@ def main(argv):
   runtime.start(coordinator_address=_COORDINATOR.value, num_processes=_NUM_PROCESSES.value,
                 process_id=_PROCESS_ID.value, multiprocess=_MULTIPROCESS.value)
   # pylint: disable=g-import-not-at-top
-  from medbench_jax import trainer
   from medbench_jax.data import prepare
+  from medbench_jax.trainer import trials
   # pylint: enable=g-import-not-at-top
   config = _CONFIG.value
   config_lib.validate(config)
@@ -48,7 +48,7 @@ def main(argv):
   if runtime.is_lead() and not os.path.exists(os.path.join(workdir, "results.json")):
     prepare.prepare_dataset(config.dataset)
   runtime.barrier("dataset_prepared")
-  trainer.train_and_evaluate(config, workdir)
+  trials.train_and_evaluate(config, workdir)
   runtime.stop()
 
 

@@ -1,14 +1,13 @@
-"""AUC and trial summaries against scikit-learn and scipy."""
+"""tasks/metrics.py: AUC and accuracy against scikit-learn."""
 
 import math
 
 import numpy as np
 import pytest
-import scipy.stats
 from absl import logging
 from sklearn.metrics import roc_auc_score
 
-from medbench_jax import metrics
+from medbench_jax.tasks import metrics
 
 NAMES = ("A", "B", "C")
 
@@ -60,12 +59,10 @@ def test_shape_mismatch_is_an_error():
     metrics.multilabel_auc(np.zeros((4, 3)), np.zeros((4, 2)), NAMES)
 
 
-def test_summary_matches_numpy_and_scipy():
-  values = [0.81, 0.79, 0.84, 0.80, math.nan]
-  s = metrics.summarize(values)
-  finite = np.array(values[:4])
-  assert s["n"] == 4
-  assert abs(s["mean"] - finite.mean()) < 1e-12
-  assert abs(s["std"] - finite.std(ddof=1)) < 1e-12
-  assert abs(s["std"] / math.sqrt(4) - scipy.stats.sem(finite)) < 1e-12
-  assert math.isnan(metrics.summarize([0.8])["std"])
+def test_mean_over_a_subset_of_classes_and_unknown_names():
+  labels, scores = _data()
+  result = metrics.multilabel_auc(labels, scores, NAMES, mean_over=("A", "C"))
+  expected = np.mean([roc_auc_score(labels[:, c], scores[:, c]) for c in (0, 2)])
+  assert abs(result["mean_auc"] - expected) <= 1e-9 and "auc/B" in result
+  with pytest.raises(ValueError, match="'D'"):
+    metrics.multilabel_auc(labels, scores, NAMES, mean_over=("A", "D"))

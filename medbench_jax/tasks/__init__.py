@@ -10,12 +10,14 @@ import ml_collections
 
 from medbench_jax.tasks.base import Task
 from medbench_jax.tasks.classification import Classification
+from medbench_jax.tasks.segmentation import Segmentation
 
 # Data-set kind (its builder's TASK) -> task.
 _BY_DATASET_KIND: dict[str, type[Task]] = {
     "multi-label": Classification,
     "binary": Classification,
     "multi-class": Classification,
+    "segmentation": Segmentation,
 }
 
 

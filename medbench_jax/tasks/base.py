@@ -28,6 +28,8 @@ class Task(abc.ABC):
   name: str  # "classification" | "segmentation": results.json's "task"
   metric: str  # the headline metric of results.json ("mean_auc", "dice")
   keys: tuple[str, ...]  # the example arrays a batch carries
+  # Validation examples shown in TensorBoard at every evaluation (eval_images).
+  num_eval_images = 0
 
   def __init__(self, config: ml_collections.ConfigDict, info: Any):
     self.config = config
@@ -79,6 +81,17 @@ class Task(abc.ABC):
   def input_images(self, batch: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
     """TensorBoard images of a (host) training batch, logged once per trial."""
     return {"train/augmented_inputs": image_grid(batch["image"][:32])[None]}
+
+  def make_predict(self, apply_fn: Callable, normalize: Normalize) -> Callable:
+    """(variables, batch) -> (raw outputs, predictions) for `eval_images`; tasks with
+    num_eval_images > 0 implement it."""
+    raise NotImplementedError(f"{type(self).__name__} shows no evaluation images")
+
+  def eval_images(self, batch: Mapping[str, np.ndarray], predicted: np.ndarray
+                  ) -> dict[str, np.ndarray]:
+    """TensorBoard images of the fixed validation examples and their predictions."""
+    del batch, predicted
+    return {}
 
   def results_fields(self) -> dict[str, Any]:
     """The task's part of results.json."""

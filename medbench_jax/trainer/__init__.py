@@ -8,8 +8,6 @@
   evaluation.py   a split's predictions gathered over devices and hosts
   results.py      trial records, results.json, provenance and cost
   trials.py       train_and_evaluate: trials -> results.json
+
+The package imports none of them, so a light module (optim) loads without the rest.
 """
-
-from medbench_jax.trainer.trials import train_and_evaluate
-
-__all__ = ["train_and_evaluate"]

@@ -54,12 +54,12 @@ def format_eta(seconds: float) -> str:
 
 def fit(*, config: ml_collections.ConfigDict, task: tasks_base.Task,
         state: state_lib.TrainState, progress: dict, schedule: Schedule,
-        step_fn: Callable, validate: Callable[[state_lib.TrainState], dict[str, float]],
+        step_fn: Callable, validate: Callable[[state_lib.TrainState, int], dict[str, float]],
         train_iter: Iterator, to_global: Callable, ckpt: checkpoints_lib.Checkpoints,
         writer: metric_writers.MetricWriter, label: str) -> tuple[Any, dict, Speed]:
   """Trains from `progress["step"]` until the step budget or early stopping.
 
-  `validate(state)` returns the validation metrics ("loss" among them);
+  `validate(state, step)` returns the validation metrics ("loss" among them);
   `to_global(local_batch)` turns this process's batch into global arrays.
   Returns the final state, the progress record and the measured speed.
   """
@@ -115,7 +115,7 @@ def fit(*, config: ml_collections.ConfigDict, task: tasks_base.Task,
       window_start, wait_time, window_steps = time.perf_counter(), 0.0, 0
 
     if step % schedule.eval_every == 0 or step == schedule.total_steps:
-      val = validate(state)
+      val = validate(state, step)
       writer.write_scalars(step, {f"val/{k}": v for k, v in val.items()})
       improved = val["loss"] < progress["best_val_loss"]
       if improved:

@@ -27,22 +27,29 @@ def validate(config: ml_collections.ConfigDict) -> None:
   config_lib.check(config.schedule in SCHEDULES, "optim.schedule", config.schedule, SCHEDULES)
   config_lib.check(config.lr > 0, "optim.lr", config.lr, "> 0")
   config_lib.check(config.warmup_steps >= 0, "optim.warmup_steps", config.warmup_steps, ">= 0")
+  config_lib.check(config.warmup_epochs >= 0, "optim.warmup_epochs", config.warmup_epochs,
+                   ">= 0")
 
 
-def learning_rate_schedule(config: ml_collections.ConfigDict, total_steps: int):
-  """A float (plateau/constant: changed by the host) or an optax schedule."""
+def learning_rate_schedule(config: ml_collections.ConfigDict, total_steps: int,
+                           steps_per_epoch: int = 1):
+  """A float (plateau/constant: changed by the host) or an optax schedule.
+
+  Warmup is `warmup_steps`, or `warmup_epochs` of `steps_per_epoch` where that is set.
+  """
   if config.schedule in ("plateau", "constant"):
     return config.lr
   if config.schedule == "warmup_cosine":
-    warmup = int(config.warmup_steps)
+    warmup = (int(round(config.warmup_epochs * steps_per_epoch)) if config.warmup_epochs
+              else int(config.warmup_steps))
     return optax.warmup_cosine_decay_schedule(
         init_value=0.0, peak_value=config.lr, warmup_steps=warmup,
         decay_steps=max(total_steps, warmup + 1), end_value=config.lr * config.min_lr_ratio)
   raise ValueError(f"config.schedule={config.schedule!r}; allowed: {SCHEDULES}")
 
 
-def make_optimizer(config: ml_collections.ConfigDict,
-                   total_steps: int) -> optax.GradientTransformation:
+def make_optimizer(config: ml_collections.ConfigDict, total_steps: int,
+                   steps_per_epoch: int = 1) -> optax.GradientTransformation:
   """Builds `config.optimizer` with its learning rate injected as a hyperparameter."""
   name = config.optimizer
   if name not in OPTIMIZERS:
@@ -62,7 +69,7 @@ def make_optimizer(config: ml_collections.ConfigDict,
                                  nesterov=config.nesterov))
 
   tx = optax.inject_hyperparams(build)(
-      learning_rate=learning_rate_schedule(config, total_steps))
+      learning_rate=learning_rate_schedule(config, total_steps, steps_per_epoch))
   if config.get("grad_clip_norm"):
     tx = optax.chain(optax.clip_by_global_norm(config.grad_clip_norm), tx)
   return tx

@@ -86,7 +86,8 @@ def run_trial(config: ml_collections.ConfigDict, workdir: epath.Path, trial: int
   replicated = sharding.replicated(mesh)
   data_sharding = sharding.batch_sharding(mesh)
   state = jax.device_put(state_lib.create_state(
-      model, variables, optim.make_optimizer(config.optim, total_steps)), replicated)
+      model, variables, optim.make_optimizer(config.optim, total_steps, steps_per_epoch)),
+      replicated)
   num_params = sum(x.size for x in jax.tree.leaves(state.params))
   logging.info("Model %s: %.2fM parameters, input %dpx, %d outputs (%s)", config.model.name,
                num_params / 1e6, size, task.num_outputs, task.name)
@@ -107,6 +108,16 @@ def run_trial(config: ml_collections.ConfigDict, workdir: epath.Path, trial: int
     return evaluation.predict(eval_step, state_lib.model_variables(state),
                               eval_ds(split, pp_spec=task.pp_eval(test)), data_sharding)
 
+  shown = evaluation.first_examples(splits.validation, task.pp_eval(test=False), task.keys,
+                                    task.num_eval_images)
+  predict_shown = jax.jit(task.make_predict(model.apply, normalize)) if shown else None
+
+  def validate(state: state_lib.TrainState, step: int) -> dict[str, float]:
+    if shown:
+      _, predicted = predict_shown(state_lib.model_variables(state), shown)
+      writer.write_images(step, task.eval_images(shown, np.asarray(predicted)))
+    return task.metrics(evaluate(state, test=False))
+
   # ---------------------------------------------------------------- resume
   ckpt = checkpoints_lib.Checkpoints(trial_dir / "ckpt")
   progress = checkpoints_lib.initial_progress(optim.ReduceLROnPlateau(
@@ -122,7 +133,7 @@ def run_trial(config: ml_collections.ConfigDict, workdir: epath.Path, trial: int
   # ---------------------------------------------------------------- train
   state, progress, speed = loop.fit(
       config=config, task=task, state=state, progress=progress, schedule=schedule,
-      step_fn=step_fn, validate=lambda s: task.metrics(evaluate(s, test=False)),
+      step_fn=step_fn, validate=validate,
       train_iter=train_iter, to_global=functools.partial(sharding.to_global,
                                                          sharding=data_sharding),
       ckpt=ckpt, writer=writer, label=f"trial {trial}")

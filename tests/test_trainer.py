@@ -54,11 +54,18 @@ def _scalars(event_dir, tag):
   return [values[k] for k in sorted(values)]
 
 
-def test_run_writes_results_checkpoints_and_tensorboard(tmp_path, phantom_dir):
-  from medbench_jax import train  # pylint: disable=g-import-not-at-top
+def _prepared_tiny(phantom_dir):
+  from medbench_jax.data import prepare  # pylint: disable=g-import-not-at-top
   config = _load_tiny()
   config.dataset.manual_dir = str(phantom_dir)
-  results = train.train_and_evaluate(config, str(tmp_path))
+  prepare.prepare_dataset(config.dataset)
+  return config
+
+
+def test_run_writes_results_checkpoints_and_tensorboard(tmp_path, phantom_dir):
+  from medbench_jax.trainer import trials  # pylint: disable=g-import-not-at-top
+  config = _prepared_tiny(phantom_dir)
+  results = trials.train_and_evaluate(config, str(tmp_path))
 
   on_disk = json.loads((tmp_path / "results.json").read_text())
   assert on_disk == json.loads(json.dumps(results))
@@ -67,9 +74,25 @@ def test_run_writes_results_checkpoints_and_tensorboard(tmp_path, phantom_dir):
   assert on_disk["label_fraction"] == 1.0
   (trial,) = on_disk["trials"]
   assert trial["seed"] == 0 and trial["best_step"] > 0
-  assert set(trial["test"]) >= {"mean_auc", "auc/Cardiomegaly", "auc/Pneumothorax", "loss"}
+  assert set(trial["test"]) >= {"mean_auc", "auc/Cardiomegaly", "auc/Pneumothorax", "loss",
+                                "accuracy"}
   assert on_disk["summary"]["n"] == 1 and on_disk["summary"]["mean"] == pytest.approx(
       trial["test"]["mean_auc"])
+  assert on_disk["class_names"] == on_disk["eval_class_names"] == [
+      "Cardiomegaly", "Nodule", "Effusion", "Pneumothorax"]
+  # Provenance and cost of the run and of the trial.
+  provenance, cost = on_disk["provenance"], on_disk["cost"]
+  assert provenance["devices"] == {"platform": "cpu", "kind": "cpu", "count": 8,
+                                   "processes": 1}
+  assert len(provenance["config_sha256"]) == 64 and provenance["weights_sha256"] is None
+  assert cost["wall_s"] > 0 and cost["first_step_s"] > 0 and cost["peak_rss_mb"] > 100
+  assert cost["train_images_per_s"] > 0 and trial["cost"]["first_step_s"] > 0
+  # The test predictions are saved: the metric recomputes from them.
+  with np.load(tmp_path / "trial_0" / "test_predictions.npz") as saved:
+    assert list(saved["class_names"]) == on_disk["class_names"]
+    assert saved["probs"].shape == saved["labels"].shape == (40, 4)
+    aucs = [roc_auc_score(saved["labels"][:, c], saved["probs"][:, c]) for c in range(4)]
+  assert trial["test"]["mean_auc"] == pytest.approx(np.mean(aucs), abs=1e-9)
   assert json.loads((tmp_path / "config.json").read_text())["model"]["name"] == \
       "swin_demo_patch4_window4_128"
   assert list((tmp_path / "trial_0" / "ckpt" / "latest").iterdir())
@@ -83,26 +106,31 @@ def test_run_writes_results_checkpoints_and_tensorboard(tmp_path, phantom_dir):
 
   # A finished workdir is reported, not retrained.
   mtime = (tmp_path / "results.json").stat().st_mtime_ns
-  assert train.train_and_evaluate(config, str(tmp_path)) == results
+  assert trials.train_and_evaluate(config, str(tmp_path)) == results
   assert (tmp_path / "results.json").stat().st_mtime_ns == mtime
 
 
 def test_test_metrics_equal_sklearn_on_gathered_ten_crop_predictions(phantom_dir, tmp_path):
   """Prediction gathering over 8 devices with padding, ten-crop averaging, then AUC."""
-  import jax  # pylint: disable=g-import-not-at-top
-  from medbench_jax import evaluate, models, sharding  # pylint: disable=g-import-not-at-top
-  from medbench_jax.data import pipeline, sources, transforms  # pylint: disable=g-import-not-at-top
-  config = _load_tiny()
-  config.dataset.manual_dir = str(phantom_dir)
-  splits = sources.load_splits(config)
+  # pylint: disable=g-import-not-at-top
+  import functools
+  import jax
+  from medbench_jax import models, tasks
+  from medbench_jax.data import pipeline, sources, transforms
+  from medbench_jax.trainer import evaluation, sharding
+  # pylint: enable=g-import-not-at-top
+  config = _prepared_tiny(phantom_dir)
+  splits = sources.open_splits(config.dataset)
+  task = tasks.for_dataset(config, splits.info)
   model = models.create("resnet18", 4)
   variables = model.init(jax.random.key(0), np.zeros((1, 64, 64, 3), np.float32))
   mean, std = (0.5,) * 3, (0.25,) * 3
   mesh = sharding.make_mesh()
-  eval_step = jax.jit(evaluate.make_eval_step(model, mean, std))
-  ds = pipeline.eval_dataset(splits.test, pp_spec="resize(72)|ten_crop(64)",
+  eval_step = jax.jit(task.make_eval_step(
+      model.apply, functools.partial(pipeline.normalize, mean=mean, std=std)))
+  ds = pipeline.eval_dataset(splits.test, pp_spec="resize(72)|ten_crop(64)", keys=task.keys,
                              local_batch_size=16, num_workers=0)
-  got = evaluate.predict(eval_step, variables, ds, sharding.batch_sharding(mesh))
+  got = evaluation.predict(eval_step, variables, ds, sharding.batch_sharding(mesh))
   assert len(got["probs"]) == len(splits.test) == 40  # 48 slots, 8 of them padding
 
   # Reference: one image at a time, unsharded, ten crops averaged after the sigmoid.
@@ -110,7 +138,7 @@ def test_test_metrics_equal_sklearn_on_gathered_ten_crop_predictions(phantom_dir
   crop = transforms.parse("resize(72)|ten_crop(64)")
   for i in range(len(splits.test)):
     ex = splits.test[i]
-    x = pipeline.normalize(crop(ex["image"], None), mean, std)
+    x = pipeline.normalize(crop(ex, None)["image"], mean, std)
     p = jax.nn.sigmoid(model.apply(variables, x)).mean(axis=0)
     labels.append(ex["labels"])
     probs.append(np.asarray(p))
@@ -118,8 +146,8 @@ def test_test_metrics_equal_sklearn_on_gathered_ten_crop_predictions(phantom_dir
   # One process: gathered predictions come back in source order, padding removed.
   np.testing.assert_array_equal(got["labels"], labels)
   np.testing.assert_allclose(got["probs"], probs, atol=1e-5)
-  result = evaluate.classification_metrics(got, splits.class_names)
-  for c, name in enumerate(splits.class_names):
+  result = task.metrics(got)
+  for c, name in enumerate(splits.info.class_names):
     if 0 < labels[:, c].sum() < len(labels):
       assert abs(result[f"auc/{name}"] - roc_auc_score(labels[:, c], probs[:, c])) <= 1e-6
 
