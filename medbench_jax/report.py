@@ -17,6 +17,7 @@ of transferability estimates ({"task", "dataset", "model", "init", "label_fracti
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Sequence
 
 import matplotlib
@@ -41,9 +42,14 @@ def main(argv: Sequence[str]) -> None:
   del argv
   matplotlib.use("Agg")  # files only; no display needed or wanted
   from medbench_jax.study import report  # pylint: disable=g-import-not-at-top
-  result = report.build(_RUNS.value, _OUT.value, baseline=_BASELINE.value, test=_TEST.value,
-                        probe=_PROBE.value, num_resamples=_RESAMPLES.value, seed=_SEED.value,
-                        alpha=_ALPHA.value, with_plots=_PLOTS.value)
+  try:
+    result = report.build(_RUNS.value, _OUT.value, baseline=_BASELINE.value,
+                          test=_TEST.value, probe=_PROBE.value,
+                          num_resamples=_RESAMPLES.value, seed=_SEED.value,
+                          alpha=_ALPHA.value, with_plots=_PLOTS.value)
+  except (ValueError, FileNotFoundError) as e:
+    # Bad flags or unreadable sweep files: the message names them; no traceback.
+    sys.exit(f"report: {e}")
   print(f"{result.num_runs} runs, {result.num_trials} trials; {len(result.problems)} "
         f"run(s) not used as asked (problems.csv); {len(result.plots)} plots.")
   print(f"Wrote {result.out / 'report.md'}")

@@ -265,6 +265,17 @@ def test_cli_without_sweep_json_and_baseline_by_label(tmp_path):
   problems = pd.read_csv(out / "problems.csv")
   assert sorted(problems["kind"]) == ["blocked", "failed", "incomplete"]
   assert "cls/chestxray14/densenet121_random_f1" in set(problems["workdir"])
+  failed = subprocess.run(
+      [sys.executable, "-m", "medbench_jax.report", f"--runs={root}", f"--out={out}",
+       "--baseline=resnet50/in21k", "--noplots"],
+      capture_output=True, text=True, timeout=600, check=False)
+  assert failed.returncode == 1
+  assert failed.stderr.strip().endswith(
+      "report: --baseline=resnet50/in21k: no finished run has it. Available: "
+      "densenet121/imagenet, densenet121/moco_v2_800ep.pth, densenet121/random, "
+      "resnet50/imagenet, resnet50/moco_v2_800ep.pth, resnet50/random, "
+      "swin_tiny_patch4_window7_224/imagenet, swin_tiny_patch4_window7_224/moco_v2_800ep.pth, "
+      "swin_tiny_patch4_window7_224/random, unet_resnet50/imagenet, unet_resnet50/random")
 
 
 def test_unknown_baseline_lists_the_candidates(sweep, tmp_path):

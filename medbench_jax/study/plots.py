@@ -110,13 +110,15 @@ def trial_points(setting_trials: pd.DataFrame, title: str, path: pathlib.Path) -
   ax = fig.add_subplot()
   values = [trials[(trials["model"] == m) & (trials["init_label"] == i)]["value"].to_numpy()
             for m, i in candidates]
-  ax.boxplot(values, tick_labels=[f"{m}\n{i}" for m, i in candidates], widths=0.5,
-             medianprops={"color": "black"}, showfliers=False)
+  crowded = len(candidates) > 4
+  ax.boxplot(values, tick_labels=[f"{m} / {i}" if crowded else f"{m}\n{i}"
+                                  for m, i in candidates],
+             widths=0.5, medianprops={"color": "black"}, showfliers=False)
   jitter = np.random.default_rng(0)  # fixed: identical figures from identical results
   for position, (points, color) in enumerate(zip(values, _colors(len(values))), start=1):
     ax.scatter(position + jitter.uniform(-0.12, 0.12, len(points)), points, color=color,
                edgecolor="black", linewidth=0.5, zorder=3, s=28)
-  if len(candidates) > 4:
+  if crowded:
     for label in ax.get_xticklabels():
       label.set_rotation(30)
       label.set_horizontalalignment("right")

@@ -59,7 +59,8 @@ def resolve_baseline(summary: pd.DataFrame, spec: str,
                       for m, i in zip(summary["model"], summary["init"])})
   reason = (f"it matches several inits: {matches}" if matches else
             "no finished run has it")
-  raise ValueError(f"--baseline={spec}: {reason}. Available: {', '.join(available)}")
+  raise ValueError(f"--baseline={spec}: {reason}. Available: "
+                   f"{', '.join(available) or 'none (no finished runs)'}")
 
 
 def two_sample_p_value(values: Sequence[float], baseline: Sequence[float], test: str) -> float:
