@@ -29,8 +29,13 @@ def metric_name(metric: str) -> str:
   return METRIC_NAMES.get(metric, metric)
 
 
+def file_stem(*parts: object) -> str:
+  """A file name made of `parts`, safe on every file system."""
+  return re.sub(r"[^\w.-]+", "_", "_".join(str(p) for p in parts))
+
+
 def file_name(*parts: object) -> str:
-  return re.sub(r"[^\w.-]+", "_", "_".join(str(p) for p in parts)) + ".png"
+  return file_stem(*parts) + ".png"
 
 
 def _colors(count: int) -> list:

@@ -133,7 +133,7 @@ def _ranks_sections(writer: _Writer, summary: pd.DataFrame, alpha: float) -> Non
     if isinstance(analysis, str):
       writer.add(f"Not tested: {analysis}.", "")
       continue
-    stem = plots.file_name("ranks", task, f"{fraction:g}")[:-4]
+    stem = plots.file_stem("ranks", task, f"{fraction:g}")
     for name in ("nemenyi", "conover"):
       getattr(analysis, name).to_csv(writer.out / f"{stem}_{name}.csv")
     writer.add(tables.markdown_table(
@@ -240,6 +240,7 @@ def build(runs_dir: str | pathlib.Path, out_dir: str | pathlib.Path, *,
   """Writes the report of every run below `runs_dir` into `out_dir` (module docstring)."""
   if test not in stats.TESTS:
     raise ValueError(f"test must be one of {', '.join(stats.TESTS)}; got {test!r}")
+  probe_scores = transferability.read_probe_file(probe) if probe is not None else None
   collection = runs.collect(runs_dir)
   trials = runs.trials_frame(collection)
   out = pathlib.Path(out_dir)
@@ -281,23 +282,18 @@ def build(runs_dir: str | pathlib.Path, out_dir: str | pathlib.Path, *,
              f"were asked). Against the baseline of the same setting: `*` p < {alpha:g}, "
              f"`†` Holm-adjusted p < {alpha:g}, `‡` Benjamini-Hochberg-adjusted p < "
              f"{alpha:g}, corrections over each table's tests; **bold**: the baseline.", "")
-  problems_at = len(writer.lines)
+  _problems_section(writer, problems)
   tests = _results_sections(writer, summary, trials, base, alpha)
   writer.csv(tests.reindex(columns=[
       "table", *runs.KEY_COLUMNS, "metric", "mean", "delta", "p_value", "p_holm", "p_bh"]),
              "tests.csv")
   _ranks_sections(writer, summary, alpha)
-  if probe is not None:
-    _probe_section(writer, transferability.read_probe_file(probe), summary)
+  if probe_scores is not None:
+    _probe_section(writer, probe_scores, summary)
   if num_resamples > 0:
     _bootstrap_section(writer, intervals, num_resamples, seed)
   if base is not None:
     _delong_section(writer, delong, alpha)
-  # The problem list goes first in the file though it is complete only now.
-  body = writer.lines[problems_at:]
-  writer.lines = writer.lines[:problems_at]
-  _problems_section(writer, problems)
-  writer.lines += body
   (out / "report.md").write_text("\n".join(writer.lines).rstrip() + "\n")
   pd.DataFrame([dataclasses.asdict(p) for p in problems], columns=PROBLEM_COLUMNS).to_csv(
       out / "problems.csv", index=False)
