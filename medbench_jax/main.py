@@ -5,6 +5,7 @@ data set (others wait) -> the trainer runs every trial of the task the data set 
 """
 
 import os
+import sys
 
 from absl import app
 from absl import flags
@@ -48,7 +49,14 @@ def main(argv):
   if runtime.is_lead() and not os.path.exists(os.path.join(workdir, "results.json")):
     prepare.prepare_dataset(config.dataset)
   runtime.barrier("dataset_prepared")
-  trials.train_and_evaluate(config, workdir)
+  runtime.watch_for_preemption()
+  try:
+    trials.train_and_evaluate(config, workdir)
+  except runtime.Preempted as e:
+    logging.warning("Preempted at step %s; state saved in %s. Rerun the same command to "
+                    "resume.", e, workdir)
+    runtime.stop()
+    sys.exit(runtime.EXIT_PREEMPTED)
   runtime.stop()
 
 

@@ -10,12 +10,22 @@ is far shorter than, say, preparing a data set).
 from __future__ import annotations
 
 import logging as py_logging
+import signal
 
 import jax
 from absl import logging
 
 # How long processes wait at a barrier for the others (data preparation is the longest).
 BARRIER_TIMEOUT_S = 24 * 3600
+# Exit status of a run that was preempted after saving its state (EX_TEMPFAIL: run the
+# same command again to resume). The sweep runner reads it as "resumable".
+EXIT_PREEMPTED = 75
+
+_preemption_signal: str | None = None
+
+
+class Preempted(Exception):
+  """Raised at a step boundary after the state was saved because SIGTERM/SIGINT came."""
 
 
 class _QuietLibraries(py_logging.Filter):
@@ -70,3 +80,33 @@ def barrier(name: str, timeout_s: float = BARRIER_TIMEOUT_S) -> None:
     return
   import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
   ocp.multihost.get_barrier_sync_fn()(key=f"medbench_{name}", timeout_ms=int(timeout_s * 1000))
+
+
+def _on_signal(signum, frame) -> None:
+  del frame
+  global _preemption_signal
+  name = signal.Signals(signum).name
+  if _preemption_signal == name == "SIGINT":
+    raise KeyboardInterrupt  # a second Ctrl-C: stop now, without saving
+  _preemption_signal = name
+  logging.warning("%s received: saving a checkpoint at the next step boundary, then "
+                  "exiting with status %d (rerun the command to resume).", name,
+                  EXIT_PREEMPTED)
+
+
+def watch_for_preemption() -> None:
+  """SIGTERM (what TPU and SLURM preemption send) and SIGINT make the training loop save
+  and stop at its next step boundary. In a multi-process run jax.distributed's preemption
+  service catches SIGTERM and agrees on the step with every process."""
+  global _preemption_signal
+  _preemption_signal = None
+  signal.signal(signal.SIGTERM, _on_signal)
+  signal.signal(signal.SIGINT, _on_signal)
+
+
+def preemption_requested(step: int) -> bool:
+  """Whether to save and stop after `step` (every process gets the same answer)."""
+  if jax.process_count() > 1:
+    import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+    return ocp.multihost.reached_preemption(step)
+  return _preemption_signal is not None

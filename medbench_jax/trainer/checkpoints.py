@@ -44,6 +44,8 @@ class Checkpoints:
     return restored["state"], restored["progress"]
 
   def save_latest(self, step: int, state: Any, data_iterator: Any, progress: dict) -> None:
+    if step in self.latest.all_steps():  # saved after this step's evaluation already
+      return
     self.latest.save(step, args=ocp.args.Composite(
         state=ocp.args.StandardSave(state),
         data=grain.checkpoint.CheckpointSave(data_iterator),

@@ -20,6 +20,7 @@ import numpy as np
 from absl import logging
 from clu import metric_writers
 
+from medbench_jax import runtime
 from medbench_jax.tasks import base as tasks_base
 from medbench_jax.trainer import checkpoints as checkpoints_lib
 from medbench_jax.trainer import optim
@@ -91,7 +92,9 @@ def fit(*, config: ml_collections.ConfigDict, task: tasks_base.Task,
                    speed.first_step_s)
       window_start, wait_time, window_steps = time.perf_counter(), 0.0, 0
 
-    if window_steps and (step % schedule.log_every == 0 or step % schedule.eval_every == 0):
+    preempted = runtime.preemption_requested(step)
+    if window_steps and (preempted or step % schedule.log_every == 0 or
+                         step % schedule.eval_every == 0):
       fetched = jax.device_get(pending_metrics)
       pending_metrics = []
       if not np.isfinite(fetched[-1]["loss"]):
@@ -138,5 +141,12 @@ def fit(*, config: ml_collections.ConfigDict, task: tasks_base.Task,
         logging.info("Early stopping at step %d: no lower val loss for %d evaluations",
                      step, progress["bad_evals"])
       window_start, wait_time, window_steps = time.perf_counter(), 0.0, 0
+    if preempted:
+      progress["step"] = step
+      ckpt.save_latest(step, state, train_iter, progress)
+      ckpt.wait_until_finished()
+      writer.flush()
+      logging.warning("[%s] preempted: state saved at step %d", label, step)
+      raise runtime.Preempted(step)
   ckpt.wait_until_finished()
   return state, progress, speed
