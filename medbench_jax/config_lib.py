@@ -66,12 +66,23 @@ def default_config() -> ml_collections.ConfigDict:
   # run:WORKDIR[/trial_K] (the encoder of an earlier run's best checkpoint) or
   # timm:NAME.TAG (Hugging Face hub cache). See medbench_jax/weights/__init__.py.
   c.model.init = "random"
-  c.model.dtype = "float32"  # compute dtype; parameters stay float32
+  # Compute dtype: bfloat16 computes activations in bf16 while parameters, optimizer state,
+  # normalisation statistics, softmax and losses stay float32.
+  c.model.dtype = "float32"
   c.model.kw = ml_collections.ConfigDict()  # extra keyword args for models.create
 
   # Segmentation data sets only (tasks/segmentation.py): "auto" is the reference study's
   # choice, Dice (BCE for DRIVE); or dice | bce | bce_dice | softmax_ce_dice.
   c.segmentation = ml_collections.ConfigDict(dict(loss="auto"))
+
+  # Devices: data parallel over `data`; fsdp > 1 shards the large parameters and their
+  # optimizer state over groups of that many devices (trainer/sharding.py).
+  c.mesh = ml_collections.ConfigDict()
+  c.mesh.fsdp = 1
+  c.mesh.fsdp_rules = (
+      (r"(^|/)(kernel|embedding|pos_embed|relative_position_bias_table)$", "largest"),
+      (r".*", "replicate"))
+  c.mesh.fsdp_min_size = 2**20  # elements; smaller tensors stay replicated
 
   c.optim = ml_collections.ConfigDict()
   c.optim.optimizer = "adam"
@@ -97,7 +108,10 @@ def default_config() -> ml_collections.ConfigDict:
   c.train.patience = 10
   c.train.log_every_steps = 50
   c.train.max_steps = 0  # 0 = num_epochs worth of steps; >0 caps (smoke tests)
-  c.train.test_tta = True  # use input.pp_test (ten crops) instead of pp_eval at test
+  c.train.test_tta = True
+  # "START:STOP": capture a profiler trace of steps [START, STOP) into the trial's
+  # TensorBoard folder (TensorBoard's profile plugin shows it); "" = off.
+  c.train.profile_steps = ""  # use input.pp_test (ten crops) instead of pp_eval at test
 
   c.lock()
   return c
@@ -140,6 +154,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
   from medbench_jax.data import sources
   from medbench_jax.data import transforms
   from medbench_jax.trainer import optim
+  from medbench_jax.trainer import sharding
   # pylint: enable=g-import-not-at-top
   check(config.model.name in models.list_models(), "model.name", config.model.name,
         models.list_models())
@@ -147,6 +162,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
         ("float32", "bfloat16"))
   sources.validate_dataset_config(config.dataset)
   optim.validate(config.optim)
+  sharding.validate(config)
   check(config.input.normalization in (*NORMALIZATIONS, MODEL_NORMALIZATION),
         "input.normalization", config.input.normalization,
         (*NORMALIZATIONS, MODEL_NORMALIZATION))
@@ -157,6 +173,10 @@ def validate(config: ml_collections.ConfigDict) -> None:
     check(isinstance(value, int) and value > 0, key, value, "a positive integer")
   check(config.input.num_workers >= 0, "input.num_workers", config.input.num_workers, ">= 0")
   check(config.train.patience >= 0, "train.patience", config.train.patience, ">= 0")
+  profile = config.train.profile_steps
+  check(not profile or (len(parts := profile.split(":")) == 2 and all(
+      p.isdigit() for p in parts) and int(parts[0]) < int(parts[1])),
+        "train.profile_steps", profile, '"" or "START:STOP" with START < STOP')
   for key in ("pp_train", "pp_eval", "pp_test"):
     try:
       transforms.parse(config.input[key])
