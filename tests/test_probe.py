@@ -143,9 +143,9 @@ def _extract(config, candidate, examples=None):
   task = tasks.for_dataset(config, splits.info)
   model = state_lib.create_model(config, 0)
   variables = state_lib.init_variables(config, model, 0, 64, config.seed)
-  normalize = lambda x: pipeline.normalize(x, **config_lib.normalization(config))
   examples = splits.train if examples is None else examples
-  step = probe.feature_step(model.apply, normalize, segmentation=False)
+  step = probe.compiled_step(model, config_lib.NORMALIZATIONS["imagenet"], False,
+                             sharding.make_mesh())
   batches = probe.input_batches(config, task, examples, pixels_per_image=1)
   return probe.extract(step, variables, batches, sharding.make_mesh()), examples
 
@@ -176,6 +176,20 @@ def test_features_are_torchvisions_pooled_features_and_deterministic(
   print(f"probe features vs torchvision resnet18: max |diff| {diff:.2e} "
         f"(features up to {np.abs(expected).max():.2f})")
   assert diff <= 1e-4 * max(1.0, np.abs(expected).max())
+
+
+def test_a_random_candidate_is_the_backbone_a_run_starts_from(classification):
+  config = probe.candidate_config(classification, probe.Candidate("resnet18", "random"))
+  headless = state_lib.init_variables(config, state_lib.create_model(config, 0), 0, 64,
+                                      config.seed)
+  trained = state_lib.init_variables(config, state_lib.create_model(config, 4), 4, 64,
+                                     config.seed)
+  flat = lambda v: {k: np.asarray(x) for k, x in
+                    jax.tree_util.tree_flatten_with_path(v)[0]}
+  headless, trained = flat(headless), flat(trained)
+  assert set(trained) - set(headless) and set(headless) < set(trained)  # the fc head
+  for key, value in headless.items():
+    np.testing.assert_array_equal(value, trained[key])
 
 
 def test_max_examples_is_a_seeded_choice_the_same_for_every_candidate(classification):
@@ -289,13 +303,13 @@ def test_segmentation_pixel_features_scores_and_determinism(segmentation, monkey
   config = probe.candidate_config(segmentation, probe.Candidate("resnet18", "random"))
   model = state_lib.create_model(config, 0)
   variables = state_lib.init_variables(config, model, 0, 64, config.seed)
-  normalize = lambda x: pipeline.normalize(x, **config_lib.normalization(config))
   examples = probe.probe_examples(splits.train, 32, config.seed)
+  mesh = sharding.make_mesh()
+  step = probe.compiled_step(model, config_lib.NORMALIZATIONS["imagenet"], True, mesh)
 
   def extract():
-    return probe.extract(probe.feature_step(model.apply, normalize, segmentation=True),
-                         variables, probe.input_batches(config, task, examples, 16),
-                         sharding.make_mesh())
+    return probe.extract(step, variables, probe.input_batches(config, task, examples, 16),
+                         mesh)
 
   features = extract()
   assert features.features.shape == (32 * 16, 128 + 256)  # resnet18's layer2 + layer3

@@ -30,7 +30,8 @@ Each candidate gives one JSON line in the format the report reads (`--probe=FILE
 what it cost and measured: "seconds" {load, features, logme, linear_probe, total},
 "examples", "rows" (examples, or sampled pixels), "feature_dim",
 "linear_probe_metric" ("auc" or "pixel_auc") and, for segmentation, "pixels_per_image".
-Feature seconds include compiling the feature step.
+Feature seconds include compiling the feature step, which candidates of one architecture
+share (the first of them pays for it).
 """
 
 from __future__ import annotations
@@ -45,6 +46,7 @@ import pathlib
 import time
 from typing import Any, Callable, Sequence
 
+import flax.linen as nn
 import grain
 import jax
 import jax.numpy as jnp
@@ -223,14 +225,25 @@ class Features:
   examples: int
 
 
+@functools.cache
+def compiled_step(model: nn.Module, normalization: tuple[tuple[float, ...], ...],
+                  segmentation: bool, mesh: jax.sharding.Mesh) -> Callable:
+  """feature_step jitted over `mesh`, once per architecture (Flax modules compare by
+  their fields): candidates that differ only in their init share its compilations.
+  `normalization` is (mean, std)."""
+  mean, std = normalization
+  normalize = functools.partial(pipeline.normalize, mean=mean, std=std)
+  data_sharding = sharding.batch_sharding(mesh)
+  return jax.jit(feature_step(model.apply, normalize, segmentation),
+                 in_shardings=(sharding.replicated(mesh), data_sharding),
+                 out_shardings=data_sharding)
+
+
 def extract(step: Callable, variables: dict, batches: grain.IterDataset,
             mesh: jax.sharding.Mesh) -> Features:
-  """Runs the jitted feature step over every batch (padding dropped), on all devices."""
-  data_sharding = sharding.batch_sharding(mesh)
-  replicated = sharding.replicated(mesh)
-  jitted = jax.jit(step, in_shardings=(replicated, data_sharding), out_shardings=data_sharding)
-  out = evaluation.predict(jitted, jax.device_put(variables, replicated), batches,
-                           data_sharding)
+  """Runs the jitted feature step (compiled_step) over every batch, padding dropped."""
+  out = evaluation.predict(step, jax.device_put(variables, sharding.replicated(mesh)),
+                           batches, sharding.batch_sharding(mesh))
   features, targets = out["features"], out["targets"]
   examples = len(features)
   # Pixel features (N, P, C) become P rows per example.
@@ -307,10 +320,12 @@ def probe_candidate(config: ml_collections.ConfigDict, candidate: Candidate,
   load_s = time.perf_counter() - start
 
   start = time.perf_counter()
-  normalize = functools.partial(pipeline.normalize, **config_lib.normalization(config))
+  normalization = config_lib.normalization(config)
+  step = compiled_step(model, (normalization["mean"], normalization["std"]), segmentation,
+                       mesh)
   examples = probe_examples(splits.train, max_examples, config.seed)
-  features = extract(feature_step(model.apply, normalize, segmentation), variables,
-                     input_batches(config, task, examples, pixels_per_image), mesh)
+  features = extract(step, variables, input_batches(config, task, examples,
+                                                    pixels_per_image), mesh)
   features_s = time.perf_counter() - start
   logging.info("%s: %d x %d features of %d training examples in %.1f s", candidate,
                *features.features.shape, features.examples, features_s)
