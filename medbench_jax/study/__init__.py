@@ -9,7 +9,9 @@
   tables.py           Markdown tables in the study's layouts
   plots.py            PNG figures (matplotlib, Agg canvas)
   report.py           all of the above for one sweep: `python -m medbench_jax.report`
+  probe.py            frozen features of candidate models on a task, scored before
+                      fine-tuning: `python -m medbench_jax.probe`
 
-Nothing here imports JAX, the models or the trainer: a report runs on any machine that
-can read the run folders.
+Apart from probe.py, nothing here imports JAX, the models or the trainer: a report runs
+on any machine that can read the run folders.
 """
