@@ -58,6 +58,9 @@ def default_config() -> ml_collections.ConfigDict:
   c.input.pp_eval = "resize(256)|center_crop(224)"
   c.input.pp_test = "resize(256)|ten_crop(224)"
   c.input.normalization = "imagenet"  # imagenet | chestxray | none | model
+  # True: the host ships the stored images and pp_train runs inside the jitted train
+  # step, on the accelerators (data/device_transforms.py lists the ops it can run).
+  c.input.augment_on_device = False
 
   c.model = ml_collections.ConfigDict()
   c.model.name = "swin_base_patch4_window7_224"
@@ -151,6 +154,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
   """Fails before any work starts, naming the key and the allowed values."""
   # pylint: disable=g-import-not-at-top
   from medbench_jax import models
+  from medbench_jax.data import device_transforms
   from medbench_jax.data import sources
   from medbench_jax.data import transforms
   from medbench_jax.trainer import optim
@@ -182,6 +186,11 @@ def validate(config: ml_collections.ConfigDict) -> None:
       transforms.parse(config.input[key])
     except ValueError as e:
       raise ValueError(f"config.input.{key}: {e}") from None
+  if config.input.augment_on_device:
+    try:
+      device_transforms.parse(config.input.pp_train)
+    except ValueError as e:
+      raise ValueError(f"config.input.pp_train: {e}") from None
 
 
 def normalization(config: ml_collections.ConfigDict) -> dict[str, tuple[float, ...]]:

@@ -59,11 +59,16 @@ def model_variables(state: TrainState) -> dict:
 
 
 def train_step(state: TrainState, batch: dict, *, loss_fn: Callable, normalize: Callable,
-               dropout_rng: jax.Array) -> tuple[TrainState, dict]:
+               dropout_rng: jax.Array, augment: Callable | None = None
+               ) -> tuple[TrainState, dict]:
   """One update on the global batch; BatchNorm statistics span all devices.
 
-  `loss_fn(outputs, batch)` is the task's loss of the train-mode model outputs.
+  `loss_fn(outputs, batch)` is the task's loss of the train-mode model outputs;
+  `augment(batch, step)`, where given, augments the stored images first
+  (input.augment_on_device).
   """
+  if augment is not None:
+    batch = augment(batch, state.step)
   rng = jax.random.fold_in(dropout_rng, state.step)
   images = normalize(batch["image"])
 

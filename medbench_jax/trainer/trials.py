@@ -24,6 +24,7 @@ from medbench_jax import config_lib
 from medbench_jax import paths
 from medbench_jax import runtime
 from medbench_jax import tasks
+from medbench_jax.data import device_transforms
 from medbench_jax.data import pipeline
 from medbench_jax.data import sources
 from medbench_jax.data import transforms
@@ -61,8 +62,10 @@ def run_trial(config: ml_collections.ConfigDict, workdir: epath.Path, trial: int
   sharding.check_batch_size(batch_size, "input.batch_size")
   sharding.check_batch_size(config.input.eval_batch_size, "input.eval_batch_size")
   process = dict(process_index=jax.process_index(), process_count=jax.process_count())
+  # On-device augmentation: the host ships the stored images, the train step augments.
+  on_device = config.input.augment_on_device
   train_iter = iter(pipeline.train_dataset(
-      splits.train, pp_spec=task.pp_train(), keys=task.keys,
+      splits.train, pp_spec="" if on_device else task.pp_train(), keys=task.keys,
       local_batch_size=batch_size // jax.process_count(), seed=seed,
       num_workers=config.input.num_workers, **process))
   eval_ds = functools.partial(
@@ -101,9 +104,10 @@ def run_trial(config: ml_collections.ConfigDict, workdir: epath.Path, trial: int
   # ---------------------------------------------------------------- steps
   normalize = functools.partial(pipeline.normalize,
                                 **config_lib.normalization(config))
+  augment = device_transforms.Augment(task.pp_train(), seed) if on_device else None
   step_fn = jax.jit(
       functools.partial(state_lib.train_step, loss_fn=task.loss, normalize=normalize,
-                        dropout_rng=jax.random.key(seed + 10_000)),
+                        dropout_rng=jax.random.key(seed + 10_000), augment=augment),
       in_shardings=(state_sharding, data_sharding), out_shardings=(state_sharding, replicated),
       donate_argnums=(0,))
   # The variables keep the state's shardings; batches come sharded over the mesh.
