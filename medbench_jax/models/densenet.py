@@ -110,6 +110,7 @@ class DenseNet(nn.Module):
   growth_rate: int = 32
   block_config: Sequence[int] = (6, 12, 24, 16)
   bn_size: int = 4
+  head_init: common.HeadInit = common.NORMAL_HEAD
   dtype: Any = jnp.float32
 
   @nn.compact
@@ -121,7 +122,8 @@ class DenseNet(nn.Module):
                     name="features")(x.astype(self.dtype), train)
     if feature_maps:
       return maps
-    return common.pool_and_classify(maps[-1], self.num_classes, self.dtype, "classifier")
+    return common.pool_and_classify(maps[-1], self.num_classes, self.dtype, "classifier",
+                                    self.head_init)
 
 
 def convert_timm(state_dict: Mapping[str, np.ndarray],
@@ -133,7 +135,8 @@ def convert_timm(state_dict: Mapping[str, np.ndarray],
 
 def _register(name: str, growth_rate: int, block_config: Sequence[int]) -> None:
   @registry.register(name, converter=convert_timm, first_conv="features/conv0",
-                   classifier="classifier", interpolation="bicubic")
+                   classifier="classifier", head_init=common.NORMAL_HEAD,
+                   interpolation="bicubic")
   def factory(num_classes: int, **kw: Any) -> DenseNet:
     return DenseNet(num_classes=num_classes,
                     **{"growth_rate": growth_rate, "block_config": block_config, **kw})

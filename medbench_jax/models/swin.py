@@ -216,6 +216,7 @@ class SwinTransformer(nn.Module):
   window_size: int | Sequence[int] = 7
   mlp_ratio: float = 4.0
   drop_path_rate: float = 0.1
+  head_init: common.HeadInit = common.TRUNC_NORMAL_HEAD
   dtype: Any = jnp.float32
 
   @nn.compact
@@ -239,7 +240,7 @@ class SwinTransformer(nn.Module):
     if feature_maps:
       return stages
     x = _layer_norm(self.dtype, "norm")(x)
-    return common.pool_and_classify(x, self.num_classes, self.dtype, "head")
+    return common.pool_and_classify(x, self.num_classes, self.dtype, "head", self.head_init)
 
 
 def _stretched_offsets(src: int, dst: int) -> np.ndarray:
@@ -320,7 +321,8 @@ def _register(name: str, crop_pct: float = 0.9, **arch: Any) -> None:
   size = _pair(arch.get("img_size", 224))
 
   @registry.register(name, converter=functools.partial(convert_timm, arch=arch),
-                   first_conv="patch_embed/proj", classifier="head", input_size=(*size, 3),
+                   first_conv="patch_embed/proj", classifier="head",
+                   head_init=common.TRUNC_NORMAL_HEAD, input_size=(*size, 3),
                    crop_pct=crop_pct, interpolation="bicubic")
   def factory(num_classes: int, **kw: Any) -> SwinTransformer:
     return SwinTransformer(num_classes=num_classes, **{**arch, **kw})

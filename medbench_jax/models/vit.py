@@ -107,6 +107,7 @@ class VisionTransformer(nn.Module):
   mlp_ratio: float = 4.0
   global_pool: str = "token"
   drop_path_rate: float = 0.0
+  head_init: common.HeadInit = common.TRUNC_NORMAL_HEAD
   dtype: Any = jnp.float32
 
   @nn.compact
@@ -147,7 +148,7 @@ class VisionTransformer(nn.Module):
     else:
       x = _layer_norm(self.dtype, "norm")(x)[:, 0]
     if self.num_classes:
-      x = common.classifier(self.num_classes, self.dtype, "head")(x)
+      x = common.classifier(self.num_classes, self.dtype, "head", self.head_init)(x)
     return x.astype(jnp.float32)
 
 
@@ -198,7 +199,8 @@ def convert_timm(state_dict: Mapping[str, np.ndarray],
 
 # timm's default tags of these names (augreg / orig in21k, Google's JAX training) normalise
 # with mean = std = 0.5; DINO, MAE and MoCo v3 weights use ImageNet's mean/std instead.
-_CFG = dict(mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5), crop_pct=0.9, interpolation="bicubic")
+_CFG = dict(mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5), crop_pct=0.9, interpolation="bicubic",
+            head_init=common.TRUNC_NORMAL_HEAD)
 
 
 def _register(name: str, **arch: Any) -> None:

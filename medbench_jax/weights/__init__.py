@@ -156,10 +156,11 @@ def load(name: str, path: str, num_classes: int, keep_head: bool = False, seed: 
   initialised from `path` (any source in the module docstring).
 
   The classifier (the pretrained config's `classifier` path) is dropped from the checkpoint
-  and keeps its fresh initialisation (normal std 0.01, zero bias; `seed` drives it) unless
-  `keep_head`, in which case it is loaded and must match `num_classes`. `in_chans=1` sums
-  the first conv's RGB kernels for grayscale input. Raises ValueError listing missing keys,
-  unexpected keys and shape mismatches (with shapes) otherwise.
+  and keeps its fresh initialisation (the family's registered `head_init`: normal std 0.01
+  for ResNet/DenseNet, truncated normal std 0.02 for ConvNeXt/ViT/Swin, zero bias; `seed`
+  drives it) unless `keep_head`, in which case it is loaded and must match `num_classes`.
+  `in_chans=1` sums the first conv's RGB kernels for grayscale input. Raises ValueError
+  listing missing keys, unexpected keys and shape mismatches (with shapes) otherwise.
   """
   return load_with_report(name, path, num_classes, keep_head, seed, in_chans, **model_kw)[0]
 
@@ -225,8 +226,9 @@ def load_with_report(name: str, path: str, num_classes: int, keep_head: bool = F
     logging.info("Dropped from the checkpoint (classifier): %s",
                  ", ".join(f"{k} {shape}" for k, shape in dropped_head.items()))
   if reinit:
-    logging.info("Re-initialised (normal std 0.01, zero bias, seed %d) for %d classes: %s",
-                 seed, num_classes, ", ".join(f"{k} {fresh[k].shape}" for k in reinit))
+    logging.info("Re-initialised the classifier (%s, seed %d) for %d classes: %s",
+                 getattr(model, "head_init", "the model's own init"), seed, num_classes,
+                 ", ".join(f"{k} {fresh[k].shape}" for k in reinit))
   return traverse_util.unflatten_dict(variables, sep="/"), report
 
 
