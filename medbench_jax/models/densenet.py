@@ -1,4 +1,4 @@
-"""DenseNet-BC as torchvision and timm build it (`densenet121/169/201`).
+"""DenseNet-BC as torchvision and timm build it (`densenet121/161/169/201`).
 
 Parameter paths mirror the PyTorch keys (features/conv0, features/denseblock1/denselayer1/
 norm1, features/transition1/conv, features/norm5, classifier), so `convert_timm` is the
@@ -144,5 +144,7 @@ def _register(name: str, growth_rate: int, block_config: Sequence[int]) -> None:
 
 
 _register("densenet121", 32, (6, 12, 24, 16))
+# Growth 48: its stem's 2k = 96 channels are torchvision's num_init_features=96.
+_register("densenet161", 48, (6, 12, 36, 24))
 _register("densenet169", 32, (6, 12, 32, 32))
 _register("densenet201", 32, (6, 12, 48, 32))
