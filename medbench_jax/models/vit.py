@@ -183,9 +183,11 @@ def convert_timm(state_dict: Mapping[str, np.ndarray],
   `default_img_size`, over the checkpoint's patch size) differs from the checkpoint's,
   pos_embed is resized to it (`resample_pos_embed`). `global_pool` changes nothing here:
   a "token" checkpoint has norm.*, an "avg" one fc_norm.*, and loading one into the other
-  head is reported as missing/unexpected keys by weights.load, never guessed. Keys of
-  self-supervised releases beyond timm's (MAE's decoder_*/mask_token, MoCo v3/DINO
-  prefixes) are not handled here but by weights.formats; DINO's backbone keys are timm's.
+  head is reported as missing/unexpected keys by weights.load, never guessed (MAE
+  pretraining checkpoints aside, which go into an "avg" model as MAE's fine-tuning takes
+  them: fc_norm fresh, norm unused; weights.formats). Keys of self-supervised releases
+  beyond timm's (MAE's decoder_*/mask_token, MoCo v3/DINO prefixes, SimMIM's q/v biases)
+  are not handled here but by weights.formats; DINO's backbone keys are timm's.
   """
   model_kw = model_kw or {}
   state_dict = dict(state_dict)
