@@ -98,7 +98,8 @@ def bench_input(config, config_name: str, *, steps: int, warmup: int,
     splits = sources.load_splits(config)
   batch_size, workers = config.input.batch_size, config.input.num_workers
   ds = pipeline.train_dataset(splits.train, pp_spec=config.input.pp_train,
-                              local_batch_size=batch_size, seed=0, num_workers=workers)
+                              keys=("image", "labels"), local_batch_size=batch_size, seed=0,
+                              num_workers=workers)
   iterator = iter(ds)
   crop = next(iterator)["image"].shape[1]
   try:

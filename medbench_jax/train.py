@@ -122,6 +122,7 @@ def run_trial(config: ml_collections.ConfigDict, workdir: epath.Path, trial: int
 
   # ---------------------------------------------------------------- input
   num_classes = len(splits.class_names)
+  keys = ("image", "labels")
   batch_size = config.input.batch_size
   sharding.check_batch_size(batch_size, "input.batch_size")
   sharding.check_batch_size(config.input.eval_batch_size, "input.eval_batch_size")
@@ -129,10 +130,11 @@ def run_trial(config: ml_collections.ConfigDict, workdir: epath.Path, trial: int
   local_eval_batch = config.input.eval_batch_size // jax.process_count()
   process = dict(process_index=jax.process_index(), process_count=jax.process_count())
   train_ds = pipeline.train_dataset(
-      splits.train, pp_spec=config.input.pp_train, local_batch_size=local_batch,
+      splits.train, pp_spec=config.input.pp_train, keys=keys, local_batch_size=local_batch,
       seed=seed, num_workers=config.input.num_workers, **process)
   train_iter = iter(train_ds)
-  eval_ds = functools.partial(pipeline.eval_dataset, local_batch_size=local_eval_batch,
+  eval_ds = functools.partial(pipeline.eval_dataset, keys=keys,
+                              local_batch_size=local_eval_batch,
                               num_workers=config.input.num_workers, **process)
   val_ds = eval_ds(splits.validation, pp_spec=config.input.pp_eval)
   test_ds = eval_ds(splits.test, pp_spec=config.input.pp_test
@@ -146,8 +148,9 @@ def run_trial(config: ml_collections.ConfigDict, workdir: epath.Path, trial: int
     total_steps = min(total_steps, config.train.max_steps)
   eval_every = config.train.eval_every_steps or steps_per_epoch
   sample = transforms.parse(config.input.pp_eval)(
-      np.zeros((config.dataset.image_size,) * 2 + (1,), np.uint8), np.random.default_rng(0))
-  input_size = sample.shape[0]
+      {"image": np.zeros((config.dataset.image_size,) * 2 + (1,), np.uint8)},
+      np.random.default_rng(0))
+  input_size = sample["image"].shape[0]
 
   # ---------------------------------------------------------------- model
   model = create_model(config, num_classes)

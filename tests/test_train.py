@@ -101,7 +101,7 @@ def test_test_metrics_equal_sklearn_on_gathered_ten_crop_predictions(phantom_dir
   mesh = sharding.make_mesh()
   eval_step = jax.jit(evaluate.make_eval_step(model, mean, std))
   ds = pipeline.eval_dataset(splits.test, pp_spec="resize(72)|ten_crop(64)",
-                             local_batch_size=16, num_workers=0)
+                             keys=("image", "labels"), local_batch_size=16, num_workers=0)
   got = evaluate.predict(eval_step, variables, ds, sharding.batch_sharding(mesh))
   assert len(got["probs"]) == len(splits.test) == 40  # 48 slots, 8 of them padding
 
@@ -110,7 +110,7 @@ def test_test_metrics_equal_sklearn_on_gathered_ten_crop_predictions(phantom_dir
   crop = transforms.parse("resize(72)|ten_crop(64)")
   for i in range(len(splits.test)):
     ex = splits.test[i]
-    x = pipeline.normalize(crop(ex["image"], None), mean, std)
+    x = pipeline.normalize(crop(ex, None)["image"], mean, std)
     p = jax.nn.sigmoid(model.apply(variables, x)).mean(axis=0)
     labels.append(ex["labels"])
     probs.append(np.asarray(p))
