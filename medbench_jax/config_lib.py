@@ -6,7 +6,6 @@ has the same keys; the dict is locked, so `--config.typo=1` fails naming the key
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
 import ml_collections
@@ -16,7 +15,6 @@ NORMALIZATIONS = {
     # ChestX-ray14 statistics used by the reference study's "chestx-ray" option.
     "chestxray": ((0.5056, 0.5056, 0.5056), (0.252, 0.252, 0.252)),
 }
-DEFAULT_CACHE = os.path.join(os.path.expanduser("~"), ".cache", "medbench_jax")
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -27,18 +25,18 @@ def default_config() -> ml_collections.ConfigDict:
   c.dataset = ml_collections.ConfigDict()
   c.dataset.name = "phantom_cxr"
   # Folder with the data set as its publisher distributes it (generated for the phantom).
-  c.dataset.manual_dir = ""  # "" -> DEFAULT_CACHE/<name>/raw
-  c.dataset.data_dir = ""  # prepared ArrayRecords; "" -> DEFAULT_CACHE/tfds
+  c.dataset.manual_dir = ""  # required, except for the phantom (generated in the cache)
+  c.dataset.data_dir = ""  # prepared ArrayRecords; "" -> ~/.cache/medbench_jax/tfds
   c.dataset.image_size = 256  # stored resolution of the prepared copy
   c.dataset.label_fraction = 1.0
   c.dataset.label_fraction_seed = 0  # fixed across models so comparisons are paired
   # Bad files/rows: False fails listing them all; True prepares the rest and counts them.
   c.dataset.skip_bad = False
-  # Uncertain (-1) and blank labels (CheXpert, MIMIC-CXR); see sources.apply_label_policy.
+  # Uncertain (-1) and blank labels (CheXpert, MIMIC-CXR); see data/labels.py.
   c.dataset.uncertain_policy = "u_ones"  # u_ones | u_zeros | lsr_ones | lsr_zeros
   c.dataset.blank_label = 0.0
   c.dataset.frontal_only = False
-  # Layout of dataset.name="csv_folder" (data/builders.py CsvConfig); labels: "A,B,C".
+  # Layout of dataset.name="csv_folder" (data/prepare/csv_folder.py); labels: "A,B,C".
   c.dataset.csv = ml_collections.ConfigDict(dict(
       csv="labels.csv", image_dir="", path_column="path", labels="", split_column="split",
       patient_column=""))
@@ -126,22 +124,22 @@ def validate(config: ml_collections.ConfigDict) -> None:
   """Fails before any work starts, naming the key and the allowed values."""
   from medbench_jax import models  # pylint: disable=g-import-not-at-top
   from medbench_jax import optim  # pylint: disable=g-import-not-at-top
-  from medbench_jax.data import builders  # pylint: disable=g-import-not-at-top
-  from medbench_jax.data import sources  # pylint: disable=g-import-not-at-top
+  from medbench_jax.data import labels  # pylint: disable=g-import-not-at-top
   from medbench_jax.data import transforms  # pylint: disable=g-import-not-at-top
+  from medbench_jax.data.prepare import registry  # pylint: disable=g-import-not-at-top
 
   _check(config.model.name in models.list_models(), "model.name", config.model.name,
          models.list_models())
   # The fine-tuning loop trains classifiers; segmentation sets are prepared for decoders.
-  classification = sorted(name for name, builder in builders.BUILDERS.items()
-                          if builder.TASK != "segmentation")
+  classification = [name for name in registry.names()
+                    if registry.task_of(name) != "segmentation"]
   _check(config.dataset.name in classification, "dataset.name", config.dataset.name,
          f"classification data sets {classification}")
   _check(0.0 < config.dataset.label_fraction <= 1.0, "dataset.label_fraction",
          config.dataset.label_fraction, "0 < x <= 1")
-  _check(config.dataset.uncertain_policy in sources.UNCERTAIN_POLICIES,
+  _check(config.dataset.uncertain_policy in labels.UNCERTAIN_POLICIES,
          "dataset.uncertain_policy", config.dataset.uncertain_policy,
-         sources.UNCERTAIN_POLICIES)
+         labels.UNCERTAIN_POLICIES)
   _check(config.input.normalization in NORMALIZATIONS, "input.normalization",
          config.input.normalization, sorted(NORMALIZATIONS))
   _check(config.optim.optimizer in optim.OPTIMIZERS, "optim.optimizer",
@@ -172,16 +170,16 @@ def classification_config(arg: str | None, *, paper_model: str,
                           demo_model: str) -> ml_collections.ConfigDict:
   """The config every classification file in configs/ builds on.
 
-  Args (comma-separated): model=NAME, data=phantom|NAME (a data/builders.py
-  BUILDERS name: chestxray14, chexpert, ...), init=random|PATH,
+  Args (comma-separated): model=NAME, data=phantom|NAME (a data/prepare/registry.py
+  name: chestxray14, chexpert, ...), init=random|PATH,
   trials=N, label_fraction=F (alias anno_percent=P, in percent as the study's
   code takes it), paper (the study's full-size settings even on phantom data).
   With data=phantom and no `paper`, the run is sized for a 2-core CPU (see demo()).
   """
   args = parse_arg(arg, model="", data="phantom", init="random", trials=1,
                    label_fraction=1.0, anno_percent=0.0, paper=False)
-  from medbench_jax.data import builders  # pylint: disable=g-import-not-at-top
-  allowed = sorted(set(DATASET_ALIASES) | set(builders.BUILDERS))
+  from medbench_jax.data.prepare import registry  # pylint: disable=g-import-not-at-top
+  allowed = sorted(set(DATASET_ALIASES) | set(registry.names()))
   if args.data not in allowed:
     raise ValueError(f"Unknown config arg data={args.data!r}; allowed: {allowed}")
   config = default_config()

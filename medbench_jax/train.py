@@ -34,6 +34,7 @@ from medbench_jax import optim
 from medbench_jax import sharding
 from medbench_jax import weights
 from medbench_jax.data import pipeline
+from medbench_jax.data import prepare
 from medbench_jax.data import sources
 from medbench_jax.data import transforms
 
@@ -121,7 +122,7 @@ def run_trial(config: ml_collections.ConfigDict, workdir: epath.Path, trial: int
       workdir / "tb" / f"trial_{trial}", just_logging=jax.process_index() > 0)
 
   # ---------------------------------------------------------------- input
-  num_classes = len(splits.class_names)
+  num_classes = len(splits.info.class_names)
   keys = ("image", "labels")
   batch_size = config.input.batch_size
   sharding.check_batch_size(batch_size, "input.batch_size")
@@ -239,7 +240,7 @@ def run_trial(config: ml_collections.ConfigDict, workdir: epath.Path, trial: int
     if step % eval_every == 0 or step == total_steps:
       val = evaluate.classification_metrics(
           evaluate.predict(eval_step, model_variables(state), val_ds, data_sharding),
-          splits.class_names)
+          splits.info.class_names)
       writer.write_scalars(step, {f"val/{k}": v for k, v in val.items()})
       improved = val["loss"] < progress["best_val_loss"]
       if improved:
@@ -279,7 +280,7 @@ def run_trial(config: ml_collections.ConfigDict, workdir: epath.Path, trial: int
       state=ocp.args.StandardRestore(state), progress=ocp.args.JsonRestore()))
   test = evaluate.classification_metrics(
       evaluate.predict(eval_step, model_variables(best["state"]), test_ds, data_sharding),
-      splits.class_names)
+      splits.info.class_names)
   writer.write_scalars(step, {f"test/{k}": v for k, v in test.items()})
   writer.flush()
   logging.info("[trial %d] test (best step %d, %s): mean AUC %.4f | %s", trial,
@@ -312,14 +313,21 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   logging.info("Devices: %d (%s) over %d process(es)", jax.device_count(),
                jax.devices()[0].platform, jax.process_count())
 
-  splits = sources.load_splits(config)
+  if jax.process_index() == 0:
+    prepare.prepare_dataset(config.dataset)
+  if jax.process_count() > 1:
+    # A coordination-service barrier, not a device collective: preparing a data set takes
+    # longer than the collectives' connection timeout (30 s with gloo).
+    ocp.multihost.get_barrier_sync_fn()(key="medbench_dataset_prepared",
+                                        timeout_ms=24 * 3600 * 1000)
+  splits = sources.open_splits(config.dataset)
   mesh = sharding.make_mesh()
   trials = [run_trial(config, workdir, trial, splits, mesh)
             for trial in range(config.num_trials)]
 
   results = evaluate.assemble_results(
-      config=json.loads(config.to_json_best_effort()), class_names=splits.class_names,
-      trials=trials, subset=splits.subset, skipped_examples=splits.skipped_examples)
+      config=json.loads(config.to_json_best_effort()), class_names=splits.info.class_names,
+      trials=trials, subset=splits.subset, skipped_examples=splits.info.skipped_examples)
   if jax.process_index() == 0:
     evaluate.write_json(results_path, results)
   logging.info("Test %s over %d trial(s): %s", results["metric"], len(trials),

@@ -91,10 +91,13 @@ def test_test_metrics_equal_sklearn_on_gathered_ten_crop_predictions(phantom_dir
   """Prediction gathering over 8 devices with padding, ten-crop averaging, then AUC."""
   import jax  # pylint: disable=g-import-not-at-top
   from medbench_jax import evaluate, models, sharding  # pylint: disable=g-import-not-at-top
-  from medbench_jax.data import pipeline, sources, transforms  # pylint: disable=g-import-not-at-top
+  # pylint: disable=g-import-not-at-top
+  from medbench_jax.data import pipeline, prepare, sources, transforms
+  # pylint: enable=g-import-not-at-top
   config = _load_tiny()
   config.dataset.manual_dir = str(phantom_dir)
-  splits = sources.load_splits(config)
+  prepare.prepare_dataset(config.dataset)
+  splits = sources.open_splits(config.dataset)
   model = models.create("resnet18", 4)
   variables = model.init(jax.random.key(0), np.zeros((1, 64, 64, 3), np.float32))
   mean, std = (0.5,) * 3, (0.25,) * 3
@@ -118,8 +121,8 @@ def test_test_metrics_equal_sklearn_on_gathered_ten_crop_predictions(phantom_dir
   # One process: gathered predictions come back in source order, padding removed.
   np.testing.assert_array_equal(got["labels"], labels)
   np.testing.assert_allclose(got["probs"], probs, atol=1e-5)
-  result = evaluate.classification_metrics(got, splits.class_names)
-  for c, name in enumerate(splits.class_names):
+  result = evaluate.classification_metrics(got, splits.info.class_names)
+  for c, name in enumerate(splits.info.class_names):
     if 0 < labels[:, c].sum() < len(labels):
       assert abs(result[f"auc/{name}"] - roc_auc_score(labels[:, c], probs[:, c])) <= 1e-6
 
