@@ -70,34 +70,44 @@ def assign(groups: Iterable[str], draws: Sequence[Holdout], rest: str = "train"
   names = [d.split for d in draws] + [rest]
   if len(set(names)) != len(names):
     raise ValueError(f"split names must differ, got {names}")
-  left = sorted(set(groups))
-  members: dict[str, list[str]] = {}
-  share_left = 1.0
+  members = _draw(sorted(set(groups)), draws, rest)
+  _fill_empty_splits(members, draws, rest)
+  return {group: split for split, of_split in members.items() for group in of_split}
+
+
+def _draw(groups: list[str], draws: Sequence[Holdout], rest: str) -> dict[str, list[str]]:
+  """Each holdout takes, of the groups still left, those its salted hash draws."""
+  members, share_left = {}, 1.0
   for draw in draws:
     threshold = draw.fraction / share_left * _HASH_RANGE if share_left > 0 else 0.0
-    members[draw.split] = [g for g in left if _hash(draw.salt, g) < threshold]
+    members[draw.split] = [g for g in groups if _hash(draw.salt, g) < threshold]
     taken = set(members[draw.split])
-    left = [g for g in left if g not in taken]
+    groups = [g for g in groups if g not in taken]
     share_left -= draw.fraction
-  members[rest] = left
-  wanted = [d.split for d in draws if d.fraction > 0] + ([rest] if share_left > 1e-9 else [])
-  if sum(len(m) for m in members.values()) >= len(wanted):
-    salt_of = {d.split: d.salt for d in draws}
-    for split in wanted:
-      if members[split]:
-        continue
-      donors = [s for s in names if len(members[s]) > 1]
-      if not donors:
-        break
-      donor = max(donors, key=lambda s: len(members[s]))
-      if split == rest:
-        group = max(members[donor], key=lambda g: _hash(salt_of[donor], g))
-      else:
-        group = min(members[donor], key=lambda g: _hash(salt_of[split], g))
-      members[donor].remove(group)
-      members[split].append(group)
-  return {group: split for split, groups_of_split in members.items()
-          for group in groups_of_split}
+  members[rest] = groups
+  return members
+
+
+def _fill_empty_splits(members: dict[str, list[str]], draws: Sequence[Holdout],
+                       rest: str) -> None:
+  """Gives a group to each split with a positive fraction that the draw left empty."""
+  wanted = [d.split for d in draws if d.fraction > 0]
+  if sum(d.fraction for d in draws) < 1.0 - 1e-9:
+    wanted.append(rest)
+  if sum(len(m) for m in members.values()) < len(wanted):
+    return  # too few groups for every split
+  salt_of = {d.split: d.salt for d in draws}
+  for split in (s for s in wanted if not members[s]):
+    donors = [s for s in members if len(members[s]) > 1]
+    if not donors:
+      return
+    donor = max(donors, key=lambda s: len(members[s]))
+    if split == rest:  # the donor's group drawn last
+      group = max(members[donor], key=lambda g: _hash(salt_of[donor], g))
+    else:  # the group closest to this split's draw
+      group = min(members[donor], key=lambda g: _hash(salt_of[split], g))
+    members[donor].remove(group)
+    members[split].append(group)
 
 
 def split_by_group(items: Sequence[T], draws: Sequence[Holdout], rest: str = "train"

@@ -9,11 +9,11 @@ per-example numpy Generator so augmentation is deterministic and resumable. The
 geometric ops (random_resized_crop, flip_lr, rotate, resize, center_crop) move the
 image, the mask and the FOV, where the example has them, with the same sampled
 parameters: the image by the op's interpolation, masks by nearest neighbour, so
-they stay 0/1. `keys=(...)` restricts an op to some keys, e.g. segmentation
-evaluation resizes the image only: `resize(224, keys=("image",))`. ten_crop stacks
-crops of the image. The semantics follow torchvision's transforms, which the
-reference code uses. Normalisation to the pretrained source's mean/std happens on
-the accelerator.
+they stay 0/1 (the arrays an op moves share their height and width). `keys=(...)`
+restricts an op to some keys, e.g. segmentation evaluation resizes the image only:
+`resize(224, keys=("image",))`. ten_crop stacks crops of the image. The semantics
+follow torchvision's transforms, which the reference code uses. Normalisation to the
+pretrained source's mean/std happens on the accelerator.
 """
 
 from __future__ import annotations
