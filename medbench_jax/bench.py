@@ -34,6 +34,8 @@ from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
+from medbench_jax import runtime
+
 _CONFIG = config_flags.DEFINE_config_file(
     "config", "configs/swin.py", "Config file, optionally with an arg: FILE:ARG.")
 _STEPS = flags.DEFINE_integer("steps", 50, "Timed batches per pipeline.")
@@ -137,9 +139,7 @@ def main(argv):
     raise app.UsageError(
         f"Usage: python -m medbench_jax.bench {{{','.join(BENCHMARKS)}}} --config=FILE "
         "[--steps=N]. Only `input` is implemented (`train` is not).")
-  # TF is only here for TFDS: it must not take accelerators.
-  import tensorflow as tf  # pylint: disable=g-import-not-at-top
-  tf.config.set_visible_devices([], "GPU")
+  runtime.start()
   config_name = config_flags.get_config_filename(flags.FLAGS["config"])
   for line in bench_input(_CONFIG.value, config_name, steps=_STEPS.value,
                           warmup=_WARMUP.value, torch_ref=_TORCH.value):

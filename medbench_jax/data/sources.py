@@ -44,6 +44,8 @@ class DatasetInfo:
   image_size: int
   has_fov: bool = False
   skipped_examples: int = 0
+  # split -> sha1 of its example names (prepare/base.split_sha1), for provenance.
+  split_hashes: dict[str, str] = dataclasses.field(default_factory=dict)
 
 
 @dataclasses.dataclass
@@ -131,7 +133,8 @@ def open_splits(dataset_config: ml_collections.ConfigDict) -> Splits:
       name=d.name, task=meta["task"], class_names=class_names,
       eval_class_names=tuple(meta.get("eval_label_names", class_names)),
       channels=int(features["image"].shape[-1]), image_size=int(features["image"].shape[0]),
-      has_fov="fov" in features, skipped_examples=int(sum(meta.get("skipped", {}).values())))
+      has_fov="fov" in features, skipped_examples=int(sum(meta.get("skipped", {}).values())),
+      split_hashes=dict(meta.get("split_sha1", {})))
   if d.frontal_only and not meta.get("views_known", True):
     raise ValueError(f"config.dataset.frontal_only needs view positions, which {d.name} "
                      "was prepared without (for MIMIC-CXR: mimic-cxr-2.0.0-metadata.csv).")

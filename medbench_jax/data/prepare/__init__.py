@@ -14,7 +14,7 @@
                   csv_folder.py, chexpert.py (chexpert, mimic_cxr_jpg), medmnist.py
                   (medmnist_<flag>), dicom_sets.py (vindr_cxr*, rsna_pneumonia*),
                   seg_cxr.py (montgomery*, jsrt_*, siim_acr_pneumothorax,
-                  phantom_cxr_seg), seg_folders.py (drive, segmentation_folder)
+                  phantom_cxr_seg, phantom_cxr_lungs), seg_folders.py (drive, segmentation_folder)
 
 A run's lead process calls `prepare_dataset(config.dataset)` before training (the
 others wait at a barrier), then every process reads with data/sources.py. Importing
@@ -47,7 +47,7 @@ if TYPE_CHECKING:
   from medbench_jax.data.prepare import base
 
 # Generated on first use instead of downloaded; both read the same generated folder.
-PHANTOM_DATASETS = ("phantom_cxr", "phantom_cxr_seg")
+PHANTOM_DATASETS = ("phantom_cxr", "phantom_cxr_seg", "phantom_cxr_lungs")
 
 
 def manual_dir_for(dataset_config: ml_collections.ConfigDict) -> str:

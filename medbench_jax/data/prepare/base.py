@@ -36,6 +36,7 @@ Two siblings share this machinery: `ClassificationBuilder` (image, labels) and
 
 from __future__ import annotations
 
+import hashlib
 import os
 import pathlib
 import shutil
@@ -204,6 +205,7 @@ class PreparedBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
         skipped={s: skipped.get(s, 0) for s in staged}, patient_warnings=warnings,
         official_splits=[s for s in staged if s in self.OFFICIAL_SPLITS],
         examples={s: len(kept) for s, (_, kept, _) in staged.items()},
+        split_sha1={s: split_sha1(r.name for r in kept) for s, (_, kept, _) in staged.items()},
         prevalence={s: prevalence(np.stack([r.labels for r in kept]), self.LABELS)
                     for s, (_, kept, _) in staged.items()})
     return {split: self._generate_examples(*args) for split, args in staged.items()}
@@ -339,3 +341,8 @@ class SegmentationBuilder(PreparedBuilder, skip_registration=True):
       problems.fatal(str(root), f"no files match {pattern}. "
                      f"{self.MANUAL_DOWNLOAD_INSTRUCTIONS.strip()}")
     return found
+
+
+def split_sha1(names: Iterator[str]) -> str:
+  """Identity of a split: sha1 of its example names in stored order, one per line."""
+  return hashlib.sha1("\n".join(names).encode()).hexdigest()

@@ -42,6 +42,7 @@ _DATASETS: dict[str, tuple[str, str]] = {
     "jsrt_scr": ("seg_cxr", "segmentation"),
     "siim_acr_pneumothorax": ("seg_cxr", "segmentation"),
     "phantom_cxr_seg": ("seg_cxr", "segmentation"),
+    "phantom_cxr_lungs": ("seg_cxr", "segmentation"),
     "drive": ("seg_folders", "segmentation"),
     "segmentation_folder": ("seg_folders", "segmentation"),
 }

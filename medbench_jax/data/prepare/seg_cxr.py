@@ -5,7 +5,7 @@ ids exist, per image otherwise; every variant of a set has the same splits):
   montgomery*   70/10/20 % of patients (MCUCXR_0001 of MCUCXR_0001_0.png)
   jsrt_*        test = SCR fold2 (official); train/validation = 80/20 % of SCR fold1
   siim_acr_*    70/10/20 % of patients (DICOM PatientID) with a row in train-rle.csv
-  phantom_cxr_seg   the phantom's split lists
+  phantom_cxr_seg   the phantom's split lists (phantom_cxr_lungs: both lungs as one class)
 """
 
 from __future__ import annotations
@@ -178,6 +178,12 @@ class PhantomCxrSeg(SegmentationBuilder):
     return result
 
 
+class PhantomCxrLungs(PhantomCxrSeg):
+  """The phantom's two lungs as one class, like Montgomery's: the segmentation demo."""
+
+  CLASSES = (("lungs", ("left_lung", "right_lung")),)
+
+
 BUILDERS = {
     "montgomery": MontgomeryLungs,
     "montgomery_lr": MontgomeryLeftRight,
@@ -187,4 +193,5 @@ BUILDERS = {
     "jsrt_scr": JsrtScr,
     "siim_acr_pneumothorax": SiimAcrPneumothorax,
     "phantom_cxr_seg": PhantomCxrSeg,
+    "phantom_cxr_lungs": PhantomCxrLungs,
 }
