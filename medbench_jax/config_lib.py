@@ -39,11 +39,11 @@ def default_config() -> ml_collections.ConfigDict:
   c.dataset.label_fraction_seed = 0  # fixed across models so comparisons are paired
   # Bad files/rows: False fails listing them all; True prepares the rest and counts them.
   c.dataset.skip_bad = False
-  # Uncertain (-1) and blank labels (CheXpert, MIMIC-CXR); see sources.apply_label_policy.
+  # Uncertain (-1) and blank labels (CheXpert, MIMIC-CXR); see data/labels.py.
   c.dataset.uncertain_policy = "u_ones"  # u_ones | u_zeros | lsr_ones | lsr_zeros
   c.dataset.blank_label = 0.0
   c.dataset.frontal_only = False
-  # Layout of dataset.name="csv_folder" (data/builders.py CsvConfig); labels: "A,B,C".
+  # Layout of dataset.name="csv_folder" (data/prepare/csv_folder.py); labels: "A,B,C".
   c.dataset.csv = ml_collections.ConfigDict(dict(
       csv="labels.csv", image_dir="", path_column="path", labels="", split_column="split",
       patient_column=""))
