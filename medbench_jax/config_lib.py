@@ -53,7 +53,7 @@ def default_config() -> ml_collections.ConfigDict:
   c.input = ml_collections.ConfigDict()
   c.input.batch_size = 64  # global, across all devices and processes
   c.input.eval_batch_size = 64
-  c.input.num_workers = 2  # grain worker processes per host
+  c.input.num_workers = 2  # grain worker processes per host (training); reader threads (evaluation)
   c.input.pp_train = "random_resized_crop(224)|flip_lr|rotate(7)"
   c.input.pp_eval = "resize(256)|center_crop(224)"
   c.input.pp_test = "resize(256)|ten_crop(224)"

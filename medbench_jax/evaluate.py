@@ -120,7 +120,7 @@ def evaluate_run(workdir: str, config: ml_collections.ConfigDict) -> dict:
   dataset = functools.partial(
       pipeline.eval_dataset, test, pp_spec=task.pp_eval(test=True), keys=task.keys,
       local_batch_size=config.input.eval_batch_size // jax.process_count(),
-      num_workers=config.input.num_workers, process_index=jax.process_index(),
+      num_threads=config.input.num_workers, process_index=jax.process_index(),
       process_count=jax.process_count())
 
   trials = []

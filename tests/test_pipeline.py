@@ -84,7 +84,7 @@ def test_eval_sees_every_example_once_with_padding_masked(n, batch, processes):
   seen, counts = [], []
   for p in range(processes):
     ds = pipeline.eval_dataset(source, pp_spec="center_crop(24)", keys=KEYS,
-                               local_batch_size=batch, num_workers=0, process_index=p,
+                               local_batch_size=batch, num_threads=2, process_index=p,
                                process_count=processes)
     batches = list(pipeline.iterate(ds))
     counts.append(len(batches))
@@ -120,7 +120,7 @@ def test_batches_hold_exactly_the_keys_asked_for():
     assert set(np.unique(batch["mask"])) <= {0, 1}
     np.testing.assert_array_equal(batch["image"][..., 0] == 255, batch["mask"][..., 0] == 1)
   ds = pipeline.eval_dataset(source, pp_spec="resize(8, keys=('image',))",
-                             keys=("image", "mask"), local_batch_size=4, num_workers=0)
+                             keys=("image", "mask"), local_batch_size=4, num_threads=1)
   batch = next(iter(ds))
   assert set(batch) == {"image", "mask", "valid"}
   assert batch["image"].shape == (4, 8, 8, 1) and batch["mask"].shape == (4, 32, 32, 2)

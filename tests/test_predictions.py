@@ -9,6 +9,7 @@ import scipy.stats
 from sklearn.metrics import roc_auc_score
 
 from medbench_jax.study import predictions
+from medbench_jax.tasks import segmentation
 
 
 def _scores(n=240, seed=0, signal=1.0, ties=False):
@@ -57,27 +58,28 @@ def _segmentation(n=30, seed=0):
   target[:4, 1] = 0
   prediction = np.maximum(0, target + rng.integers(-80, 80, size=target.shape))
   prediction[:2, 1] = 0  # two images where class 1 is absent from both
+  target[-3:], prediction[-3:] = 0, 0  # three empty images, empty predictions
   intersection = (np.minimum(prediction, target) * 0.9).astype(np.int64)
   return {"intersection": intersection, "prediction_sum": prediction, "target_sum": target}
 
 
 def _reference(arrays, metric):
-  """The definitions: pooled over images, or per image with 1 where P + T = 0."""
+  """The definitions: pooled over images and classes, or per image (pooled over its
+  classes) with 1 where P + T = 0, then averaged over images."""
   i, p, t = (arrays[k].astype(float) for k in ("intersection", "prediction_sum", "target_sum"))
   if metric == "dice":
-    return np.mean(2 * i.sum(0) / (p.sum(0) + t.sum(0)))
+    return 2 * i.sum() / (p.sum() + t.sum())
   if metric == "iou":
-    return np.mean(i.sum(0) / (p.sum(0) + t.sum(0) - i.sum(0)))
+    return i.sum() / (p.sum() + t.sum() - i.sum())
   per_image = []
   for row in range(len(i)):
-    for c in range(i.shape[1]):
-      union = p[row, c] + t[row, c]
-      if union == 0:
-        per_image.append(1.0)
-      elif metric == "mean_dice":
-        per_image.append(2 * i[row, c] / union)
-      else:
-        per_image.append(i[row, c] / (union - i[row, c]))
+    inter, union = i[row].sum(), p[row].sum() + t[row].sum()
+    if union == 0:
+      per_image.append(1.0)
+    elif metric == "mean_dice":
+      per_image.append(2 * inter / union)
+    else:
+      per_image.append(inter / (union - inter))
   return np.mean(per_image)
 
 
@@ -89,6 +91,9 @@ def test_segmentation_statistics_equal_their_definitions_on_resamples(metric):
   expected = [_reference({k: v[d] for k, v in arrays.items()}, metric) for d in draws]
   np.testing.assert_allclose(stat(counts), expected, atol=1e-12)
   assert stat(np.ones((1, 30), np.int64))[0] == pytest.approx(_reference(arrays, metric))
+  # ... and what the trainer wrote into results.json for the same counts.
+  assert stat(np.ones((1, 30), np.int64))[0] == pytest.approx(
+      segmentation.overlap_metrics(**arrays)[metric])
 
 
 def test_bootstrap_is_seeded_and_brackets_the_estimate():

@@ -134,7 +134,7 @@ def test_test_metrics_equal_sklearn_on_gathered_ten_crop_predictions(phantom_dir
   eval_step = jax.jit(task.make_eval_step(
       model.apply, functools.partial(pipeline.normalize, mean=mean, std=std)))
   ds = pipeline.eval_dataset(splits.test, pp_spec="resize(72)|ten_crop(64)", keys=task.keys,
-                             local_batch_size=16, num_workers=0)
+                             local_batch_size=16, num_threads=2)
   got = evaluation.predict(eval_step, variables, ds, sharding.batch_sharding(mesh))
   assert len(got["probs"]) == len(splits.test) == 40  # 48 slots, 8 of them padding
 

@@ -127,23 +127,24 @@ def eval_batches_per_process(num_examples: int, local_batch_size: int,
 
 
 def eval_dataset(source: Sequence[dict], *, pp_spec: str, keys: Sequence[str],
-                 local_batch_size: int, num_workers: int, process_index: int = 0,
+                 local_batch_size: int, num_threads: int, process_index: int = 0,
                  process_count: int = 1) -> grain.IterDataset:
-  """Every example of `source` once, over all processes, in padded batches (+ "valid")."""
+  """Every example of `source` once, over all processes, in padded batches (+ "valid").
+
+  Read by threads of the trainer's own process, not worker processes: evaluation runs many
+  times per trial, and its deterministic decode and resize release the GIL (OpenCV, numpy),
+  so threads keep up without a fresh set of processes (and their start-up) at every run.
+  """
   num_batches = eval_batches_per_process(len(source), local_batch_size, process_count)
   ds = grain.MapDataset.range(num_batches * local_batch_size).map(
       PaddedEvalExample(source, pp_spec, tuple(keys), process_index, process_count))
   ds = ds.batch(local_batch_size, drop_remainder=True)
-  iter_ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=2, prefetch_buffer_size=4))
-  if num_workers > 0:
-    iter_ds = iter_ds.mp_prefetch(
-        grain.MultiprocessingOptions(num_workers=num_workers),
-        worker_init_fn=functools.partial(exit_with_parent, os.getpid()))
-  return iter_ds
+  return ds.to_iter_dataset(grain.ReadOptions(num_threads=max(1, num_threads),
+                                              prefetch_buffer_size=2 * local_batch_size))
 
 
 def iterate(ds: grain.IterDataset) -> Iterator[dict[str, np.ndarray]]:
-  """Iterates a finite dataset and closes worker processes afterwards."""
+  """Iterates a finite dataset and stops its readers afterwards, even when left early."""
   iterator = iter(ds)
   try:
     yield from iterator

@@ -4,10 +4,10 @@ Each trial's `trial_K/test_predictions.npz` (runs.py) holds, for classification,
 `labels` and `probs` (N, K) and, for segmentation, per image and class the pixel counts
 `intersection`, `prediction_sum` and `target_sum` (N, K). From these:
   mean_auc   ROC AUC per class, averaged over the classes with both label values.
-  dice, iou  pooled over images per class, 2ΣI/(ΣP+ΣT) and ΣI/(ΣP+ΣT-ΣI) (1 where a
-             class is absent from both), averaged over classes.
-  mean_dice, mean_iou  per image and class (1 where absent from both), averaged over
-             images, then classes.
+  dice, iou  pooled over all images and classes, 2ΣI/(ΣP+ΣT) and ΣI/(ΣP+ΣT-ΣI) (1 where
+             both are empty), as the trainer scores them (tasks/segmentation.py).
+  mean_dice, mean_iou  per image, pooled over its classes (1 where both are empty),
+             averaged over images.
 Each trial's value recomputed here is checked against its results.json; a difference
 is listed as a problem.
 
@@ -126,8 +126,9 @@ def statistic(task: str, metric: str, arrays: dict[str, np.ndarray]) -> Statisti
         [weighted_auc(labels[:, c], probs[:, c], w) for c in range(labels.shape[1])], axis=1))
   if task != "segmentation" or metric not in ("dice", "iou", "mean_dice", "mean_iou"):
     return None
-  inter, union_sum = (arrays[k].astype(np.float64) for k in ("intersection", "prediction_sum"))
-  union_sum = union_sum + arrays["target_sum"]
+  inter, union_sum = (arrays[k].astype(np.float64).sum(axis=1, keepdims=True)
+                      for k in ("intersection", "prediction_sum"))
+  union_sum = union_sum + arrays["target_sum"].sum(axis=1, keepdims=True)
   is_dice = metric.endswith("dice")
   if metric.startswith("mean_"):
     per_image = _ratio(2 * inter, union_sum) if is_dice else _ratio(inter, union_sum - inter)

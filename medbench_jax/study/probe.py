@@ -284,7 +284,7 @@ def input_batches(config: ml_collections.ConfigDict, task: tasks.Task,
   batches = pipeline.eval_dataset(
       examples, pp_spec=task.pp_eval(test=False), keys=task.keys,
       local_batch_size=config.input.eval_batch_size // jax.process_count(),
-      num_workers=config.input.num_workers, process_index=jax.process_index(),
+      num_threads=config.input.num_workers, process_index=jax.process_index(),
       process_count=jax.process_count())
   if task.name == "segmentation":
     batches = batches.random_map(PixelSampler(pixels_per_image), seed=config.seed)

@@ -69,7 +69,7 @@ def run_trial(config: ml_collections.ConfigDict, workdir: epath.Path, trial: int
       local_batch_size=batch_size // jax.process_count(), seed=seed,
       num_workers=config.input.num_workers, **process))
   eval_ds = functools.partial(
-      pipeline.eval_dataset, keys=task.keys, num_workers=config.input.num_workers,
+      pipeline.eval_dataset, keys=task.keys, num_threads=config.input.num_workers,
       local_batch_size=config.input.eval_batch_size // jax.process_count(), **process)
   steps_per_epoch = len(splits.train) // batch_size
   if steps_per_epoch == 0:
