@@ -68,9 +68,11 @@ def test_classification_info_and_examples(phantom_dir, tmp_path):
   d.phantom.update(num_train=96, num_val=40, num_test=40, image_size=96)
   prepare.prepare_dataset(d, workers=1)
   splits = sources.open_splits(d)
+  hashes = prepare.builder_for(d).info.metadata["split_sha1"]
+  assert sorted(hashes) == ["test", "train", "validation"]
   assert splits.info == sources.DatasetInfo(
       name="phantom_cxr", task="multi-label", class_names=phantom.FINDINGS,
-      eval_class_names=phantom.FINDINGS, channels=1, image_size=16)
+      eval_class_names=phantom.FINDINGS, channels=1, image_size=16, split_hashes=hashes)
   example = splits.test[0]
   assert example["image"].shape == (16, 16, 1) and example["labels"].dtype == np.float32
   assert (len(splits.train), len(splits.validation), len(splits.test)) == (96, 40, 40)
