@@ -54,7 +54,8 @@ def test_train_state_is_really_sharded_over_fsdp():
   assert {s.data.shape for s in kernel.addressable_shards} == {(3, 3, 512, 128)}
   moments = [x for x in jax.tree.leaves(state.opt_state) if getattr(x, "shape", ()) ==
              (3, 3, 512, 512)]
-  assert len(moments) == 2  # Adam's mu and nu, sharded like the kernel
+  # Adam's mu and nu of layer4's three 512x512 kernels, sharded like the kernels.
+  assert len(moments) == 6
   for m in moments:
     assert {s.data.shape for s in m.addressable_shards} == {(3, 3, 512, 128)}
   stem = state.params["conv1"]["kernel"]  # (7, 7, 3, 64): 9408 elements, sharded
