@@ -35,12 +35,27 @@ def default_config() -> ml_collections.ConfigDict:
   c.dataset.manual_dir = ""  # "" -> generated under paths.CACHE_DIR (phantom sets only)
   c.dataset.data_dir = ""  # prepared ArrayRecords; "" -> paths.CACHE_DIR/tfds
   c.dataset.image_size = 256  # stored resolution of the prepared copy
+  # False: images stored image_size x image_size. True: each at its own aspect ratio,
+  # shrunk (never enlarged) until its longer side fits image_size; with image_size at
+  # the publisher's resolution, training crops come from the original pixels.
+  c.dataset.keep_aspect = False
   c.dataset.label_fraction = 1.0
+  # stratified: a subset stratified on the label combination; study: the reference
+  # study's rule, random.Random(label_fraction_seed).shuffle, first int(N * percent / 100).
+  c.dataset.label_fraction_method = "stratified"
   c.dataset.label_fraction_seed = 0  # fixed across models so comparisons are paired
+  # Splits the fraction is taken of: "train", or e.g. "train,validation,test".
+  c.dataset.label_fraction_splits = "train"
   # Bad files/rows: False fails listing them all; True prepares the rest and counts them.
   c.dataset.skip_bad = False
   # Uncertain (-1) and blank labels (CheXpert, MIMIC-CXR); see data/labels.py.
   c.dataset.uncertain_policy = "u_ones"  # u_ones | u_zeros | lsr_ones | lsr_zeros
+  # LSR policies: per_read draws an example's uncertain labels anew whenever it is read
+  # (every epoch); once: one draw per run, from label_fraction_seed.
+  c.dataset.lsr_draw = "per_read"
+  # Validation targets: hard (uncertain -> 1 for *_ones, 0 for *_zeros) or policy
+  # (the training policy, LSR included, as the reference applies it).
+  c.dataset.validation_labels = "hard"
   c.dataset.blank_label = 0.0
   c.dataset.frontal_only = False
   # Layout of dataset.name="csv_folder" (data/prepare/csv_folder.py); labels: "A,B,C".

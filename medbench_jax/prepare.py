@@ -1,7 +1,7 @@
 r"""Prepares a data set once: publisher's files -> validated ArrayRecords.
 
   python -m medbench_jax.prepare --dataset=chestxray14 --manual_dir=/data/ChestX-ray14 \
-      [--data_dir=DIR] [--image_size=256] [--skip_bad] [--workers=N]
+      [--data_dir=DIR] [--image_size=256] [--keep_aspect] [--skip_bad] [--workers=N]
   python -m medbench_jax.prepare --dataset=csv_folder --manual_dir=DIR --csv=labels.csv \
       --csv_labels=Effusion,Nodule [--csv_path_column=path] [--csv_split_column=split] \
       [--csv_image_dir=images] [--csv_patient_column=patient]
@@ -48,6 +48,10 @@ _DATA_DIR = flags.DEFINE_string(
 _IMAGE_SIZE = flags.DEFINE_integer(
     "image_size", _DEFAULTS.image_size,
     "Stored resolution (config.dataset.image_size of the runs).")
+_KEEP_ASPECT = flags.DEFINE_bool(
+    "keep_aspect", _DEFAULTS.keep_aspect,
+    "Store each image at its own aspect ratio within image_size, never enlarged "
+    "(config.dataset.keep_aspect; the paper setting: --image_size=1024 --keep_aspect).")
 _SKIP_BAD = flags.DEFINE_bool(
     "skip_bad", False, "Prepare the good examples and count the bad ones instead of failing.")
 _WORKERS = flags.DEFINE_integer("workers", None, "Decoding processes; default: all cores.")
@@ -61,7 +65,8 @@ def dataset_config() -> ml_collections.ConfigDict:
   """The flags as a run's config.dataset."""
   d = config_lib.default_config().dataset
   d.update(name=_DATASET.value, manual_dir=_MANUAL_DIR.value, data_dir=_DATA_DIR.value,
-           image_size=_IMAGE_SIZE.value, skip_bad=_SKIP_BAD.value)
+           image_size=_IMAGE_SIZE.value, keep_aspect=_KEEP_ASPECT.value,
+           skip_bad=_SKIP_BAD.value)
   d.csv.update({key: flag.value for key, flag in _CSV.items()})
   if d.name in prepare.PHANTOM_DATASETS:
     from medbench_jax.data.prepare import phantom  # pylint: disable=g-import-not-at-top

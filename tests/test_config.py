@@ -5,8 +5,12 @@ from ml_collections import config_flags  # noqa: F401  (registers the config loa
 
 from medbench_jax import config_lib
 
-from configs import resnet50 as resnet_config  # pylint: disable=g-bad-import-order
+from configs import convnext as convnext_config  # pylint: disable=g-bad-import-order
+from configs import densenet121 as densenet_config
+from configs import resnet50 as resnet_config
 from configs import swin as swin_config
+
+PIL = "interpolation='pil_bilinear'"
 
 
 def test_default_swin_config_is_the_cpu_demo_and_valid():
@@ -16,15 +20,54 @@ def test_default_swin_config_is_the_cpu_demo_and_valid():
   assert config.dataset.name == "phantom_cxr"
 
 
+def test_the_demo_keeps_its_data_path():
+  d = swin_config.get_config().dataset
+  assert (d.image_size, d.keep_aspect, d.phantom.image_size) == (112, False, 256)
+  assert (d.label_fraction_method, d.label_fraction_seed, d.uncertain_policy) == (
+      "stratified", 0, "u_ones")
+  config = swin_config.get_config()
+  assert (config.input.pp_train, config.input.pp_eval, config.input.pp_test) == (
+      "resize(112)|center_crop(96)|flip_lr", "resize(112)|center_crop(96)",
+      "resize(112)|ten_crop(96)")
+
+
 def test_paper_variant():
   config = swin_config.get_config("model=swin_base_patch4_window7_224,data=chestxray14")
   config_lib.validate(config)
   assert config.model.name == "swin_base_patch4_window7_224"
   assert config.dataset.name == "chestxray14"
-  assert config.input.pp_train == "random_resized_crop(224)|flip_lr|rotate(7)"
+  assert (config.dataset.image_size, config.dataset.keep_aspect) == (1024, True)
+  assert config.input.pp_train == f"random_resized_crop(224, {PIL})|flip_lr|rotate(7)"
+  assert config.input.pp_eval == f"resize((256, 256), {PIL})|center_crop(224)"
+  assert config.input.pp_test == f"resize((256, 256), {PIL})|ten_crop(224)"
+  assert (config.input.batch_size, config.train.patience, config.train.num_epochs) == (
+      32, 10, 1000)
   assert (config.optim.optimizer, config.optim.lr, config.optim.schedule) == (
       "adam", 2e-4, "plateau")
+  assert (config.dataset.label_fraction_method, config.dataset.label_fraction_seed,
+          config.dataset.label_fraction_splits) == ("study", 99, "train")
   assert resnet_config.get_config("paper").model.name == "resnet50"
+  assert densenet_config.get_config("data=shenzhen_cxr").model.name == "densenet121"
+  assert convnext_config.get_config("paper").model.name == "convnext_base"
+
+
+@pytest.mark.parametrize("arg,dataset,values", [
+    ("data=chexpert", "chexpert", dict(uncertain_policy="lsr_ones", lsr_draw="per_read",
+                                       validation_labels="policy", blank_label=0.0,
+                                       label_fraction_splits="train,validation,test")),
+    ("data=shenzhen_cxr,anno_percent=10", "shenzhen_cxr",
+     dict(label_fraction=0.1, label_fraction_splits="train,validation,test")),
+    ("data=vindr_cxr", "vindr_cxr_study", dict(label_fraction_splits="train")),
+    ("data=rsna_pneumonia", "rsna_pneumonia_study", dict(validation_labels="hard")),
+    ("paper", "phantom_cxr", dict(image_size=1024, keep_aspect=True)),
+])
+def test_paper_setting_per_data_set(arg, dataset, values):
+  config = swin_config.get_config(arg)
+  config_lib.validate(config)
+  assert config.dataset.name == dataset
+  assert {k: config.dataset[k] for k in values} == values
+  if dataset == "phantom_cxr":
+    assert config.dataset.phantom.image_size == 1024
 
 
 def test_anno_percent_alias():

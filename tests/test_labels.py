@@ -1,6 +1,7 @@
 """data/labels.py: label policies and label-fraction subsets."""
 
 import hashlib
+import random
 
 import numpy as np
 import pytest
@@ -73,3 +74,48 @@ def test_subset_identity_records_which_examples_and_their_classes():
       "method": "random",
       "indices_sha1": hashlib.sha1(np.array([5, 9], np.int64).tobytes()).hexdigest(),
       "class_counts": {"A": 2, "B": 2}}
+
+
+def _reference_subset(num, anno_percent):
+  """The reference study's loaders (dataloader.py), verbatim in substance: shuffle a
+  numpy index array with random.Random(99), keep the first int(N * p / 100.0)."""
+  indexes = np.arange(num)
+  if anno_percent < 100:
+    random.Random(99).shuffle(indexes)
+    num_data = int(indexes.shape[0] * anno_percent / 100.0)
+    indexes = indexes[:num_data]
+  return indexes
+
+
+@pytest.mark.parametrize("num,percent", [(75312, 1), (75312, 5), (463, 10), (463, 29),
+                                         (21295, 50), (100, 7), (15000, 100)])
+def test_study_fraction_is_the_references_random_99_subset(num, percent):
+  chosen = labels_lib.study_fraction_indices(num, percent / 100.0, seed=99)
+  reference = _reference_subset(num, percent)
+  assert len(chosen) == len(reference)
+  np.testing.assert_array_equal(chosen, np.sort(reference))
+
+
+def test_study_method_through_label_fraction_indices_and_an_empty_subset():
+  labels = np.zeros((463, 1), np.float32)
+  chosen, method = labels_lib.label_fraction_indices(labels, 0.1, 99, "study")
+  assert method == "study"
+  np.testing.assert_array_equal(chosen, np.sort(_reference_subset(463, 10)))
+  assert labels_lib.label_fraction_indices(labels, 1.0, 99, "study")[1] == "all"
+  with pytest.raises(ValueError, match=r"keeps int\(10 \* 5 / 100\) = 0 of 10"):
+    labels_lib.label_fraction_indices(labels[:10], 0.05, 99, "study")
+  with pytest.raises(ValueError, match="label_fraction_method='first'.*stratified"):
+    labels_lib.label_fraction_indices(labels, 0.1, 99, "first")
+
+
+def test_uncertain_draw_replaces_only_uncertain_labels_in_the_lsr_range():
+  draw = labels_lib.UncertainDraw(*labels_lib.LSR_RANGES["lsr_ones"])
+  example = {"labels": np.float32([1, 0, 1, 1]), "uncertain": np.array([0, 0, 1, 1], bool),
+             "image": np.zeros(1)}
+  out = draw(example, np.random.default_rng(0))
+  assert "uncertain" not in out and "uncertain" in example  # the input is left as it was
+  np.testing.assert_array_equal(out["labels"][:2], [1, 0])
+  assert np.all((0.55 <= out["labels"][2:]) & (out["labels"][2:] <= 0.85))
+  assert out["labels"][2] != out["labels"][3]
+  again = draw(example, np.random.default_rng(0))
+  np.testing.assert_array_equal(out["labels"], again["labels"])

@@ -8,7 +8,9 @@ import time
 import numpy as np
 import pytest
 
+from medbench_jax.data import labels as labels_lib
 from medbench_jax.data import pipeline
+from medbench_jax.data import sources
 
 PP = "random_resized_crop(24, scale=(0.25, 1.0))|flip_lr|rotate(7)"
 KEYS = ("image", "labels")
@@ -141,7 +143,9 @@ _TRAINER = """
 import time
 import numpy as np
 from absl import flags
+from medbench_jax.data import labels as labels_lib
 from medbench_jax.data import pipeline
+from medbench_jax.data import sources
 flags.FLAGS.mark_as_parsed()  # grain reads absl flags
 source = [{"image": np.full((32, 32, 1), i, np.uint8), "labels": np.zeros(2, np.float32)}
           for i in range(50)]
@@ -191,3 +195,58 @@ def test_workers_exit_when_the_trainer_is_killed():
   while time.time() < deadline and any(_alive(w) for w in workers):
     time.sleep(0.2)
   assert not [w for w in workers if _alive(w)]
+
+
+def _uncertain_source(n=24):
+  """A sources.Subset whose examples all have uncertain labels in columns 1 and 2."""
+  raw = [{"image": np.full((8, 8, 1), i, np.uint8),
+          "labels": np.array([i % 2, 1, 1], np.float32)} for i in range(n)]
+  return sources.Subset(raw, np.arange(n), np.array([e["labels"] for e in raw]),
+                        np.tile([False, True, True], (n, 1)),
+                        labels_lib.UncertainDraw(0.55, 0.85))
+
+
+def _labels_by_example(batches):
+  out = {}
+  for batch in batches:
+    for i, labels in zip(_ids(batch), batch["labels"]):
+      out.setdefault(i, []).append(labels)
+  return out
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_uncertain_labels_are_redrawn_every_epoch_and_replayed_on_resume(workers):
+  ds = pipeline.train_dataset(_uncertain_source(), pp_spec="flip_lr", keys=KEYS,
+                              local_batch_size=6, seed=5, num_workers=workers)
+  full, _ = _take(ds, 12)  # three epochs
+  seen = _labels_by_example(full)
+  assert sorted(seen) == list(range(24)) and all(len(v) == 3 for v in seen.values())
+  for i, draws in seen.items():
+    draws = np.array(draws)
+    np.testing.assert_array_equal(draws[:, 0], i % 2)  # certain labels stay as they are
+    assert np.all((draws[:, 1:] >= 0.55) & (draws[:, 1:] <= 0.85))
+    assert len(np.unique(draws[:, 1])) == 3, f"example {i}: same draw in two epochs"
+  _, state = _take(ds, 5)
+  it = iter(ds)
+  it.set_state(state)
+  resumed = [next(it) for _ in range(7)]
+  if hasattr(it, "close"):
+    it.close()
+  for a, b in zip(full[5:], resumed):
+    np.testing.assert_array_equal(a["labels"], b["labels"])
+
+
+def test_evaluation_draws_uncertain_labels_per_seed():
+  source = _uncertain_source(n=10)
+
+  def labels(seed):
+    ds = pipeline.eval_dataset(source, pp_spec="", keys=KEYS, local_batch_size=4,
+                               num_threads=2, seed=seed)
+    batches = list(pipeline.iterate(ds))
+    return np.concatenate([b["labels"][b["valid"]] for b in batches])
+
+  first, again, other = labels(100), labels(100), labels(200)
+  np.testing.assert_array_equal(first, again)
+  assert np.all(first[:, 1:] != other[:, 1:])
+  np.testing.assert_array_equal(first[:, 0], np.arange(10) % 2)
+  assert np.all((first[:, 1:] >= 0.55) & (first[:, 1:] <= 0.85))

@@ -13,6 +13,7 @@ import pytest
 from absl.testing import flagsaver
 
 from medbench_jax import config_lib
+from medbench_jax import paths
 from medbench_jax import prepare as prepare_cli
 from medbench_jax.data import prepare
 from medbench_jax.data.prepare import phantom
@@ -50,11 +51,11 @@ def test_default_folders():
   d = config_lib.default_config().dataset
   p = d.phantom
   assert prepare.manual_dir_for(d) == os.path.join(
-      prepare.DEFAULT_CACHE, "phantom_cxr", f"seed{p.seed}_{p.num_train}-{p.num_val}-"
+      paths.CACHE_DIR, "phantom_cxr", f"seed{p.seed}_{p.num_train}-{p.num_val}-"
       f"{p.num_test}_{p.image_size}px_v{phantom.FORMAT_VERSION}")
   assert prepare.data_dir_for(d) == os.path.join(prepare.manual_dir_for(d), "prepared")
   d.name = "chexpert"
-  assert prepare.data_dir_for(d) == os.path.join(prepare.DEFAULT_CACHE, "tfds")
+  assert prepare.data_dir_for(d) == os.path.join(paths.CACHE_DIR, "tfds")
   with pytest.raises(ValueError, match="config.dataset.manual_dir is required for 'chexpert'"):
     prepare.manual_dir_for(d)
 

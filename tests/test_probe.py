@@ -7,7 +7,6 @@ import pathlib
 import subprocess
 import sys
 
-import grain
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -18,7 +17,6 @@ import torchvision
 
 from medbench_jax import config_lib
 from medbench_jax import tasks
-from medbench_jax.data import pipeline
 from medbench_jax.data import sources
 from medbench_jax.data import transforms
 from medbench_jax.study import probe
@@ -266,24 +264,6 @@ def test_a_checkpoint_that_does_not_fit_is_named(classification, torchvision_res
 # ---------------------------------------------------------------- segmentation
 
 
-def _eval_dataset_with_keys(source, *, pp_spec, keys, local_batch_size, num_workers,
-                            process_index=0, process_count=1):
-  """The evaluation batches of the data package (every key of `keys`, padded to whole
-  batches, `valid`), standing in for this checkout's pipeline, whose batches carry
-  images and labels only. One process; the image preprocessed, masks as stored."""
-  del num_workers, process_index, process_count
-  op = transforms.parse(pp_spec)
-  size = -(-len(source) // local_batch_size) * local_batch_size
-
-  def example(i):
-    valid = i < len(source)
-    raw = source[i if valid else 0]
-    return {**{k: raw[k] for k in keys}, "image": op(raw, None)["image"],
-            "valid": np.bool_(valid)}
-
-  return grain.MapDataset.range(size).map(example).batch(local_batch_size).to_iter_dataset()
-
-
 @pytest.fixture(scope="module")
 def segmentation(phantom_dir, tmp_path_factory):
   from medbench_jax.data import prepare  # pylint: disable=g-import-not-at-top
@@ -295,8 +275,7 @@ def segmentation(phantom_dir, tmp_path_factory):
   return config
 
 
-def test_segmentation_pixel_features_scores_and_determinism(segmentation, monkeypatch):
-  monkeypatch.setattr(pipeline, "eval_dataset", _eval_dataset_with_keys)
+def test_segmentation_pixel_features_scores_and_determinism(segmentation):
   splits = sources.open_splits(segmentation.dataset)
   task = tasks.for_dataset(segmentation, splits.info)
   assert task.name == "segmentation" and len(task.class_names) == 4

@@ -61,3 +61,51 @@ def test_generic_folder_with_dicom_images_and_a_missing_mask(tmp_path):
   assert sorted(examples) == sorted(drawn)
   for name, small in drawn.items():
     np.testing.assert_array_equal(examples[name]["mask"][..., 0], small)
+
+
+def test_busi_merges_every_mask_of_an_image_and_keeps_normal_images(tmp_path):
+  rng = np.random.default_rng(7)
+  root = tmp_path / "raw" / "Dataset_BUSI_with_GT"
+  drawn = {}
+  # Named as published; "benign (1)" has two lesions, "normal (1)" none.
+  for category, number, lesions in (("benign", 1, 2), ("benign", 10, 1), ("benign", 2, 1),
+                                    ("malignant", 1, 1), ("malignant", 2, 3),
+                                    ("normal", 1, 0), ("normal", 2, 0)):
+    stem = f"{category} ({number})"
+    (root / category).mkdir(parents=True, exist_ok=True)
+    gray = rng.integers(0, 256, (20, 24), dtype=np.uint8)
+    # Published as 3-channel PNGs of a grey image.
+    cv2.imwrite(str(root / category / f"{stem}.png"), np.repeat(gray[..., None], 3, axis=2))
+    union = np.zeros((10, 12), np.uint8)
+    for k in range(max(lesions, 1)):
+      lesion = np.zeros((10, 12), np.uint8)
+      if lesions:  # lesions apart from each other
+        lesion[3 * k:3 * k + 3, 4 * k:4 * k + 3] = 1
+      union |= lesion
+      suffix = "_mask" if k == 0 else f"_mask_{k}"
+      layouts.save_mask(root / category / f"{stem}{suffix}.png", np.kron(lesion, np.ones(
+          (2, 2), np.uint8)))
+    drawn[f"{category}/{stem}"] = (gray, np.kron(union, np.ones((2, 2), np.uint8)))
+  builder = layouts.prepare_layout("busi", tmp_path / "raw", tmp_path, 12)
+  assert builder.info.metadata["label_names"] == ["lesion"]
+  examples = layouts.all_examples(builder)
+  assert sorted(examples) == sorted(drawn)
+  for name, (gray, union) in drawn.items():
+    np.testing.assert_array_equal(examples[name]["mask"][..., 0], cv2.resize(
+        union, (12, 12), interpolation=cv2.INTER_NEAREST), err_msg=name)
+    np.testing.assert_array_equal(examples[name]["image"][..., 0], cv2.resize(
+        gray, (12, 12), interpolation=cv2.INTER_AREA), err_msg=name)
+  # Three lesions: three separate blobs in the one stored mask.
+  assert cv2.connectedComponents(examples["malignant/malignant (2)"]["mask"][..., 0])[0] == 4
+  assert examples["normal/normal (1)"]["mask"].max() == 0
+
+
+def test_busi_image_without_mask_and_mask_without_image_are_reported(tmp_path):
+  root = tmp_path / "raw" / "Dataset_BUSI_with_GT" / "benign"
+  root.mkdir(parents=True)
+  cv2.imwrite(str(root / "benign (1).png"), np.zeros((8, 8), np.uint8))
+  layouts.save_mask(root / "benign (2)_mask.png", np.ones((8, 8), np.uint8))
+  with pytest.raises(DataFormatError) as error:
+    layouts.prepare_layout("busi", tmp_path / "raw", tmp_path, 8)
+  assert "benign (1).png: no mask benign (1)_mask.png beside it" in str(error.value)
+  assert "benign (2)_mask.png: mask without an image" in str(error.value)

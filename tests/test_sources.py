@@ -1,10 +1,13 @@
 """data/sources.py: opening prepared splits (label policy, fraction, frontal filter,
 DatasetInfo) without preparing anything; config checks."""
 
+import random
+
 import numpy as np
 import pytest
 
 from medbench_jax import config_lib
+from medbench_jax.data import labels as labels_lib
 from medbench_jax.data import prepare
 from medbench_jax.data import sources
 from medbench_jax.data.prepare import chexpert
@@ -68,9 +71,11 @@ def test_classification_info_and_examples(phantom_dir, tmp_path):
   d.phantom.update(num_train=96, num_val=40, num_test=40, image_size=96)
   prepare.prepare_dataset(d, workers=1)
   splits = sources.open_splits(d)
+  hashes = prepare.builder_for(d).info.metadata["split_sha1"]
+  assert sorted(hashes) == ["test", "train", "validation"]
   assert splits.info == sources.DatasetInfo(
       name="phantom_cxr", task="multi-label", class_names=phantom.FINDINGS,
-      eval_class_names=phantom.FINDINGS, channels=1, image_size=16)
+      eval_class_names=phantom.FINDINGS, channels=1, image_size=16, split_hashes=hashes)
   example = splits.test[0]
   assert example["image"].shape == (16, 16, 1) and example["labels"].dtype == np.float32
   assert (len(splits.train), len(splits.validation), len(splits.test)) == (96, 40, 40)
@@ -98,6 +103,11 @@ def test_segmentation_masks_and_a_label_fraction_of_the_training_split(tmp_path)
     ("uncertain_policy", "u_maybe", "config.dataset.uncertain_policy='u_maybe'.*u_ones"),
     ("image_size", 0, "config.dataset.image_size=0 is not allowed; allowed: a positive"),
     ("blank_label", 2.0, "config.dataset.blank_label=2.0"),
+    ("label_fraction_method", "first", "label_fraction_method='first'.*stratified"),
+    ("label_fraction_splits", "validation", "label_fraction_splits='validation'"),
+    ("label_fraction_splits", "train,dev", "label_fraction_splits='train,dev'"),
+    ("lsr_draw", "twice", "lsr_draw='twice'.*per_read"),
+    ("validation_labels", "soft", "validation_labels='soft'.*hard"),
 ])
 def test_bad_dataset_config_names_the_key(key, value, message):
   d = config_lib.default_config().dataset
@@ -105,3 +115,58 @@ def test_bad_dataset_config_names_the_key(key, value, message):
   d[key] = value
   with pytest.raises(ValueError, match=message):
     sources.validate_dataset_config(d)
+
+
+def _names(split):
+  return [split[i]["name"].decode() for i in range(len(split))]
+
+
+def test_the_studys_chexpert_protocol(tmp_path):
+  """LSR-Ones redrawn per read on train and validation, hard test labels; the study's
+  random.Random(99) fraction of every split."""
+  expected = layouts.chexpert_layout(tmp_path / "chexpert")
+  d = _config("chexpert", tmp_path / "chexpert", tmp_path / "tfds",
+              uncertain_policy="lsr_ones", lsr_draw="per_read", validation_labels="policy",
+              label_fraction=0.5, label_fraction_method="study", label_fraction_seed=99,
+              label_fraction_splits="train,validation,test")
+  prepare.prepare_dataset(d, workers=1)
+  splits = sources.open_splits(d)
+  full = sources.open_splits(_config("chexpert", tmp_path / "chexpert", tmp_path / "tfds"))
+  for name, split, whole in (("train", splits.train, full.train),
+                             ("validation", splits.validation, full.validation),
+                             ("test", splits.test, full.test)):
+    all_names = _names(whole)
+    order = np.arange(len(all_names))
+    random.Random(99).shuffle(order)  # the reference's loader
+    assert sorted(_names(split)) == sorted(all_names[i] for i in order[:len(order) // 2])
+    for i in range(len(split)):
+      example = split[i]
+      raw = expected[example["name"].decode()][1]
+      hard = np.nan_to_num(raw, nan=0.0)
+      hard[hard == -1] = 1.0
+      np.testing.assert_array_equal(example["labels"], hard)
+      if name == "test":
+        assert "uncertain" not in example
+      else:
+        np.testing.assert_array_equal(example["uncertain"], raw == -1)
+    assert (split.uncertain_draw is None) == (name == "test")
+  assert splits.train.uncertain_draw == labels_lib.UncertainDraw(0.55, 0.85)
+  assert splits.subset["method"] == "study" and splits.subset["seed"] == 99
+  assert {k: v["num_selected"] for k, v in splits.subset["other_splits"].items()} == {
+      "validation": len(splits.validation), "test": len(splits.test)}
+
+
+def test_project_options_hard_validation_and_lsr_drawn_once(tmp_path):
+  layouts.chexpert_layout(tmp_path / "chexpert")
+  d = _config("chexpert", tmp_path / "chexpert", tmp_path / "tfds",
+              uncertain_policy="lsr_ones", lsr_draw="once")
+  prepare.prepare_dataset(d, workers=1)
+  splits = sources.open_splits(d)
+  assert splits.train.uncertain_draw is None and splits.validation.uncertain_draw is None
+  train = np.stack([splits.train[i]["labels"] for i in range(len(splits.train))])
+  assert ((train > 0.5) & (train < 0.9)).any()  # smoothed, once, from the seed
+  np.testing.assert_array_equal(train, np.stack([e["labels"] for e in sources.open_splits(
+      d).train]))
+  validation = np.stack([e["labels"] for e in splits.validation])
+  assert set(np.unique(validation)) <= {0.0, 1.0}
+  assert "other_splits" not in splits.subset

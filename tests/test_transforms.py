@@ -51,6 +51,28 @@ def test_resize_matches_torchvision_shape_and_values():
   assert np.abs(ours[..., 0].astype(int) - theirs).mean() < 1.5
 
 
+@pytest.mark.parametrize("h,w", [(1024, 1024), (390, 320), (300, 400)])
+def test_exact_size_resize_equals_the_references_resize_256_256(h, w):
+  """The reference's eval: Resize((256, 256)) on the PIL image (both sides), not the
+  shorter side; with PIL's filter the pixels are torchvision's."""
+  image = _image(h, w, seed=h)
+  theirs = np.asarray(T.Resize((256, 256))(_pil(image)))
+  ours = _run("resize((256, 256), interpolation='pil_bilinear')", image)
+  np.testing.assert_array_equal(ours[..., 0], theirs)
+  area = _run("resize((256, 256))", image)
+  assert area.shape == (256, 256, 1)
+  # The area filter differs in detail on noise, not in what it keeps.
+  assert abs(float(area.mean()) - float(theirs.mean())) < 1.0
+  test = _run("resize((256, 256), interpolation='pil_bilinear')|ten_crop(224)", image)
+  reference = [np.asarray(c) for c in T.TenCrop(224)(T.Resize((256, 256))(_pil(image)))]
+  np.testing.assert_array_equal(test[..., 0], np.stack(reference))
+
+
+def test_unknown_interpolation_is_named():
+  with pytest.raises(ValueError, match="interpolation='cubic'.*pil_bilinear"):
+    transforms.parse("resize(8, interpolation='cubic')")
+
+
 def test_random_resized_crop_samples_like_torchvision():
   """Same sampling rule: compare the distribution of crop areas and aspect ratios."""
   image = np.zeros((200, 200, 1), np.uint8)

@@ -8,6 +8,13 @@ checkpoint stores, and a resumed run sees exactly the batches it would have seen
 Eval: every example exactly once, split across processes, padded to whole batches;
 `valid` marks the real examples so padding never reaches a metric.
 
+A source with an `uncertain_draw` (sources.Subset under an LSR policy drawn per
+read) has its examples' uncertain labels drawn here, before the preprocessing ops,
+with the same per-example generator: in training a new draw at every read (grain
+derives the generator from the seed and the read's position, so a resumed run draws
+what it would have drawn); in evaluation one draw per example and `seed` (the
+trainer passes the step, so every validation draws anew).
+
 Batches hold exactly the example keys a task asks for (`keys`: e.g. image and labels
 for classification, image and mask for segmentation), as numpy arrays.
 """
@@ -20,7 +27,7 @@ import math
 import os
 import threading
 import time
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import grain
 import jax.numpy as jnp
@@ -54,22 +61,33 @@ def _select(example: dict[str, Any], keys: Sequence[str]) -> dict[str, np.ndarra
   return {key: np.asarray(example[key]) for key in keys}
 
 
+LabelDraw = Callable[[dict[str, Any], np.random.Generator], dict[str, Any]]
+
+
+def _label_draw(source: Sequence[dict]) -> LabelDraw | None:
+  return getattr(source, "uncertain_draw", None)
+
+
 @dataclasses.dataclass
 class Augment:
-  """Picklable per-example transform run inside grain workers: the spec, then `keys`."""
+  """Picklable per-example transform run inside grain workers: the label draw (if
+  any), the spec, then `keys`."""
   pp_spec: str
   keys: tuple[str, ...]
+  label_draw: LabelDraw | None = None
 
   def __post_init__(self):
     self._op = transforms.parse(self.pp_spec)
 
   def __getstate__(self):
-    return {"pp_spec": self.pp_spec, "keys": self.keys}
+    return {"pp_spec": self.pp_spec, "keys": self.keys, "label_draw": self.label_draw}
 
   def __setstate__(self, state):
     self.__init__(**state)
 
   def __call__(self, example: dict[str, Any], rng: np.random.Generator) -> dict[str, Any]:
+    if self.label_draw is not None:
+      example = self.label_draw(example, rng)
     return _select(self._op(example, rng), self.keys)
 
 
@@ -79,7 +97,7 @@ def train_dataset(source: Sequence[dict], *, pp_spec: str, keys: Sequence[str],
   """Infinite shuffled, augmented batches of this process's share of `source`."""
   ds = grain.MapDataset.source(source).shuffle(seed=seed)
   ds = ds[process_index::process_count]
-  ds = ds.random_map(Augment(pp_spec, tuple(keys)), seed=seed + 1)
+  ds = ds.random_map(Augment(pp_spec, tuple(keys), _label_draw(source)), seed=seed + 1)
   ds = ds.repeat().batch(local_batch_size, drop_remainder=True)
   iter_ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=2, prefetch_buffer_size=4))
   if num_workers > 0:
@@ -95,19 +113,22 @@ class PaddedEvalExample:
 
   Process p gets source indices p, p + P, p + 2P, ...; beyond its share it returns
   example 0 with valid=False so every process runs the same number of batches.
+  Labels drawn per read come from a generator of (seed, source index).
   """
   source: Sequence[dict]
   pp_spec: str
   keys: tuple[str, ...]
   process_index: int
   process_count: int
+  seed: int = 0
 
   def __post_init__(self):
     self._op = transforms.parse(self.pp_spec)
+    self._label_draw = _label_draw(self.source)
 
   def __getstate__(self):
     return {k: getattr(self, k) for k in
-            ("source", "pp_spec", "keys", "process_index", "process_count")}
+            ("source", "pp_spec", "keys", "process_index", "process_count", "seed")}
 
   def __setstate__(self, state):
     self.__init__(**state)
@@ -116,8 +137,11 @@ class PaddedEvalExample:
     index = self.process_index + local_index * self.process_count
     valid = index < len(self.source)
     example = self.source[index if valid else 0]
-    # Eval ops are deterministic; the generator is only there to satisfy the op API.
-    out = _select(self._op(example, np.random.default_rng(0)), self.keys)
+    # Eval ops are deterministic; the generator serves the label draw only.
+    rng = np.random.default_rng((self.seed, index))
+    if self._label_draw is not None:
+      example = self._label_draw(example, rng)
+    out = _select(self._op(example, rng), self.keys)
     return {**out, "valid": np.bool_(valid)}
 
 
@@ -128,16 +152,17 @@ def eval_batches_per_process(num_examples: int, local_batch_size: int,
 
 def eval_dataset(source: Sequence[dict], *, pp_spec: str, keys: Sequence[str],
                  local_batch_size: int, num_threads: int, process_index: int = 0,
-                 process_count: int = 1) -> grain.IterDataset:
+                 process_count: int = 1, seed: int = 0) -> grain.IterDataset:
   """Every example of `source` once, over all processes, in padded batches (+ "valid").
 
+  seed: of the labels drawn per read (a source with an uncertain_draw), e.g. the step.
   Read by threads of the trainer's own process, not worker processes: evaluation runs many
   times per trial, and its deterministic decode and resize release the GIL (OpenCV, numpy),
   so threads keep up without a fresh set of processes (and their start-up) at every run.
   """
   num_batches = eval_batches_per_process(len(source), local_batch_size, process_count)
   ds = grain.MapDataset.range(num_batches * local_batch_size).map(
-      PaddedEvalExample(source, pp_spec, tuple(keys), process_index, process_count))
+      PaddedEvalExample(source, pp_spec, tuple(keys), process_index, process_count, seed))
   ds = ds.batch(local_batch_size, drop_remainder=True)
   return ds.to_iter_dataset(grain.ReadOptions(num_threads=max(1, num_threads),
                                               prefetch_buffer_size=2 * local_batch_size))

@@ -7,8 +7,11 @@ neither TFDS nor OpenCV, so `validate_dataset_config` checks a config while it i
 parsed.
 
 Every split gets the frontal-only filter and (classification) the label policy;
-the training split then the label-fraction subset, whose identity goes to
-results.json.
+the training split (and any other in dataset.label_fraction_splits) then the
+label-fraction subset, whose identity goes to results.json. Under an LSR policy
+drawn per read, a split's examples carry the mask of their uncertain labels and the
+split its `uncertain_draw`, which the input pipeline applies with its per-example
+generator (data/labels.py).
 """
 
 from __future__ import annotations
@@ -54,10 +57,15 @@ class Subset(Sequence):
 
   labels, when given, replace the stored labels of the selected examples (row i
   for example i): the label policy's result for sets with uncertain labels.
+  uncertain (with uncertain_draw): the mask of row i's uncertain labels, added to
+  example i as "uncertain" for the pipeline to draw their targets per read; until
+  then they hold the policy's hard value.
   """
   source: Sequence[dict]
   indices: np.ndarray
   labels: np.ndarray | None = None
+  uncertain: np.ndarray | None = None
+  uncertain_draw: labels_lib.UncertainDraw | None = None
 
   def __len__(self) -> int:
     return len(self.indices)
@@ -66,6 +74,8 @@ class Subset(Sequence):
     example = self.source[int(self.indices[i])]
     if self.labels is not None:
       example = {**example, "labels": self.labels[i]}
+    if self.uncertain is not None:
+      example = {**example, "uncertain": self.uncertain[i]}
     return example
 
 
@@ -94,6 +104,12 @@ def _is_int(value: Any) -> bool:
   return isinstance(value, int) and not isinstance(value, bool)
 
 
+def fraction_splits(dataset_config: ml_collections.ConfigDict) -> tuple[str, ...]:
+  """The splits dataset.label_fraction_splits names (comma-separated)."""
+  return tuple(s.strip() for s in dataset_config.label_fraction_splits.split(",")
+               if s.strip())
+
+
 def validate_dataset_config(dataset_config: ml_collections.ConfigDict) -> None:
   """Fails naming the key and its allowed values; cheap (nothing is read or imported)."""
   d = dataset_config
@@ -104,8 +120,21 @@ def validate_dataset_config(dataset_config: ml_collections.ConfigDict) -> None:
          "0 < x <= 1")
   _check(_is_int(d.label_fraction_seed), "dataset.label_fraction_seed",
          d.label_fraction_seed, "an integer")
+  _check(d.label_fraction_method in labels_lib.FRACTION_METHODS,
+         "dataset.label_fraction_method", d.label_fraction_method,
+         labels_lib.FRACTION_METHODS)
+  named = fraction_splits(d)
+  _check("train" in named and set(named) <= set(splits_lib.SPLITS),
+         "dataset.label_fraction_splits", d.label_fraction_splits,
+         '"train" and optionally "validation" and "test", comma-separated')
   _check(d.uncertain_policy in labels_lib.UNCERTAIN_POLICIES, "dataset.uncertain_policy",
          d.uncertain_policy, labels_lib.UNCERTAIN_POLICIES)
+  _check(d.lsr_draw in labels_lib.LSR_DRAWS, "dataset.lsr_draw", d.lsr_draw,
+         labels_lib.LSR_DRAWS)
+  _check(d.validation_labels in ("hard", "policy"), "dataset.validation_labels",
+         d.validation_labels, ("hard", "policy"))
+  _check(isinstance(d.keep_aspect, bool), "dataset.keep_aspect", d.keep_aspect,
+         (False, True))
   _check(0.0 <= d.blank_label <= 1.0, "dataset.blank_label", d.blank_label, "0 <= x <= 1")
   if d.name in prepare.PHANTOM_DATASETS and not d.manual_dir:
     for key in ("num_train", "num_val", "num_test"):
@@ -113,6 +142,18 @@ def validate_dataset_config(dataset_config: ml_collections.ConfigDict) -> None:
              d.phantom[key], "an integer >= 0")
     _check(_is_int(d.phantom.image_size) and d.phantom.image_size >= 32,
            "dataset.phantom.image_size", d.phantom.image_size, "an integer >= 32")
+
+
+def _policy_of(dataset_config: ml_collections.ConfigDict, split: str, task: str) -> str:
+  """How a split's uncertain labels become targets: "hard", "once" or "per_read".
+
+  Test labels are always hard (metrics need them); validation labels follow the
+  training policy where dataset.validation_labels is "policy".
+  """
+  d = dataset_config
+  smoothed = (task != "segmentation" and d.uncertain_policy in labels_lib.LSR_RANGES and
+              (split == "train" or split == "validation" and d.validation_labels == "policy"))
+  return d.lsr_draw if smoothed else "hard"
 
 
 def open_splits(dataset_config: ml_collections.ConfigDict) -> Splits:
@@ -125,40 +166,60 @@ def open_splits(dataset_config: ml_collections.ConfigDict) -> Splits:
         f"Dataset {d.name!r} at {d.image_size}px is not prepared in "
         f"{prepare.data_dir_for(d)}. Prepare it first: python -m medbench_jax.prepare "
         f"--dataset={d.name} --manual_dir=DIR --data_dir={prepare.data_dir_for(d)} "
-        f"--image_size={d.image_size} (a training run prepares it on its lead process).")
+        f"--image_size={d.image_size}{' --keep_aspect' if d.keep_aspect else ''} (a "
+        "training run prepares it on its lead process).")
   meta = builder.info.metadata
-  features = builder.info.features
   class_names = tuple(meta["label_names"])
   info = DatasetInfo(
       name=d.name, task=meta["task"], class_names=class_names,
       eval_class_names=tuple(meta.get("eval_label_names", class_names)),
-      channels=int(features["image"].shape[-1]), image_size=int(features["image"].shape[0]),
-      has_fov="fov" in features, skipped_examples=int(sum(meta.get("skipped", {}).values())),
+      channels=int(builder.info.features["image"].shape[-1]),
+      image_size=builder.builder_config.image_size,
+      has_fov="fov" in builder.info.features,
+      skipped_examples=int(sum(meta.get("skipped", {}).values())),
       split_hashes=dict(meta.get("split_sha1", {})))
   if d.frontal_only and not meta.get("views_known", True):
     raise ValueError(f"config.dataset.frontal_only needs view positions, which {d.name} "
                      "was prepared without (for MIMIC-CXR: mimic-cxr-2.0.0-metadata.csv).")
-  opened = {}
+  subsampled = fraction_splits(d)
+  opened, subset = {}, {}
   for split in splits_lib.SPLITS:
     table = builder.label_table(split)
     keep = np.flatnonzero(table["frontal"]) if d.frontal_only else np.arange(
         len(table["frontal"]))
+    raw = table["labels"][keep]
+    policy = _policy_of(d, split, info.task)
     # Segmentation tables hold class presence (0/1): the policy leaves it as it is.
     targets = labels_lib.apply_label_policy(
-        table["labels"][keep], uncertain=d.uncertain_policy, blank=d.blank_label,
-        seed=d.label_fraction_seed, smooth=split == "train")
-    opened[split] = (builder.as_data_source(split), keep, targets)
-
-  source, keep, targets = opened["train"]
-  chosen, method = labels_lib.label_fraction_indices(targets, d.label_fraction,
-                                                     d.label_fraction_seed)
-  subset = labels_lib.subset_identity(
-      fraction=d.label_fraction, seed=d.label_fraction_seed, method=method, labels=targets,
-      indices=keep[chosen], chosen=chosen, class_names=class_names)
-  opened["train"] = (source, keep[chosen], targets[chosen])
-  train, validation, test = (
-      Subset(source, indices, None if info.task == "segmentation" else targets)
-      for source, indices, targets in (opened[s] for s in splits_lib.SPLITS))
+        raw, uncertain=d.uncertain_policy, blank=d.blank_label, seed=d.label_fraction_seed,
+        smooth=policy == "once")
+    uncertain = raw == -1 if policy == "per_read" else None
+    if split in subsampled:
+      skipped = meta.get("skipped", {}).get(split, 0)
+      if d.label_fraction_method == "study" and d.label_fraction < 1 and (
+          skipped or d.frontal_only):
+        logging.warning(
+            "The study's label-fraction rule draws over the published list; this %s split "
+            "lacks %s, so its subset is not the one the reference code selects.", split,
+            f"{skipped} skipped example(s)" if skipped else "its lateral views")
+      chosen, method = labels_lib.label_fraction_indices(
+          targets, d.label_fraction, d.label_fraction_seed, d.label_fraction_method)
+      identity = labels_lib.subset_identity(
+          fraction=d.label_fraction, seed=d.label_fraction_seed, method=method,
+          labels=targets, indices=keep[chosen], chosen=chosen, class_names=class_names)
+      if split == "train":
+        subset = identity
+      else:
+        subset.setdefault("other_splits", {})[split] = {
+            k: identity[k] for k in ("num_examples", "num_selected", "indices_sha1")}
+      keep, targets = keep[chosen], targets[chosen]
+      uncertain = None if uncertain is None else uncertain[chosen]
+    opened[split] = Subset(
+        builder.as_data_source(split), keep,
+        None if info.task == "segmentation" else targets, uncertain,
+        None if uncertain is None else labels_lib.UncertainDraw(
+            *labels_lib.LSR_RANGES[d.uncertain_policy]))
+  train, validation, test = (opened[s] for s in splits_lib.SPLITS)
   logging.info("Dataset %s (%s) at %dpx: %d train / %d val / %d test examples%s; classes "
                "%s; label subset %s", d.name, info.task, info.image_size, len(train),
                len(validation), len(test),

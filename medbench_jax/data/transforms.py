@@ -12,8 +12,16 @@ parameters: the image by the op's interpolation, masks by nearest neighbour, so
 they stay 0/1 (the arrays an op moves share their height and width). `keys=(...)`
 restricts an op to some keys, e.g. segmentation evaluation resizes the image only:
 `resize(224, keys=("image",))`. ten_crop stacks crops of the image. The semantics
-follow torchvision's transforms, which the reference code uses. Normalisation to the
-pretrained source's mean/std happens on the accelerator.
+follow torchvision's transforms, which the reference code uses. Images are resampled
+with OpenCV's area filter when shrinking (bilinear when enlarging), or with
+`interpolation="pil_bilinear"` exactly as torchvision resamples the reference's PIL
+images. Normalisation to the pretrained source's mean/std happens on the accelerator.
+
+The reference study's classification preprocessing, from the original images
+(recipes.py's paper setting):
+  train  "random_resized_crop(224, interpolation='pil_bilinear')|flip_lr|rotate(7)"
+  eval   "resize((256, 256), interpolation='pil_bilinear')|center_crop(224)"
+  test   "resize((256, 256), interpolation='pil_bilinear')|ten_crop(224)"
 """
 
 from __future__ import annotations
@@ -24,6 +32,7 @@ from typing import Any, Callable, Sequence
 
 import cv2
 import numpy as np
+import PIL.Image
 
 Example = dict[str, Any]
 Op = Callable[[Example, np.random.Generator], Example]
@@ -33,6 +42,7 @@ ArrayOp = Callable[[np.ndarray, bool], np.ndarray]
 Draw = Callable[[tuple[int, ...], np.random.Generator], ArrayOp]
 
 SPATIAL_KEYS = ("image", "mask", "fov")
+INTERPOLATIONS = ("area", "pil_bilinear")
 MASK_KEYS = ("mask", "fov")
 OPS: dict[str, Callable[..., Op]] = {}
 
@@ -59,7 +69,18 @@ def _spatial(draw: Draw, keys: Sequence[str] | None, default: Sequence[str] = SP
   return op
 
 
-def _resize(image: np.ndarray, height: int, width: int, nearest: bool = False) -> np.ndarray:
+def _check_interpolation(interpolation: str) -> None:
+  if interpolation not in INTERPOLATIONS:
+    raise ValueError(f"interpolation={interpolation!r}; allowed: {INTERPOLATIONS}")
+
+
+def _resize(image: np.ndarray, height: int, width: int, nearest: bool = False,
+            interpolation: str = "area") -> np.ndarray:
+  if not nearest and interpolation == "pil_bilinear" and image.shape[-1] in (1, 3):
+    # torchvision's Resize on a PIL image: Image.resize(BILINEAR), antialiased.
+    pil = PIL.Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image)
+    out = np.asarray(pil.resize((width, height), PIL.Image.Resampling.BILINEAR))
+    return out.reshape(height, width, image.shape[-1])
   if nearest:
     interpolation = cv2.INTER_NEAREST
   else:
@@ -73,8 +94,10 @@ def _resize(image: np.ndarray, height: int, width: int, nearest: bool = False) -
 @register("random_resized_crop")
 def random_resized_crop(size: int, scale: tuple[float, float] = (0.08, 1.0),
                         ratio: tuple[float, float] = (3 / 4, 4 / 3),
-                        keys: Sequence[str] | None = None) -> Op:
+                        keys: Sequence[str] | None = None, *,
+                        interpolation: str = "area") -> Op:
   """torchvision.transforms.RandomResizedCrop: same sampling of area and aspect."""
+  _check_interpolation(interpolation)
   log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
 
   def draw(shape, rng):
@@ -98,7 +121,8 @@ def random_resized_crop(size: int, scale: tuple[float, float] = (0.08, 1.0),
       else:
         w, h = width, height
       top, left = (height - h) // 2, (width - w) // 2
-    return lambda a, nearest: _resize(a[top:top + h, left:left + w], size, size, nearest)
+    return lambda a, nearest: _resize(a[top:top + h, left:left + w], size, size, nearest,
+                                      interpolation)
 
   return _spatial(draw, keys)
 
@@ -135,16 +159,23 @@ def rotate(degrees: float, interpolation: str = "nearest",
 
 
 @register("resize")
-def resize(size: int, keys: Sequence[str] | None = None) -> Op:
-  """torchvision.transforms.Resize(int): the shorter side becomes `size`."""
+def resize(size: int | tuple[int, int], keys: Sequence[str] | None = None, *,
+           interpolation: str = "area") -> Op:
+  """torchvision.transforms.Resize: an int makes the shorter side `size` (aspect kept);
+  (height, width) makes the image exactly that, as the reference's Resize((256, 256))."""
+  _check_interpolation(interpolation)
+
   def draw(shape, rng):
     del rng
     height, width = shape[:2]
-    if height <= width:
+    if not isinstance(size, int):
+      target = tuple(size)
+    elif height <= width:
       target = (size, int(size * width / height))
     else:
       target = (int(size * height / width), size)
-    return lambda a, nearest: _resize(a, *target, nearest)
+    return lambda a, nearest: _resize(a, *target, nearest, interpolation)
+
   return _spatial(draw, keys)
 
 

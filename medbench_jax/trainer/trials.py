@@ -113,10 +113,12 @@ def run_trial(config: ml_collections.ConfigDict, workdir: epath.Path, trial: int
   # The variables keep the state's shardings; batches come sharded over the mesh.
   eval_step = jax.jit(task.make_eval_step(model.apply, normalize), out_shardings=data_sharding)
 
-  def evaluate(state: state_lib.TrainState, test: bool) -> dict[str, np.ndarray]:
+  def evaluate(state: state_lib.TrainState, test: bool, seed: int = 0
+               ) -> dict[str, np.ndarray]:
     split = splits.test if test else splits.validation
     return evaluation.predict(eval_step, state_lib.model_variables(state),
-                              eval_ds(split, pp_spec=task.pp_eval(test)), data_sharding)
+                              eval_ds(split, pp_spec=task.pp_eval(test), seed=seed),
+                              data_sharding)
 
   shown = evaluation.first_examples(splits.validation, task.pp_eval(test=False), task.keys,
                                     task.num_eval_images)
@@ -126,7 +128,9 @@ def run_trial(config: ml_collections.ConfigDict, workdir: epath.Path, trial: int
     if shown:
       _, predicted = predict_shown(state_lib.model_variables(state), shown)
       writer.write_images(step, task.eval_images(shown, np.asarray(predicted)))
-    return task.metrics(evaluate(state, test=False))
+    # Validation labels drawn per read (the study's LSR on validation) change with
+    # every validation, reproducibly: the step seeds them.
+    return task.metrics(evaluate(state, test=False, seed=step))
 
   # ---------------------------------------------------------------- resume
   ckpt = checkpoints_lib.Checkpoints(trial_dir / "ckpt")

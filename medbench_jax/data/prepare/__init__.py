@@ -7,14 +7,18 @@
   masks.py        mask files, SIIM's RLE, JSRT raw images -> stored channels (SegDecoder)
   dicom.py        DICOM -> grayscale as a radiology viewer shows it
   staging.py      Decoder; decoding every image once, in a process pool
+  decoders.py     classification images (files or DICOM) -> stored arrays, square or
+                  at their own aspect ratio (keep_aspect)
   base.py         the common builder, ClassificationBuilder, SegmentationBuilder;
                   pixel_tensor; the label table
   phantom.py      the generated phantom chest X-ray set (the default data set)
   families        cxr_lists.py (phantom_cxr, chestxray14, chestxray14_nih, shenzhen_cxr),
                   csv_folder.py, chexpert.py (chexpert, mimic_cxr_jpg), medmnist.py
-                  (medmnist_<flag>), dicom_sets.py (vindr_cxr*, rsna_pneumonia*),
+                  (medmnist_<flag>), dicom_sets.py (vindr_cxr*, rsna_pneumonia*, and
+                  the study's lists: vindr_cxr_study, rsna_pneumonia_study),
                   seg_cxr.py (montgomery*, jsrt_*, siim_acr_pneumothorax,
-                  phantom_cxr_seg, phantom_cxr_lungs), seg_folders.py (drive, segmentation_folder)
+                  phantom_cxr_seg, phantom_cxr_lungs), seg_folders.py (drive, busi,
+                  segmentation_folder)
 
 A run's lead process calls `prepare_dataset(config.dataset)` before training (the
 others wait at a barrier), then every process reads with data/sources.py. Importing
@@ -82,17 +86,19 @@ def data_dir_for(dataset_config: ml_collections.ConfigDict) -> str:
 
 
 def get_builder(name: str, image_size: int, data_dir: str | os.PathLike,
-                options: Mapping[str, Any] | None = None) -> base.PreparedBuilder:
+                options: Mapping[str, Any] | None = None, *,
+                keep_aspect: bool = False) -> base.PreparedBuilder:
   """The TFDS builder of a registry name at a stored resolution (prepared or not).
 
   options: the layout description of builders that take one (csv_folder: see
-  csv_folder.CsvConfig); an error for the others.
+  csv_folder.CsvConfig); an error for the others. keep_aspect: images at their own
+  aspect ratio within image_size (decoders.py) instead of square.
   """
   builder_cls = registry.get(name)
   if options and not builder_cls.TAKES_OPTIONS:
     raise ValueError(f"Dataset {name!r} takes no options, got {dict(options)}")
   return builder_cls(data_dir=os.fspath(data_dir),
-                     config=builder_cls.config_for(image_size, options),
+                     config=builder_cls.config_for(image_size, options, keep_aspect),
                      file_format="array_record")
 
 
@@ -100,7 +106,8 @@ def builder_for(dataset_config: ml_collections.ConfigDict) -> base.PreparedBuild
   """The builder of the configured data set, resolution and data_dir (prepared or not)."""
   d = dataset_config
   options = d.csv.to_dict() if registry.get(d.name).TAKES_OPTIONS else None
-  return get_builder(d.name, d.image_size, data_dir_for(d), options)
+  return get_builder(d.name, d.image_size, data_dir_for(d), options,
+                     keep_aspect=d.keep_aspect)
 
 
 def prepare_dataset(dataset_config: ml_collections.ConfigDict, *,

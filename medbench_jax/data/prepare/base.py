@@ -48,6 +48,7 @@ from absl import logging
 
 from medbench_jax.data import splits as splits_lib
 from medbench_jax.data.prepare import staging
+from medbench_jax.data.prepare.decoders import ImageDecoder
 from medbench_jax.data.prepare.errors import DataFormatError, Problems
 from medbench_jax.data.prepare.masks import SegDecoder, SegRecord
 from medbench_jax.data.prepare.parsing import Record
@@ -57,13 +58,20 @@ LABEL_TABLE = "label_table.npz"
 
 
 class ResolutionConfig(tfds.core.BuilderConfig):
-  """One prepared copy of a data set per stored resolution."""
+  """One prepared copy of a data set per stored resolution.
 
-  def __init__(self, *, image_size: int, **kwargs):
-    super().__init__(name=f"{image_size}px",
-                     description=f"Images stored at {image_size}x{image_size}.",
-                     **kwargs)
+  keep_aspect: images keep their own aspect ratio, shrunk only until their longer side
+  fits image_size (classification sets; prepare/decoders.py).
+  """
+
+  def __init__(self, *, image_size: int, keep_aspect: bool = False, **kwargs):
+    super().__init__(
+        name=f"{image_size}px" + ("_aspect" if keep_aspect else ""),
+        description=(f"Images within {image_size}x{image_size} at their own aspect ratio."
+                     if keep_aspect else f"Images stored at {image_size}x{image_size}."),
+        **kwargs)
     self.image_size = image_size
+    self.keep_aspect = keep_aspect
 
 
 def resolution_configs(sizes: Sequence[int] = (144, 224, 256, 512)) -> list[ResolutionConfig]:
@@ -87,7 +95,8 @@ class PreparedBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
   EVAL_LABELS (labels the publisher evaluates on; default all), TASK (one of
   registry.TASKS; "multi-class" labels are stored one-hot), CHANNELS (1 gray, 3 RGB),
   OFFICIAL_SPLITS (splits whose patients the publisher assigned), TAKES_OPTIONS
-  (the layout is described by options, as csv_folder's). Instance attributes set by
+  (the layout is described by options, as csv_folder's), CAN_KEEP_ASPECT (a
+  keep-aspect copy can be prepared). Instance attributes set by
   `prepare_once`: skip_bad, workers.
   """
 
@@ -98,18 +107,23 @@ class PreparedBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
   CHANNELS = 1
   OFFICIAL_SPLITS: tuple[str, ...] = SPLITS
   TAKES_OPTIONS = False
+  CAN_KEEP_ASPECT = False
   skip_bad = False
   workers = 1
 
   @classmethod
-  def config_for(cls, image_size: int, options: Mapping[str, Any] | None = None
-                 ) -> tfds.core.BuilderConfig | str:
+  def config_for(cls, image_size: int, options: Mapping[str, Any] | None = None,
+                 keep_aspect: bool = False) -> tfds.core.BuilderConfig | str:
     """The builder config of a stored resolution (options: TAKES_OPTIONS builders)."""
     del options
+    if keep_aspect and not cls.CAN_KEEP_ASPECT:
+      raise ValueError(f"{cls.__name__} stores square images only; keep_aspect is for "
+                       "classification sets of image or DICOM files")
     # A registered config must be passed by name: TFDS re-creates builders from their
     # init arguments in grain workers and refuses an equal-named config object.
-    known = {c.image_size: c.name for c in cls.BUILDER_CONFIGS}
-    return known.get(image_size) or ResolutionConfig(image_size=image_size)
+    known = {(c.image_size, c.keep_aspect): c.name for c in cls.BUILDER_CONFIGS}
+    return known.get((image_size, keep_aspect)) or ResolutionConfig(
+        image_size=image_size, keep_aspect=keep_aspect)
 
   def prepare_once(self, manual_dir: str | os.PathLike, *, skip_bad: bool = False,
                    workers: int | None = None) -> PreparedBuilder:
@@ -241,24 +255,33 @@ def write_label_table(path: pathlib.Path, splits: Mapping[str, Sequence[Record]]
 
 
 class ClassificationBuilder(PreparedBuilder, skip_registration=True):
-  """Image classification: image (S, S, CHANNELS), labels float32 (K,), name."""
+  """Image classification: image (S, S, CHANNELS), labels float32 (K,), name.
+
+  Keep-aspect copies store each image at its own (H, W) within S (decoders.py).
+  """
 
   VERSION = tfds.core.Version("2.1.0")
   RELEASE_NOTES = {"2.0.0": "Staged decoding, label table, problem report.",
                    "2.1.0": "Images stored as raw bytes (4x faster reads)."}
   TASK = "multi-label"
+  CAN_KEEP_ASPECT = True
 
   def features(self) -> dict[str, Any]:
-    size = self.builder_config.image_size
-    return {"image": pixel_tensor((size, size, self.CHANNELS)),
+    side = None if self.keep_aspect else self.builder_config.image_size
+    return {"image": pixel_tensor((side, side, self.CHANNELS)),
             "labels": tfds.features.Tensor(shape=(len(self.LABELS),), dtype=np.float32),
             "name": tfds.features.Text()}
 
-  def decoder(self) -> staging.Decoder:
-    return staging.Decoder(self.builder_config.image_size, self.CHANNELS)
+  @property
+  def keep_aspect(self) -> bool:
+    return getattr(self.builder_config, "keep_aspect", False)
+
+  def decoder(self) -> ImageDecoder:
+    return ImageDecoder(self.builder_config.image_size, self.CHANNELS, self.keep_aspect)
 
   def example(self, record: Record, array: np.ndarray) -> dict[str, Any]:
-    return {"image": array, "labels": record.labels, "name": record.name}
+    return {"image": self.decoder().unpack(array), "labels": record.labels,
+            "name": record.name}
 
 
 class SegmentationBuilder(PreparedBuilder, skip_registration=True):

@@ -31,7 +31,7 @@ class CsvConfig(tfds.core.BuilderConfig):
   OPTIONS = {"csv": "labels.csv", "image_dir": "", "path_column": "path", "labels": "",
              "split_column": "split", "patient_column": ""}
 
-  def __init__(self, *, image_size: int, **options):
+  def __init__(self, *, image_size: int, keep_aspect: bool = False, **options):
     unknown = sorted(set(options) - set(self.OPTIONS))
     if unknown:
       raise ValueError(f"Unknown csv option(s) {unknown}; allowed: {sorted(self.OPTIONS)}")
@@ -43,8 +43,10 @@ class CsvConfig(tfds.core.BuilderConfig):
       raise ValueError("csv option `labels` must name the label columns, e.g. "
                        "labels=Effusion,Nodule")
     digest = hashlib.sha1(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:10]
-    super().__init__(name=f"{image_size}px_{digest}", description=json.dumps(settings))
+    super().__init__(name=f"{image_size}px{'_aspect' if keep_aspect else ''}_{digest}",
+                     description=json.dumps(settings))
     self.image_size = image_size
+    self.keep_aspect = keep_aspect
     self.settings = settings
 
 
@@ -61,9 +63,9 @@ class CsvFolder(ClassificationBuilder):
   MANUAL_DOWNLOAD_INSTRUCTIONS = "manual_dir holds the images and the CSV(s); see CsvConfig."
 
   @classmethod
-  def config_for(cls, image_size: int, options: Mapping[str, Any] | None = None
-                 ) -> CsvConfig:
-    return CsvConfig(image_size=image_size, **(options or {}))
+  def config_for(cls, image_size: int, options: Mapping[str, Any] | None = None,
+                 keep_aspect: bool = False) -> CsvConfig:
+    return CsvConfig(image_size=image_size, keep_aspect=keep_aspect, **(options or {}))
 
   @property
   def LABELS(self) -> tuple[str, ...]:  # pylint: disable=invalid-name

@@ -1,38 +1,34 @@
-"""Classification sets published as DICOM: VinDr-CXR and RSNA Pneumonia.
+"""Classification sets published as DICOM: VinDr-CXR and RSNA Pneumonia, with the
+publishers' labels or with the reference study's own lists (*_study).
 
-Images go through dicom.load_gray (modality LUT, the file's VOI window, MONOCHROME1
-inversion). Splits the publishers do not give are held out by a hash of the
-patient id (data/splits.py), with the same salts for every variant of a set
-(aggregation policy, 3-class or binary), so that they all have the same splits:
+Images go through dicom.read_gray (modality LUT, the file's VOI window, MONOCHROME1
+inversion; prepare/decoders.py); the study's lists may name converted JPEG/PNG
+copies instead, which are read as they are. Splits the publishers do not give are
+held out by a hash of the patient id (data/splits.py), with the same salts for
+every variant of a set (aggregation policy, 3-class or binary, the study's lists),
+so that they all have the same splits:
   vindr_cxr*     train / test as published (15,000 / 3,000 images);
                  validation = VALIDATION_FRACTION of train. Its CSVs carry no
                  patient ids, so the unit is the image.
+  vindr_cxr_study  the study's train / test lists (the same images); validation as
+                 vindr_cxr's, since the study publishes no validation list.
   rsna_pneumonia*  only stage_2_train is labelled: test = 20 %, validation = 10 %,
                  train = 70 % of its patients (one image per patient).
+  rsna_pneumonia_study  the study's train / val / test lists (21,295 / 2,680 / 2,709).
 """
 
 from __future__ import annotations
 
 import collections
-import dataclasses
 import pathlib
 
 import numpy as np
 
 from medbench_jax.data import splits as splits_lib
-from medbench_jax.data.prepare import dicom
 from medbench_jax.data.prepare.base import ClassificationBuilder
 from medbench_jax.data.prepare.errors import Problems, RowError
-from medbench_jax.data.prepare.parsing import Record, parse_number, read_csv
-from medbench_jax.data.prepare.staging import Decoder
-
-
-@dataclasses.dataclass(frozen=True)
-class DicomDecoder(Decoder):
-  """A DICOM record -> uint8 (size, size, channels) through dicom.load_gray."""
-
-  def __call__(self, record: Record) -> np.ndarray:
-    return np.repeat(dicom.load_gray(record.path, self.size), self.channels, axis=2)
+from medbench_jax.data.prepare.images import ImageIndex
+from medbench_jax.data.prepare.parsing import Record, parse_number, read_csv, read_label_list
 
 
 def _find_one(manual_dir: pathlib.Path, name: str, instructions: str,
@@ -87,9 +83,6 @@ class _VindrCxr(ClassificationBuilder, skip_registration=True):
   OFFICIAL_SPLITS = ("train", "test")
   AGGREGATION = "majority"
   VALIDATION = splits_lib.Holdout("validation", splits_lib.VALIDATION_FRACTION, "vindr_cxr")
-
-  def decoder(self) -> DicomDecoder:
-    return DicomDecoder(self.builder_config.image_size, self.CHANNELS)
 
   def _rows(self, path: pathlib.Path, split: str, key: tuple[str, ...],
             problems: Problems) -> dict[str, list[tuple[str, np.ndarray]]]:
@@ -165,9 +158,6 @@ class _RsnaPneumonia(ClassificationBuilder, skip_registration=True):
   """
   OFFICIAL_SPLITS = ()
 
-  def decoder(self) -> DicomDecoder:
-    return DicomDecoder(self.builder_config.image_size, self.CHANNELS)
-
   @staticmethod
   def _per_patient(rows, column: str, problems: Problems, parse) -> dict[str, tuple[str, str]]:
     """patientId -> (value, where of its first row); a disagreeing row is a problem."""
@@ -240,10 +230,145 @@ class RsnaPneumoniaBinary(_RsnaPneumonia):
   TASK = "binary"
 
 
+# ---------------------------------------------------------------- the study's lists
+
+
+class _StudyLists(ClassificationBuilder, skip_registration=True):
+  """The reference study's list files (`image l1 ... lK` per line), one per split.
+
+  `candidates(manual_dir, name, index)` gives, in order of preference, the files an
+  entry may be (the converted image the list names, or the original DICOM); index
+  finds file names in IMAGE_DIRS (glob patterns below manual_dir), where set.
+  """
+
+  SPLIT_FILES: dict[str, str] = {}
+  NUM_FIELDS = 0  # label fields per line
+  IMAGE_DIRS: tuple[str, ...] = ()
+
+  def candidates(self, manual_dir: pathlib.Path, name: str, index: ImageIndex | None
+                 ) -> list[pathlib.Path]:
+    raise NotImplementedError
+
+  def record(self, name: str, path: pathlib.Path, labels: np.ndarray, where: str) -> Record:
+    raise NotImplementedError
+
+  def read_records(self, manual_dir, problems):
+    missing = [f for f in self.SPLIT_FILES.values() if not (manual_dir / f).exists()]
+    if missing:
+      problems.fatal(str(manual_dir), f"missing list(s) {missing}. "
+                     f"{self.MANUAL_DOWNLOAD_INSTRUCTIONS.strip()}")
+      return {}
+    index = ImageIndex(manual_dir, self.IMAGE_DIRS) if self.IMAGE_DIRS else None
+    splits = {}
+    for split, list_file in self.SPLIT_FILES.items():
+      records = []
+      for entry in read_label_list(manual_dir / list_file, self.NUM_FIELDS, problems, split):
+        candidates = self.candidates(manual_dir, entry.name, index)
+        path = next((p for p in candidates if p.exists()), None)
+        if path is None:
+          problems.add(split, entry.source, "image not found; looked for " +
+                       " and ".join(str(p) for p in candidates))
+          continue
+        try:
+          records.append(self.record(entry.name, path, entry.labels, entry.source))
+        except RowError as e:
+          problems.add(split, entry.source, str(e))
+      splits[split] = records
+    return splits
+
+
+# The study's names for its six VinDr-CXR labels (the lists' column order).
+VINDR_STUDY_LABELS = ("PE", "Lung tumor", "Pneumonia", "Tuberculosis", "Other diseases",
+                      "No finding")
+
+
+class VindrCxrStudy(_StudyLists):
+  """VinDr-CXR with the reference study's 6-label lists (its VinDrCXR task).
+
+  Lines `train_jpeg/<image_id> l1 ... l6`: the study's JPEG conversion of the DICOM
+  (`<manual_dir>/train_jpeg/<image_id>.jpeg`, as its loader opens it), or else the
+  original `<manual_dir>/train/<image_id>.dicom`.
+  """
+
+  MANUAL_DOWNLOAD_INSTRUCTIONS = """
+  manual_dir must hold the study's lists VinDrCXR_train_pe_global_one.txt and
+  VinDrCXR_test_pe_global_one.txt (folder dataset/ of
+  https://github.com/jlianglab/BenchmarkTransformers) beside the images: the JPEGs
+  they name (train_jpeg/<image_id>.jpeg, test_jpeg/<image_id>.jpeg) or VinDr-CXR
+  1.0.0's DICOMs (train/<image_id>.dicom, test/<image_id>.dicom;
+  https://physionet.org/content/vindr-cxr/1.0.0/).
+  """
+  LABELS = VINDR_STUDY_LABELS
+  OFFICIAL_SPLITS = ("train", "test")
+  SPLIT_FILES = {"train": "VinDrCXR_train_pe_global_one.txt",
+                 "test": "VinDrCXR_test_pe_global_one.txt"}
+  NUM_FIELDS = len(VINDR_STUDY_LABELS)
+
+  def candidates(self, manual_dir, name, index):
+    del index
+    folder, _, image_id = name.rpartition("/")
+    return [manual_dir / f"{name}.jpeg",
+            manual_dir / folder.removesuffix("_jpeg") / f"{image_id}.dicom"]
+
+  def record(self, name, path, labels, where):
+    if not np.isin(labels, (0.0, 1.0)).all():
+      raise RowError(f"labels must be 0 or 1, got {labels.tolist()}")
+    # Named by image id, as vindr_cxr names its records: the validation draw below
+    # then holds out the same images as vindr_cxr's.
+    return Record(name.rpartition("/")[2], str(path), labels, where)
+
+  def read_records(self, manual_dir, problems):
+    splits = super().read_records(manual_dir, problems)
+    if "train" in splits:
+      splits.update(splits_lib.split_by_group(splits["train"], [_VindrCxr.VALIDATION]))
+    return splits
+
+
+class RsnaPneumoniaStudy(_StudyLists):
+  """RSNA Pneumonia with the reference study's 3-class lists (its RSNAPneumonia task).
+
+  Lines `<patientId>.png <class>`, class 0 Normal, 1 No Lung Opacity / Not Normal,
+  2 Lung Opacity (stored one-hot): the PNG conversion the list names, found in
+  manual_dir or a folder directly below it, or else the competition's
+  stage_2_train_images/<patientId>.dcm.
+  """
+
+  MANUAL_DOWNLOAD_INSTRUCTIONS = """
+  manual_dir must hold the study's lists RSNAPneumonia_train.txt,
+  RSNAPneumonia_val.txt and RSNAPneumonia_test.txt (folder dataset/ of
+  https://github.com/jlianglab/BenchmarkTransformers) and the images: the PNGs they
+  name (in manual_dir or a folder directly below it) or the competition's
+  stage_2_train_images/<patientId>.dcm
+  (https://www.kaggle.com/c/rsna-pneumonia-detection-challenge/data).
+  """
+  LABELS = RSNA_CLASSES
+  TASK = "multi-class"
+  SPLIT_FILES = {"train": "RSNAPneumonia_train.txt", "validation": "RSNAPneumonia_val.txt",
+                 "test": "RSNAPneumonia_test.txt"}
+  NUM_FIELDS = 1
+  IMAGE_DIRS = (".", "*")
+
+  def candidates(self, manual_dir, name, index):
+    found = index.find(name)
+    return [pathlib.Path(found) if found else manual_dir / name,
+            manual_dir / "stage_2_train_images" / f"{pathlib.Path(name).stem}.dcm"]
+
+  def record(self, name, path, labels, where):
+    classes = range(len(RSNA_CLASSES))
+    if labels[0] not in [float(c) for c in classes]:
+      raise RowError(f"class must be one of {list(classes)} ({', '.join(RSNA_CLASSES)}), "
+                     f"got {labels[0]:g}")
+    patient = pathlib.Path(name).stem
+    one_hot = np.eye(len(RSNA_CLASSES), dtype=np.float32)[int(labels[0])]
+    return Record(patient, str(path), one_hot, where, patient)
+
+
 BUILDERS = {
     "vindr_cxr": VindrCxr,
     "vindr_cxr_any": VindrCxrAny,
     "vindr_cxr_all": VindrCxrAll,
     "rsna_pneumonia": RsnaPneumonia,
     "rsna_pneumonia_binary": RsnaPneumoniaBinary,
+    "vindr_cxr_study": VindrCxrStudy,
+    "rsna_pneumonia_study": RsnaPneumoniaStudy,
 }

@@ -42,8 +42,8 @@ def read_image(path: str | os.PathLike) -> np.ndarray:
   return image
 
 
-def to_stored(image: np.ndarray, size: int, channels: int = 1) -> np.ndarray:
-  """Any decoded image -> uint8 (size, size, channels), area filter when shrinking."""
+def to_channels(image: np.ndarray, channels: int = 1) -> np.ndarray:
+  """Any decoded image -> uint8 (H, W, channels) at its own size (1 gray, 3 RGB)."""
   if image.ndim == 3 and image.shape[2] == 4:
     image = cv2.cvtColor(image, cv2.COLOR_BGRA2BGR)
   if channels == 1 and image.ndim == 3:
@@ -56,10 +56,59 @@ def to_stored(image: np.ndarray, size: int, channels: int = 1) -> np.ndarray:
     # 16-bit PNGs (some CXR releases) are rescaled by their own range.
     lo, hi = float(image.min()), float(image.max())
     image = ((image - lo) * (255.0 / max(hi - lo, 1.0))).round().astype(np.uint8)
+  return image.reshape(*image.shape[:2], channels)
+
+
+def to_stored(image: np.ndarray, size: int, channels: int = 1) -> np.ndarray:
+  """Any decoded image -> uint8 (size, size, channels), area filter when shrinking."""
+  image = to_channels(image, channels)
   if image.shape[:2] != (size, size):
     interpolation = cv2.INTER_AREA if image.shape[0] > size else cv2.INTER_CUBIC
     image = cv2.resize(image, (size, size), interpolation=interpolation)
   return image.reshape(size, size, channels)
+
+
+def fit_within(image: np.ndarray, size: int) -> np.ndarray:
+  """(H, W[, C]) -> shrunk by an area filter until neither side exceeds `size`.
+
+  Keeps the aspect ratio and never enlarges: an image that fits is returned as it is,
+  so a copy stored at its publisher's resolution holds the original pixels.
+  """
+  height, width = image.shape[:2]
+  scale = size / max(height, width)
+  if scale >= 1.0:
+    return image
+  target = (max(1, round(width * scale)), max(1, round(height * scale)))
+  out = cv2.resize(image, target, interpolation=cv2.INTER_AREA)
+  return out.reshape(target[1], target[0], *image.shape[2:])
+
+
+# A keep-aspect slot: height and width (big-endian uint16), then the pixels, zero-padded
+# to the slot of the largest image the size allows.
+_SLOT_HEADER = 4
+
+
+def slot_shape(size: int, channels: int) -> tuple[int]:
+  """Shape of the fixed staging slot that holds any image fitting within `size`."""
+  return (_SLOT_HEADER + size * size * channels,)
+
+
+def pack_slot(image: np.ndarray, size: int) -> np.ndarray:
+  """uint8 (H, W, C) with H, W <= size -> its staging slot (see `unpack_slot`)."""
+  height, width, channels = image.shape
+  if max(height, width) > size:
+    raise DataFormatError(f"a {width}x{height} image does not fit a {size} px slot")
+  slot = np.zeros(slot_shape(size, channels), np.uint8)
+  slot[:_SLOT_HEADER] = np.frombuffer(np.array([height, width], ">u2").tobytes(), np.uint8)
+  slot[_SLOT_HEADER:_SLOT_HEADER + image.size] = image.reshape(-1)
+  return slot
+
+
+def unpack_slot(slot: np.ndarray, channels: int) -> np.ndarray:
+  """A staging slot -> the uint8 (H, W, channels) image packed in it."""
+  height, width = np.frombuffer(slot[:_SLOT_HEADER].tobytes(), ">u2")
+  pixels = int(height) * int(width) * channels
+  return slot[_SLOT_HEADER:_SLOT_HEADER + pixels].reshape(int(height), int(width), channels)
 
 
 class ImageIndex:
@@ -71,6 +120,8 @@ class ImageIndex:
     self._paths: dict[str, str] = {}
     for pattern in patterns:
       for folder in sorted(glob.glob(str(root / pattern))):
+        if not os.path.isdir(folder):  # a pattern such as "*" also matches files
+          continue
         with os.scandir(folder) as entries:
           for entry in entries:
             self._paths.setdefault(entry.name, entry.path)

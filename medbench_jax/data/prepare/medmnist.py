@@ -88,6 +88,7 @@ class MedMnist(ClassificationBuilder, skip_registration=True):
   FLAG = ""
   SPLIT_KEYS = {"train": "train", "validation": "val", "test": "test"}
   CHUNK = 4096
+  CAN_KEEP_ASPECT = False  # the arrays are square already
   MANUAL_DOWNLOAD_INSTRUCTIONS = """
   manual_dir must hold the subset's .npz as medmnist downloads it (e.g.
   ~/.medmnist/chestmnist.npz, chestmnist_224.npz; https://zenodo.org/records/10519652).

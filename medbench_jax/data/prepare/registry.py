@@ -33,6 +33,8 @@ _DATASETS: dict[str, tuple[str, str]] = {
     "vindr_cxr_all": ("dicom_sets", "multi-label"),
     "rsna_pneumonia": ("dicom_sets", "multi-class"),
     "rsna_pneumonia_binary": ("dicom_sets", "binary"),
+    "vindr_cxr_study": ("dicom_sets", "multi-label"),
+    "rsna_pneumonia_study": ("dicom_sets", "multi-class"),
     **{f"medmnist_{flag}": ("medmnist", task) for flag, task in _MEDMNIST.items()},
     "montgomery": ("seg_cxr", "segmentation"),
     "montgomery_lr": ("seg_cxr", "segmentation"),
@@ -44,6 +46,7 @@ _DATASETS: dict[str, tuple[str, str]] = {
     "phantom_cxr_seg": ("seg_cxr", "segmentation"),
     "phantom_cxr_lungs": ("seg_cxr", "segmentation"),
     "drive": ("seg_folders", "segmentation"),
+    "busi": ("seg_folders", "segmentation"),
     "segmentation_folder": ("seg_folders", "segmentation"),
 }
 

@@ -1,18 +1,69 @@
-"""Segmentation sets that come as image and mask folders: DRIVE and any user folder.
+"""Segmentation sets that come as image and mask folders: DRIVE, BUSI and any user folder.
 
 Splits (data/splits.py: a salted hash per image):
   drive         test = the official test set; train/validation = 80/20 % of training
+  busi          70/10/20 % of images (the study's USBreast lists are not published)
   segmentation_folder   70/10/20 % of images
 """
 
 from __future__ import annotations
 
+import collections
 import pathlib
+import re
+
+import numpy as np
 
 from medbench_jax.data import splits as splits_lib
 from medbench_jax.data.prepare.base import SegmentationBuilder
 from medbench_jax.data.prepare.errors import Problems
 from medbench_jax.data.prepare.masks import SegRecord
+
+
+class Busi(SegmentationBuilder):
+  """Breast ultrasound images with lesion masks (BUSI; the study's USBreast task).
+
+  Dataset_BUSI_with_GT/{benign,malignant,normal}/NAME.png, with NAME_mask.png and,
+  for images with several lesions, NAME_mask_1.png, NAME_mask_2.png, ...: the
+  lesion class is the union of an image's masks. Normal images have empty masks
+  and are kept. Records are named CATEGORY/NAME.
+  """
+
+  MANUAL_DOWNLOAD_INSTRUCTIONS = """
+  manual_dir must hold Dataset_BUSI_with_GT/ as published (Al-Dhabyani et al. 2020,
+  https://scholar.cu.edu.eg/?q=afahmy/pages/dataset): benign/, malignant/ and normal/
+  with NAME.png and NAME_mask.png (NAME_mask_1.png, ... for further lesions).
+  """
+  CLASSES = (("lesion", ("mask",)),)
+  OFFICIAL_SPLITS = ()
+  HOLDOUTS = splits_lib.holdouts("busi", validation=0.1, test=0.2)
+  CATEGORIES = ("benign", "malignant", "normal")
+  _MASK_SUFFIX = re.compile(r"_mask(_\d+)?$")
+
+  def read_records(self, manual_dir, problems):
+    files = [p for p in self.find(manual_dir, "*.png", problems)
+             if p.parent.name in self.CATEGORIES]
+    images = [p for p in files if not self._MASK_SUFFIX.search(p.stem)]
+    masks_of = collections.defaultdict(list)
+    for path in files:
+      if self._MASK_SUFFIX.search(path.stem):
+        masks_of[path.parent / self._MASK_SUFFIX.sub("", path.stem)].append(path)
+    for owner in sorted(set(masks_of) - {p.parent / p.stem for p in images}):
+      problems.add("train", str(masks_of[owner][0]), f"mask without an image {owner}.png")
+    records = []
+    for image in images:
+      masks = sorted(masks_of.get(image.parent / image.stem, []))
+      if not masks:
+        problems.add("train", str(image), f"no mask {image.stem}_mask.png beside it")
+        continue
+      records.append(SegRecord(
+          f"{image.parent.name}/{image.stem}", str(image),
+          np.full(len(self.CLASSES), np.nan, np.float32), str(image),
+          masks=(tuple(str(m) for m in masks),)))
+    if not records and not problems.rows:
+      problems.fatal(str(manual_dir), "no BUSI images found. "
+                     f"{self.MANUAL_DOWNLOAD_INSTRUCTIONS.strip()}")
+    return splits_lib.split_by_group(records, self.HOLDOUTS)
 
 
 class DriveVessels(SegmentationBuilder):
@@ -68,4 +119,4 @@ class SegmentationFolder(SegmentationBuilder):
     return splits_lib.split_by_group(records, self.HOLDOUTS)
 
 
-BUILDERS = {"drive": DriveVessels, "segmentation_folder": SegmentationFolder}
+BUILDERS = {"drive": DriveVessels, "busi": Busi, "segmentation_folder": SegmentationFolder}
