@@ -137,8 +137,9 @@ class Mlp(nn.Module):
     dense = lambda features, name: nn.Dense(
         features, kernel_init=nn.initializers.truncated_normal(stddev=0.02), dtype=self.dtype,
         param_dtype=jnp.float32, name=name)
-    y = nn.gelu(dense(self.hidden, "fc1")(x), approximate=False)
-    return dense(x.shape[-1], "fc2")(y)
+    tokens = x.reshape(-1, x.shape[-1])
+    y = nn.gelu(dense(self.hidden, "fc1")(tokens), approximate=False)
+    return dense(x.shape[-1], "fc2")(y).reshape(x.shape)
 
 
 # --- PyTorch state dict -> Flax variables -------------------------------------------------

@@ -29,8 +29,8 @@ _conv_init = nn.initializers.truncated_normal(stddev=0.02)
 _LN_EPS = 1e-6
 
 
-def _layer_norm(dtype: Any, name: str) -> nn.LayerNorm:
-  return common.layer_norm(_LN_EPS, dtype, name)
+def _layer_norm(dtype: Any, name: str) -> ops.LayerNorm:
+  return ops.LayerNorm(_LN_EPS, dtype, name=name)
 
 
 def _conv(features: int, kernel: int, stride: int, dtype: Any, name: str) -> nn.Conv:

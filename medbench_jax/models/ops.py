@@ -30,17 +30,29 @@ def _accumulation_dtype(dtype: Dtype) -> Dtype:
   return jnp.promote_types(dtype, jnp.float32)
 
 
-def _shifted_sum(x: jnp.ndarray, taps: jnp.ndarray) -> jnp.ndarray:
-  """sum over (i, j) of pad(x)[:, i:i+H, j:j+W] * taps[i, j]: a depthwise 'same'
-  correlation of NHWC `x` with (K, K, C) `taps`, K odd, padded K // 2 on every side."""
+def _tokens(x: jnp.ndarray) -> jnp.ndarray:
+  """(..., C) -> (N, C). Computing in this 2-D shape matters to XLA:CPU: a dot consuming
+  the result directly keeps it materialized once, where a 4-D result reached through a
+  reshape gets recomputed inside each of its consumers."""
+  return x.reshape(-1, x.shape[-1])
+
+
+def _shifted_sum(x: jnp.ndarray, taps: jnp.ndarray, bias: jnp.ndarray | None = None
+                 ) -> jnp.ndarray:
+  """bias + sum over (i, j) of pad(x)[:, i:i+H, j:j+W] * taps[i, j]: a depthwise 'same'
+  correlation of NHWC `x` with (K, K, C) `taps`, K odd, padded K // 2 on every side,
+  accumulated in at least float32, as (N, C) tokens."""
   size = taps.shape[0]
   pad = size // 2
   _, h, w, _ = x.shape
   acc = _accumulation_dtype(x.dtype)
   padded = jnp.pad(x, ((0, 0), (pad, pad), (pad, pad), (0, 0))).astype(acc)
   taps = taps.astype(acc)
-  terms = (padded[:, i:i + h, j:j + w] * taps[i, j] for i in range(size) for j in range(size))
-  return functools.reduce(jnp.add, terms).astype(x.dtype)
+  terms = [_tokens(padded[:, i:i + h, j:j + w]) * taps[i, j]
+           for i in range(size) for j in range(size)]
+  if bias is not None:
+    terms.insert(0, bias.astype(acc))
+  return functools.reduce(jnp.add, terms)
 
 
 def _depthwise_kernel_grad(x: jnp.ndarray, dy: jnp.ndarray, size: int) -> jnp.ndarray:
@@ -75,25 +87,35 @@ def _depthwise_kernel_grad(x: jnp.ndarray, dy: jnp.ndarray, size: int) -> jnp.nd
   return dk.reshape(size, size, c)
 
 
+def _column_sum(tokens: jnp.ndarray) -> jnp.ndarray:
+  """(N, C) -> (C,) sum over N as a matrix product: XLA:CPU's reduce loops are several
+  times slower on a leading axis."""
+  ones = jnp.ones((1, tokens.shape[0]), tokens.dtype)
+  return jnp.dot(ones, tokens, precision=lax.Precision.HIGHEST)[0]
+
+
 @jax.custom_vjp
-def depthwise_conv(x: jnp.ndarray, kernel: jnp.ndarray) -> jnp.ndarray:
-  """Stride-1 depthwise convolution of NHWC `x` with a (K, K, 1, C) kernel (K odd), padded
-  K // 2 on every side: `lax.conv_general_dilated(..., feature_group_count=C)`'s result,
-  accumulated in at least float32, with a gradient XLA:CPU also runs fast."""
-  return _shifted_sum(x, kernel[:, :, 0])
+def depthwise_conv(x: jnp.ndarray, kernel: jnp.ndarray, bias: jnp.ndarray) -> jnp.ndarray:
+  """Stride-1 depthwise convolution of NHWC `x` with a (K, K, 1, C) kernel (K odd) plus a
+  (C,) bias, padded K // 2 on every side: `lax.conv_general_dilated(...,
+  feature_group_count=C) + bias`, accumulated in at least float32, with a gradient
+  XLA:CPU also runs fast. Returns (N, C) tokens, N = B * H * W, in x's dtype."""
+  return _shifted_sum(x, kernel[:, :, 0], bias).astype(x.dtype)
 
 
-def _depthwise_conv_fwd(x, kernel):
-  return depthwise_conv(x, kernel), (x, kernel)
+def _depthwise_conv_fwd(x, kernel, bias):
+  return depthwise_conv(x, kernel, bias), (x, kernel, bias)
 
 
 def _depthwise_conv_bwd(residuals, dy):
-  x, kernel = residuals
+  x, kernel, bias = residuals
+  dy = dy.reshape(x.shape)
   # The input gradient of a 'same' stride-1 correlation: the correlation of dy with the
   # kernel flipped in both spatial axes.
-  dx = _shifted_sum(dy, kernel[::-1, ::-1, 0])
+  dx = _shifted_sum(dy, kernel[::-1, ::-1, 0]).astype(x.dtype).reshape(x.shape)
   dk = _depthwise_kernel_grad(x, dy, kernel.shape[0])
-  return dx, dk[:, :, None, :].astype(kernel.dtype)
+  db = _column_sum(_tokens(dy).astype(_accumulation_dtype(dy.dtype)))
+  return dx, dk[:, :, None, :].astype(kernel.dtype), db.astype(bias.dtype)
 
 
 depthwise_conv.defvjp(_depthwise_conv_fwd, _depthwise_conv_bwd)
@@ -117,8 +139,36 @@ class DepthwiseConv(nn.Module):
     channels = x.shape[-1]
     kernel = self.param("kernel", self.kernel_init,
                         (self.kernel_size, self.kernel_size, 1, channels), self.param_dtype)
-    y = depthwise_conv(x.astype(self.dtype), kernel.astype(self.dtype))
-    if self.use_bias:
-      bias = self.param("bias", self.bias_init, (channels,), self.param_dtype)
-      y = y + bias.astype(self.dtype)
-    return y
+    bias = (self.param("bias", self.bias_init, (channels,), self.param_dtype)
+            if self.use_bias else jnp.zeros((channels,), self.param_dtype))
+    y = depthwise_conv(x.astype(self.dtype), kernel.astype(self.dtype), bias.astype(self.dtype))
+    return y.reshape(x.shape)
+
+
+class LayerNorm(nn.Module):
+  """torch.nn.LayerNorm over the last axis with two-pass variance, as common.layer_norm,
+  whose parameters (scale, bias) it has; the statistics are matrix-vector products.
+
+  XLA:CPU hands a LayerNorm's reductions to a reduce kernel that pulls the elementwise
+  producers of its input in with it; a 7x7 depthwise conv before it then gets its 49
+  shifted inputs materialized one by one. A dot reads its input as it is.
+  """
+  epsilon: float = 1e-6
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
+    features = x.shape[-1]
+    scale = self.param("scale", nn.initializers.ones, (features,), self.param_dtype)
+    bias = self.param("bias", nn.initializers.zeros, (features,), self.param_dtype)
+    acc = _accumulation_dtype(x.dtype)
+    tokens = _tokens(x).astype(acc)
+    # A (C, 1) matrix, not a vector: XLA:CPU inlines small matrix-vector products into
+    # their producers' loops, which would recompute the input.
+    average = jnp.full((features, 1), 1.0 / features, acc)
+    mean = jnp.dot(tokens, average, precision=lax.Precision.HIGHEST)
+    centred = tokens - mean
+    var = jnp.dot(centred * centred, average, precision=lax.Precision.HIGHEST)
+    y = centred * lax.rsqrt(var + self.epsilon) * scale.astype(acc) + bias.astype(acc)
+    return y.astype(self.dtype).reshape(x.shape)
