@@ -107,3 +107,16 @@ def test_layer_norm_matches_torch(dtype):
     assert a.dtype == dtype, name
     np.testing.assert_allclose(np.asarray(a), e, rtol=tolerance, atol=tolerance, err_msg=name)
   assert shapes == {"params": {"scale": (24,), "bias": (24,)}}
+
+
+def test_pointwise_conv_is_nn_conv():
+  x = jax.random.normal(jax.random.PRNGKey(0), (2, 9, 9, 8))
+  for stride in (1, 2):
+    ours = ops.PointwiseConv(16, stride)
+    reference = flax.linen.Conv(16, (1, 1), (stride, stride), padding=0, use_bias=False)
+    variables = reference.init(jax.random.PRNGKey(1), x)
+    assert (jax.tree.map(jnp.shape, ours.init(jax.random.PRNGKey(1), x))
+            == jax.tree.map(jnp.shape, variables))
+    np.testing.assert_allclose(ours.apply(variables, x), reference.apply(variables, x),
+                               atol=1e-5)
+

@@ -11,6 +11,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
+from medbench_jax.models import ops
+
 # The reference study re-initialises the classifier this way before fine-tuning.
 head_kernel_init = nn.initializers.normal(stddev=0.01)
 head_bias_init = nn.initializers.zeros
@@ -75,9 +77,12 @@ class BatchNorm(nn.Module):
 
 
 def torch_conv(features: int, kernel: int, stride: int, kernel_init: Callable, dtype: Dtype,
-               name: str) -> nn.Conv:
+               name: str) -> nn.Module:
   """Bias-free square conv padded kernel // 2 on every side, as PyTorch CNNs pad: 'SAME'
-  would pad (0, 1) at stride 2 where PyTorch pads (1, 1)."""
+  would pad (0, 1) at stride 2 where PyTorch pads (1, 1). 1x1 convs are matrix products
+  (ops.PointwiseConv, same parameters)."""
+  if kernel == 1:
+    return ops.PointwiseConv(features, stride, kernel_init, dtype, name=name)
   pad = kernel // 2
   return nn.Conv(features, (kernel, kernel), (stride, stride), padding=((pad, pad), (pad, pad)),
                  use_bias=False, kernel_init=kernel_init, dtype=dtype, param_dtype=jnp.float32,

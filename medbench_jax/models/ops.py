@@ -172,3 +172,26 @@ class LayerNorm(nn.Module):
     var = jnp.dot(centred * centred, average, precision=lax.Precision.HIGHEST)
     y = centred * lax.rsqrt(var + self.epsilon) * scale.astype(acc) + bias.astype(acc)
     return y.astype(self.dtype).reshape(x.shape)
+
+
+class PointwiseConv(nn.Module):
+  """A bias-free 1x1 convolution with stride, as `nn.Conv(features, (1, 1), stride)` with
+  no padding (same kernel (1, 1, C_in, C_out)), computed as a matrix product over the
+  (subsampled) pixels. XLA:CPU computes a convolution's kernel gradient with transposed
+  copies of both activations; as a matrix product all three are plain GEMMs (~4x faster
+  forward and backward for ResNet-50's 1x1 layers)."""
+  features: int
+  stride: int = 1
+  kernel_init: Callable = nn.initializers.lecun_normal()
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
+    channels = x.shape[-1]
+    kernel = self.param("kernel", self.kernel_init, (1, 1, channels, self.features),
+                        self.param_dtype)
+    x = x[:, ::self.stride, ::self.stride].astype(self.dtype)
+    y = jnp.dot(_tokens(x), kernel.reshape(channels, self.features).astype(self.dtype))
+    return y.reshape(*x.shape[:-1], self.features)
+
