@@ -1,6 +1,10 @@
-r"""Benchmarks that print figures (JSON lines), never pass/fail.
+r"""Benchmarks that print figures (JSON lines, and a table on stderr), never pass/fail.
 
   python -m medbench_jax.bench input --config=configs/swin.py [--steps=N]
+  python -m medbench_jax.bench train --model=resnet50 --batch=16 --image_size=224 \
+      [--dtype=bfloat16] [--steps=N] [--compare_torch [--torch_compile]] \
+      [--compilation_cache=DIR]
+  python -m medbench_jax.bench eval --model=resnet50 --batch=16 [--ten_crop] [...]
 
 `input`: images/s of the training input pipeline (pipeline.train_dataset over the
 prepared data set of the config: for the default config the phantom set, generated
@@ -13,7 +17,14 @@ arrays). Ours ships uint8 one-channel crops (normalisation and the
 RGB broadcast run on the accelerator); the reference ships float32 RGB tensors:
 each is measured as the training loop consumes it.
 
-The `train` benchmark is not implemented.
+`train`: our model's jitted fine-tuning step on random data (train mode, BCE on 14
+labels, Adam): the first step (tracing + compilation + run), the median step time over
+--steps, images/s and peak memory. `eval`: the same for the evaluation step (inference
+forward and sigmoid; with --ten_crop ten crops per image, probabilities averaged).
+--compare_torch measures timm's model of the same name in a fresh process (eager, and
+with --torch_compile also through torch.compile). --compilation_cache=DIR uses JAX's
+persistent compilation cache there: run twice to see the first step of a cached run.
+See medbench_jax.benchmarks.train_speed.
 """
 
 from __future__ import annotations
@@ -38,13 +49,31 @@ from medbench_jax import runtime
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", "configs/swin.py", "Config file, optionally with an arg: FILE:ARG.")
-_STEPS = flags.DEFINE_integer("steps", 50, "Timed batches per pipeline.")
+_STEPS = flags.DEFINE_integer(
+    "steps", None, "Timed batches per pipeline (input, default 50) or timed steps after the "
+    "first (train/eval, default 5).")
 _WARMUP = flags.DEFINE_integer(
     "warmup", 5, "Batches before timing starts (worker start-up is not throughput).")
 _TORCH = flags.DEFINE_bool("torch_reference", True,
                            "Also measure the PyTorch reference pipeline.")
 
-BENCHMARKS = ("input",)
+_MODEL = flags.DEFINE_string("model", "resnet50", "train/eval: model name (timm's).")
+_BATCH = flags.DEFINE_integer("batch", 16, "train/eval: images per step.")
+_IMAGE_SIZE = flags.DEFINE_integer("image_size", 224, "train/eval: square input size.")
+_DTYPE = flags.DEFINE_enum("dtype", "float32", ("float32", "bfloat16"),
+                           "train/eval: compute dtype (parameters stay float32).")
+_COMPARE_TORCH = flags.DEFINE_bool("compare_torch", False,
+                                   "train/eval: also measure timm's model in PyTorch.")
+_TORCH_COMPILE = flags.DEFINE_bool("torch_compile", False,
+                                   "train/eval with --compare_torch: also torch.compile.")
+_TEN_CROP = flags.DEFINE_bool("ten_crop", False, "eval: ten crops per image.")
+_COMPILATION_CACHE = flags.DEFINE_string(
+    "compilation_cache", "", "train/eval: JAX persistent compilation cache directory.")
+
+BENCHMARKS = ("input", "train", "eval")
+_DEFAULT_STEPS = {"input": 50, "train": 5, "eval": 5}
+_TABLE_KEYS = ("framework", "first_step_s", "compile_s", "step_s", "images_per_s",
+               "peak_rss_mb", "speed_vs_torch", "speed_vs_torch_compile")
 
 
 def images_per_s(batches: Iterator[Any], *, steps: int, warmup: int, batch_size: int) -> float:
@@ -134,15 +163,60 @@ def bench_input(config, config_name: str, *, steps: int, warmup: int,
   return results
 
 
+def bench_step(step: str, model: str, *, batch_size: int, image_size: int, dtype: str,
+               steps: int, compare_torch: bool, torch_compile: bool = False,
+               ten_crop: bool = False, compilation_cache: str = "") -> list[dict[str, Any]]:
+  """`train` or `eval` (`step`) of `model`: ours, then PyTorch's if asked, each measured in
+  a fresh process; ours gets speed_vs_<framework> (their step time / ours)."""
+  from medbench_jax.benchmarks import train_speed  # pylint: disable=g-import-not-at-top
+  frameworks = ["jax"]
+  if compare_torch:
+    frameworks += ["torch", "torch_compile"] if torch_compile else ["torch"]
+  results = [train_speed.measure(
+      model, step=step, batch_size=batch_size, image_size=image_size, dtype=dtype,
+      steps=steps, framework=framework, ten_crop=ten_crop,
+      compilation_cache_dir=compilation_cache if framework == "jax" else "")
+             for framework in frameworks]
+  for theirs in results[1:]:
+    results[0][f"speed_vs_{theirs['framework']}"] = theirs["step_s"] / results[0]["step_s"]
+  return results
+
+
+def format_table(lines: Sequence[dict[str, Any]]) -> str:
+  """Fixed-width table of the figures that compare frameworks (a blank where missing)."""
+  header = [key for key in _TABLE_KEYS if any(key in line for line in lines)]
+  rows = [header] + [[_cell(line.get(key)) for key in header] for line in lines]
+  widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
+  return "\n".join("  ".join(cell.rjust(width) for cell, width in zip(row, widths))
+                   for row in rows)
+
+
+def _cell(value: Any) -> str:
+  if value is None:
+    return ""
+  return f"{value:.3f}" if isinstance(value, float) else str(value)
+
+
 def main(argv):
   if len(argv) != 2 or argv[1] not in BENCHMARKS:
     raise app.UsageError(
-        f"Usage: python -m medbench_jax.bench {{{','.join(BENCHMARKS)}}} --config=FILE "
-        "[--steps=N]. Only `input` is implemented (`train` is not).")
+        f"Usage: python -m medbench_jax.bench {{{','.join(BENCHMARKS)}}} [flags]: input "
+        "--config=FILE [--steps=N]; train|eval --model=NAME --batch=B --image_size=S "
+        "[--dtype=bfloat16] [--steps=N] [--compare_torch] [--ten_crop (eval)].")
+  benchmark = argv[1]
+  steps = _STEPS.value or _DEFAULT_STEPS[benchmark]
   runtime.start()
-  config_name = config_flags.get_config_filename(flags.FLAGS["config"])
-  for line in bench_input(_CONFIG.value, config_name, steps=_STEPS.value,
-                          warmup=_WARMUP.value, torch_ref=_TORCH.value):
+  if benchmark == "input":
+    config_name = config_flags.get_config_filename(flags.FLAGS["config"])
+    lines = bench_input(_CONFIG.value, config_name, steps=steps, warmup=_WARMUP.value,
+                        torch_ref=_TORCH.value)
+  else:
+    lines = bench_step(benchmark, _MODEL.value, batch_size=_BATCH.value,
+                       image_size=_IMAGE_SIZE.value, dtype=_DTYPE.value, steps=steps,
+                       compare_torch=_COMPARE_TORCH.value, torch_compile=_TORCH_COMPILE.value,
+                       ten_crop=_TEN_CROP.value, compilation_cache=_COMPILATION_CACHE.value)
+    print(format_table(lines), file=sys.stderr, flush=True)
+  for line in lines:
     logging.info("%s", line)
     print(json.dumps(line), flush=True)
 

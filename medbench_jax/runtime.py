@@ -54,14 +54,20 @@ def start(*, coordinator_address: str | None = None, num_processes: int | None =
   """
   logging.get_absl_handler().addFilter(_QuietLibraries())
   keep_tensorflow_off_accelerators()
-  if compilation_cache_dir:
-    jax.config.update("jax_compilation_cache_dir", compilation_cache_dir)
+  use_compilation_cache(compilation_cache_dir)
   if coordinator_address:
     # Collectives between CPU processes (simulated multi-host runs); GPUs/TPUs ignore it.
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
     jax.distributed.initialize(coordinator_address, num_processes, process_id)
   elif multiprocess:
     jax.distributed.initialize()
+
+
+def use_compilation_cache(directory: str) -> None:
+  """JAX's persistent compilation cache in `directory` ("" = leave it off): a later run of
+  the same program on the same backend loads its executable instead of compiling it."""
+  if directory:
+    jax.config.update("jax_compilation_cache_dir", directory)
 
 
 def stop() -> None:

@@ -1,4 +1,9 @@
-"""`python -m medbench_jax.bench input`: both pipelines measured, usage errors."""
+"""`python -m medbench_jax.bench`: the input pipelines measured, the train and eval steps'
+figures, usage errors."""
+
+import json
+import subprocess
+import sys
 
 import pytest
 from absl import app
@@ -36,7 +41,49 @@ def test_reference_dataset_opens_pngs_as_rgb_like_the_reference_code(tmp_path):
   np.testing.assert_array_equal(labels, [0, 0, 1])
 
 
-@pytest.mark.parametrize("argv", [["bench"], ["bench", "train"], ["bench", "input", "x"]])
-def test_usage_error_says_train_is_not_implemented(argv):
-  with pytest.raises(app.UsageError, match="`train` is not"):
+_STEP_FIELDS = {"bench", "model", "framework", "batch_size", "image_size", "dtype", "steps",
+                "trace_s", "compile_s", "first_step_s", "step_s", "step_cpu_s", "step_s_min",
+                "step_s_max", "images_per_s", "peak_rss_mb", "device", "compilation_cache"}
+
+
+def test_train_bench_prints_a_json_line_per_framework():
+  result = subprocess.run(
+      [sys.executable, "-m", "medbench_jax.bench", "train", "--model=resnet18", "--batch=2",
+       "--image_size=32", "--steps=2"], capture_output=True, text=True, timeout=600,
+      check=True)
+  lines = [json.loads(line) for line in result.stdout.splitlines()]
+  assert len(lines) == 1
+  line = lines[0]
+  assert set(line) == _STEP_FIELDS, set(line) ^ _STEP_FIELDS
+  assert (line["bench"], line["model"], line["framework"], line["batch_size"],
+          line["image_size"], line["dtype"], line["steps"]) == (
+              "train", "resnet18", "jax", 2, 32, "float32", 2)
+  assert line["first_step_s"] >= line["trace_s"] + line["compile_s"]
+  assert line["step_s_min"] <= line["step_s"] <= line["step_s_max"]
+  assert line["images_per_s"] == pytest.approx(2 / line["step_s"])
+  assert line["peak_rss_mb"] > 0
+  # The table on stderr has a row for it.
+  assert "first_step_s" in result.stderr and "jax" in result.stderr
+
+
+def test_eval_bench_with_ten_crops_against_torch():
+  lines = bench.bench_step("eval", "resnet18", batch_size=2, image_size=32, dtype="float32",
+                           steps=2, compare_torch=True, ten_crop=True)
+  assert [line["framework"] for line in lines] == ["jax", "torch"]
+  for line in lines:
+    assert (line["bench"], line["ten_crop"], line["batch_size"]) == ("eval", True, 2)
+    assert line["images_per_s"] == pytest.approx(2 / line["step_s"])
+  assert "torch_version" in lines[1] and "compile_s" not in lines[1]
+  assert lines[0]["speed_vs_torch"] == pytest.approx(lines[1]["step_s"] / lines[0]["step_s"])
+
+
+def test_ten_crop_is_an_eval_option():
+  with pytest.raises(ValueError, match="eval step only"):
+    bench.bench_step("train", "resnet18", batch_size=2, image_size=32, dtype="float32",
+                     steps=1, compare_torch=False, ten_crop=True)
+
+
+@pytest.mark.parametrize("argv", [["bench"], ["bench", "fit"], ["bench", "input", "x"]])
+def test_usage_error_lists_the_benchmarks(argv):
+  with pytest.raises(app.UsageError, match="input,train,eval"):
     bench.main(argv)

@@ -13,6 +13,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
+from medbench_jax.models import ops
+
 Dtype = Any
 
 
@@ -107,9 +109,12 @@ class BatchNorm(nn.Module):
 
 
 def torch_conv(features: int, kernel: int, stride: int, kernel_init: Callable, dtype: Dtype,
-               name: str) -> nn.Conv:
+               name: str) -> nn.Module:
   """Bias-free square conv padded kernel // 2 on every side, as PyTorch CNNs pad: 'SAME'
-  would pad (0, 1) at stride 2 where PyTorch pads (1, 1)."""
+  would pad (0, 1) at stride 2 where PyTorch pads (1, 1). 1x1 convs are matrix products
+  (ops.PointwiseConv, same parameters)."""
+  if kernel == 1:
+    return ops.PointwiseConv(features, stride, kernel_init, dtype, name=name)
   pad = kernel // 2
   return nn.Conv(features, (kernel, kernel), (stride, stride), padding=((pad, pad), (pad, pad)),
                  use_bias=False, kernel_init=kernel_init, dtype=dtype, param_dtype=jnp.float32,
@@ -169,8 +174,9 @@ class Mlp(nn.Module):
     dense = lambda features, name: nn.Dense(
         features, kernel_init=nn.initializers.truncated_normal(stddev=0.02), dtype=self.dtype,
         param_dtype=jnp.float32, name=name)
-    y = nn.gelu(dense(self.hidden, "fc1")(x), approximate=False)
-    return dense(x.shape[-1], "fc2")(y)
+    tokens = x.reshape(-1, x.shape[-1])
+    y = nn.gelu(dense(self.hidden, "fc1")(tokens), approximate=False)
+    return dense(x.shape[-1], "fc2")(y).reshape(x.shape)
 
 
 # --- PyTorch state dict -> Flax variables -------------------------------------------------

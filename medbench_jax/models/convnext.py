@@ -21,6 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from medbench_jax.models import common
+from medbench_jax.models import ops
 from medbench_jax.models import registry
 
 # timm: trunc_normal_(std=.02) on every conv (and Linear: common.Mlp), zero bias.
@@ -28,14 +29,13 @@ _conv_init = nn.initializers.truncated_normal(stddev=0.02)
 _LN_EPS = 1e-6
 
 
-def _layer_norm(dtype: Any, name: str) -> nn.LayerNorm:
-  return common.layer_norm(_LN_EPS, dtype, name)
+def _layer_norm(dtype: Any, name: str) -> ops.LayerNorm:
+  return ops.LayerNorm(_LN_EPS, dtype, name=name)
 
 
-def _conv(features: int, kernel: int, stride: int, dtype: Any, name: str, padding: int = 0,
-          groups: int = 1) -> nn.Conv:
-  return nn.Conv(features, (kernel, kernel), (stride, stride),
-                 padding=((padding, padding), (padding, padding)), feature_group_count=groups,
+def _conv(features: int, kernel: int, stride: int, dtype: Any, name: str) -> nn.Conv:
+  """Unpadded kernel = stride conv: the patch stem and the downsampling layers."""
+  return nn.Conv(features, (kernel, kernel), (stride, stride), padding="VALID",
                  kernel_init=_conv_init, dtype=dtype, param_dtype=jnp.float32, name=name)
 
 
@@ -49,7 +49,8 @@ class ConvNeXtBlock(nn.Module):
   @nn.compact
   def __call__(self, x: jnp.ndarray, train: bool) -> jnp.ndarray:
     dim = x.shape[-1]
-    y = _conv(dim, 7, 1, self.dtype, "conv_dw", padding=3, groups=dim)(x)
+    # nn.Conv(dim, (7, 7), padding=3, feature_group_count=dim) in XLA:CPU's fast form.
+    y = ops.DepthwiseConv(7, kernel_init=_conv_init, dtype=self.dtype, name="conv_dw")(x)
     y = common.Mlp(int(self.mlp_ratio * dim), self.dtype, name="mlp")(
         _layer_norm(self.dtype, "norm")(y))
     if self.ls_init_value is not None:

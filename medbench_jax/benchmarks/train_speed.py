@@ -1,0 +1,262 @@
+"""Training- and evaluation-step speed of a model, ours (JAX) and its PyTorch/timm
+reference, each measured in a fresh process so neither sees the other's threads, memory or
+compilation caches.
+
+    from medbench_jax.benchmarks import train_speed
+    train_speed.measure("convnext_tiny", batch_size=16, image_size=224)               # ours
+    train_speed.measure("convnext_tiny", batch_size=16, framework="torch")            # eager
+    train_speed.measure("convnext_tiny", batch_size=16, framework="torch_compile")
+    train_speed.measure("resnet50", batch_size=8, step="eval", ten_crop=True)
+
+Each returns a dict (one JSON line of `python -m medbench_jax.bench train|eval`): the first
+step (JAX: tracing and XLA compilation, separately and with the first run; torch.compile:
+its compilation inside the first step), the median of `steps` timed steps (wall and process
+CPU time, the latter less sensitive to other load on a shared machine), images/s and the
+peak resident memory of the process.
+
+The train step is the fine-tuning step of the study on random data: train mode (BatchNorm
+batch statistics updated, stochastic depth at the model's default rate), multi-label BCE on
+14 random labels, Adam. JAX jits it with the state donated, as the trainer does; PyTorch
+runs timm's model of the same name with os.cpu_count() threads, channels_last, optionally
+through torch.compile. The eval step is the forward pass in inference mode and the sigmoid,
+averaged over the ten crops of each image with `ten_crop` (the study's test-time
+augmentation; images/s then counts images, not crops). bfloat16 means bf16 compute on
+float32 parameters on both sides (autocast in PyTorch). torch is imported only in the
+spawned process that measures it. With `compilation_cache_dir`, JAX uses its persistent
+compilation cache there (medbench_jax.runtime), so a second measurement of the same model
+and shapes shows what the cache saves of the first step.
+"""
+from __future__ import annotations
+
+import concurrent.futures
+import multiprocessing
+import os
+import resource
+import statistics
+import time
+from typing import Any, Callable
+
+FRAMEWORKS = ("jax", "torch", "torch_compile")
+DTYPES = ("float32", "bfloat16")
+STEPS = ("train", "eval")
+TEN_CROPS = 10
+NUM_LABELS = 14  # ChestX-ray14's, as the study fine-tunes.
+
+
+def _peak_rss_mb() -> float:
+  # Linux reports ru_maxrss in KiB.
+  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _time_steps(run_step: Callable[[], Any], steps: int) -> dict[str, float]:
+  """Median wall and process CPU seconds of `steps` calls; run_step must block."""
+  walls, cpus = [], []
+  for _ in range(steps):
+    wall, cpu = time.perf_counter(), time.process_time()
+    run_step()
+    walls.append(time.perf_counter() - wall)
+    cpus.append(time.process_time() - cpu)
+  return {"step_s": statistics.median(walls), "step_cpu_s": statistics.median(cpus),
+          "step_s_min": min(walls), "step_s_max": max(walls)}
+
+
+def _jax_model(model: str, batch_size: int, image_size: int, dtype: str, seed: int):
+  """Our model, its initial variables, a random (B, S, S, 3) batch and an rng."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+
+  from medbench_jax import models  # pylint: disable=g-import-not-at-top
+
+  net = models.create(model, NUM_LABELS, dtype=jnp.dtype(dtype))
+  if hasattr(net, "img_size"):  # Swin and ViT fix windows / position table by input size.
+    net = net.clone(img_size=image_size)
+  rng, image_rng = jax.random.split(jax.random.key(seed))
+  images = jax.random.normal(image_rng, (batch_size, image_size, image_size, 3), jnp.float32)
+  variables = jax.jit(net.init)({"params": rng, "dropout": rng}, images[:1])
+  return net, variables, images, rng
+
+
+def _first_and_steady(jitted: Callable, args: tuple, steps: int,
+                      carry: bool) -> dict[str, Any]:
+  """Times lowering, compilation and the first run of `jitted(*args)`, then `steps` runs.
+  carry: the output's first element replaces the first argument (a donated train state)."""
+  import jax  # pylint: disable=g-import-not-at-top
+
+  start = time.perf_counter()
+  lowered = jitted.lower(*args)
+  traced = time.perf_counter()
+  compiled = lowered.compile()
+  compiled_at = time.perf_counter()
+  outputs = jax.block_until_ready(compiled(*args))
+  first = time.perf_counter()
+
+  def run_step():
+    nonlocal args
+    outputs = jax.block_until_ready(compiled(*args))
+    if carry:
+      args = (outputs[0],) + args[1:]
+
+  if carry:
+    args = (outputs[0],) + args[1:]
+  return {"trace_s": traced - start, "compile_s": compiled_at - traced,
+          "first_step_s": first - start, **_time_steps(run_step, steps),
+          "device": jax.devices()[0].device_kind}
+
+
+def jax_train_speed(model: str, batch_size: int, image_size: int, dtype: str,
+                    steps: int, seed: int = 0) -> dict[str, Any]:
+  """Measures our model's jitted train step in this process."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  import optax  # pylint: disable=g-import-not-at-top
+
+  net, variables, images, rng = _jax_model(model, batch_size, image_size, dtype, seed)
+  labels = jax.random.bernoulli(jax.random.fold_in(rng, 1), 0.5,
+                                (batch_size, NUM_LABELS)).astype(jnp.float32)
+  params = variables.pop("params")
+  tx = optax.adam(1e-4)
+  state = (params, variables, tx.init(params))
+
+  def train_step(state, images, labels, step_rng):
+    params, variables, opt_state = state
+
+    def loss_fn(params):
+      logits, updates = net.apply({"params": params, **variables}, images, train=True,
+                                  mutable=list(variables), rngs={"dropout": step_rng})
+      return optax.sigmoid_binary_cross_entropy(logits, labels).mean(), updates
+
+    (loss, updates), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+    param_updates, opt_state = tx.update(grads, opt_state, params)
+    return (optax.apply_updates(params, param_updates), updates, opt_state), loss
+
+  return _first_and_steady(jax.jit(train_step, donate_argnums=0),
+                           (state, images, labels, rng), steps, carry=True)
+
+
+def jax_eval_speed(model: str, batch_size: int, image_size: int, dtype: str, steps: int,
+                   ten_crop: bool, seed: int = 0) -> dict[str, Any]:
+  """Measures our model's jitted eval step (inference forward, sigmoid, crop mean)."""
+  import jax  # pylint: disable=g-import-not-at-top
+
+  from medbench_jax.tasks import base  # pylint: disable=g-import-not-at-top
+
+  crops = TEN_CROPS if ten_crop else 1
+  net, variables, images, _ = _jax_model(model, batch_size * crops, image_size, dtype, seed)
+  if ten_crop:
+    images = images.reshape(batch_size, crops, *images.shape[1:])
+
+  def eval_step(variables, images):
+    flat, crops = base.flatten_crops(images)
+    probs = jax.nn.sigmoid(net.apply(variables, flat, train=False))
+    return base.mean_over_crops(probs, batch_size, crops)
+
+  return _first_and_steady(jax.jit(eval_step), (variables, images), steps, carry=False)
+
+
+def _timm_model(model: str, image_size: int, seed: int):
+  """timm's `model` with our head size, channels_last, torch threads = CPUs."""
+  import timm  # pylint: disable=g-import-not-at-top
+  import torch  # pylint: disable=g-import-not-at-top
+
+  torch.set_num_threads(os.cpu_count())
+  torch.manual_seed(seed)
+  kw = {"img_size": image_size} if "swin" in model or "vit" in model else {}
+  net = timm.create_model(model, pretrained=False, num_classes=NUM_LABELS, **kw)
+  return net.to(memory_format=torch.channels_last)
+
+
+def _torch_first_and_steady(run_step: Callable[[], Any], steps: int) -> dict[str, Any]:
+  import torch  # pylint: disable=g-import-not-at-top
+
+  start = time.perf_counter()
+  run_step()
+  return {"first_step_s": time.perf_counter() - start, **_time_steps(run_step, steps),
+          "device": f"cpu ({torch.get_num_threads()} threads)",
+          "torch_version": torch.__version__}
+
+
+def torch_train_speed(model: str, batch_size: int, image_size: int, dtype: str, steps: int,
+                      compile_model: bool, seed: int = 0) -> dict[str, Any]:
+  """Measures timm's `model` train step in this process (imports torch)."""
+  import torch  # pylint: disable=g-import-not-at-top
+
+  net = _timm_model(model, image_size, seed).train()
+  optimizer = torch.optim.Adam(net.parameters(), lr=1e-4)
+  images = torch.randn(batch_size, 3, image_size, image_size).contiguous(
+      memory_format=torch.channels_last)
+  labels = torch.randint(0, 2, (batch_size, NUM_LABELS)).float()
+  forward = torch.compile(net) if compile_model else net
+
+  def run_step():
+    optimizer.zero_grad(set_to_none=True)
+    with torch.autocast("cpu", torch.bfloat16, enabled=dtype == "bfloat16"):
+      logits = forward(images)
+    loss = torch.nn.functional.binary_cross_entropy_with_logits(logits.float(), labels)
+    loss.backward()
+    optimizer.step()
+
+  return _torch_first_and_steady(run_step, steps)
+
+
+def torch_eval_speed(model: str, batch_size: int, image_size: int, dtype: str, steps: int,
+                     compile_model: bool, ten_crop: bool, seed: int = 0) -> dict[str, Any]:
+  """Measures timm's `model` eval step in this process (imports torch)."""
+  import torch  # pylint: disable=g-import-not-at-top
+
+  net = _timm_model(model, image_size, seed).eval()
+  crops = TEN_CROPS if ten_crop else 1
+  images = torch.randn(batch_size * crops, 3, image_size, image_size).contiguous(
+      memory_format=torch.channels_last)
+  forward = torch.compile(net) if compile_model else net
+
+  def run_step():
+    with torch.inference_mode(), torch.autocast("cpu", torch.bfloat16,
+                                                enabled=dtype == "bfloat16"):
+      probs = torch.sigmoid(forward(images).float())
+      return probs.view(batch_size, crops, -1).mean(1)
+
+  return _torch_first_and_steady(run_step, steps)
+
+
+def _measure_here(model: str, framework: str, step: str, batch_size: int, image_size: int,
+                  dtype: str, steps: int, ten_crop: bool,
+                  compilation_cache_dir: str) -> dict[str, Any]:
+  compile_model = framework == "torch_compile"
+  if framework == "jax":
+    from medbench_jax import runtime  # pylint: disable=g-import-not-at-top
+    runtime.use_compilation_cache(compilation_cache_dir)
+    result = (jax_train_speed(model, batch_size, image_size, dtype, steps) if step == "train"
+              else jax_eval_speed(model, batch_size, image_size, dtype, steps, ten_crop))
+  elif step == "train":
+    result = torch_train_speed(model, batch_size, image_size, dtype, steps, compile_model)
+  else:
+    result = torch_eval_speed(model, batch_size, image_size, dtype, steps, compile_model,
+                              ten_crop)
+  extra = {"ten_crop": ten_crop} if step == "eval" else {}
+  if framework == "jax":
+    extra["compilation_cache"] = compilation_cache_dir
+  return {"bench": step, "model": model, "framework": framework, "batch_size": batch_size,
+          "image_size": image_size, "dtype": dtype, "steps": steps, **extra, **result,
+          "images_per_s": batch_size / result["step_s"], "peak_rss_mb": _peak_rss_mb()}
+
+
+def measure(model: str, *, step: str = "train", batch_size: int = 16, image_size: int = 224,
+            dtype: str = "float32", steps: int = 5, framework: str = "jax",
+            ten_crop: bool = False, compilation_cache_dir: str = "") -> dict[str, Any]:
+  """One measurement of `framework` (one of FRAMEWORKS) running `step` (one of STEPS) in a
+  fresh spawned process. compilation_cache_dir: JAX's persistent cache ("" = off)."""
+  if framework not in FRAMEWORKS:
+    raise ValueError(f"framework={framework!r}; allowed: {FRAMEWORKS}")
+  if step not in STEPS:
+    raise ValueError(f"step={step!r}; allowed: {STEPS}")
+  if dtype not in DTYPES:
+    raise ValueError(f"dtype={dtype!r}; allowed: {DTYPES}")
+  if steps < 1:
+    raise ValueError(f"steps={steps}; at least one timed step is needed.")
+  if ten_crop and step != "eval":
+    raise ValueError("ten_crop applies to the eval step only.")
+  # spawn, not fork: a fresh interpreter, and torch never shares a process with JAX.
+  with concurrent.futures.ProcessPoolExecutor(
+      1, mp_context=multiprocessing.get_context("spawn")) as pool:
+    return pool.submit(_measure_here, model, framework, step, batch_size, image_size, dtype,
+                       steps, ten_crop, compilation_cache_dir).result()
