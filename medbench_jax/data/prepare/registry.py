@@ -1,0 +1,3 @@
+def names():
+  from medbench_jax.data import builders
+  return sorted(builders.BUILDERS)
