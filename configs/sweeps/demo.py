@@ -1,0 +1,47 @@
+r"""A small sweep on the embedded phantom data: every part of the runner and the report,
+at a size that runs on a 2-core CPU in a few minutes.
+
+  python -m medbench_jax.sweep --sweep=configs/sweeps/demo.py --root=workdirs/sweep_demo
+  python -m medbench_jax.report --runs=workdirs/sweep_demo --out=workdirs/sweep_demo_report \
+      --baseline=resnet18/random
+
+Grid: two architectures (ResNet-18 and a tiny Swin) x two label fractions (25 % and
+100 %), from random init, 2 trials each; and a two-step chain, ResNet-18 fine-tuned on
+all labels and then, from that run (init run:...), on 25 %. 64 px crops of a 288-image
+phantom set, 3 epochs. Rerunning the command skips what finished; `--dry_run` shows the
+state of each point; `--parallel=2` runs two points at once.
+
+Args (comma-separated): trials=N, epochs=N.
+"""
+
+from medbench_jax import config_lib
+from medbench_jax.study import sweep
+
+CONFIG = "configs/resnet50.py:data=phantom"
+# The phantom set and input pipeline, shrunk from the CPU demo's (config_lib.demo).
+SMALL = {
+    "dataset.phantom.num_train": 192, "dataset.phantom.num_val": 48,
+    "dataset.phantom.num_test": 48, "dataset.phantom.image_size": 96,
+    "dataset.image_size": 72, "input.batch_size": 16, "input.eval_batch_size": 32,
+    "input.num_workers": 0, "input.pp_train": "resize(72)|center_crop(64)|flip_lr",
+    "input.pp_eval": "resize(72)|center_crop(64)", "input.pp_test": "resize(72)|ten_crop(64)",
+    "optim.warmup_steps": 8, "train.log_every_steps": 8,
+}
+TINY_SWIN = {"img_size": 64, "embed_dim": 24, "depths": (1, 1, 2, 1),
+             "num_heads": (1, 2, 3, 6), "drop_path_rate": 0.0}
+
+
+def get_sweep(arg=None):
+  args = config_lib.parse_arg(arg, trials=2, epochs=3)
+  fixed = {**SMALL, "num_trials": args.trials, "train.num_epochs": args.epochs}
+  fractions = {"dataset.label_fraction": [0.25, 1.0]}
+  points = sweep.grid(CONFIG, {"model.name": ["resnet18"], "model.init": ["random"],
+                               **fractions}, fixed=fixed)
+  points += sweep.grid(CONFIG, {"model.name": ["swin_demo_patch4_window4_96"],
+                                "model.init": ["random"], **fractions},
+                       fixed={**fixed, "model.kw": TINY_SWIN})
+  source = next(p for p in points if p.name == "model=resnet18,init=random,label_fraction=1")
+  points += sweep.grid(CONFIG, {"model.init": {"chain": sweep.run_of(source)},
+                                "dataset.label_fraction": [0.25]},
+                       fixed={**fixed, "model.name": "resnet18"}, labels={"model": "resnet18"})
+  return sweep.Sweep("demo", points)
