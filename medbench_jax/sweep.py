@@ -68,7 +68,7 @@ def _report(outcome: dict[str, str], plan: sweep_lib.Plan) -> None:
     if outcome.get(point.name) in (sweep_lib.FAILED, sweep_lib.BLOCKED):
       status = sweep_lib.read_status(point.workdir) or {}
       print(f"  {outcome[point.name]}: {point.name}: "
-            f"{(status.get('reason') or '').splitlines()[0] if status.get('reason') else ''}")
+            f"{sweep_lib.first_line(status.get('reason', ''))}")
   print(f"Report: python -m medbench_jax.report --runs={plan.root} --out=REPORT_DIR")
 
 

@@ -22,9 +22,9 @@ the same as long as the sweep file does. `plan` resolves a sweep below a root: e
 point's workdir, its dependencies in run order, and the config it will run with (every
 config file loaded and every override applied and validated before anything starts).
 
-On disk, per point: WORKDIR/status.json (`{"state": running|done|failed|preempted|
-blocked, "reason": ...}`) and WORKDIR/log.txt (every attempt's output); per sweep:
-ROOT/sweep.json (the plan, read by medbench_jax/study/runs.py).
+On disk, per point: WORKDIR/status.json (`{"state": queued|running|done|failed|
+preempted|blocked, "reason": ...}`) and WORKDIR/log.txt (every attempt's output); per
+sweep: ROOT/sweep.json (the plan, read by medbench_jax/study/runs.py).
 """
 
 from __future__ import annotations
@@ -449,6 +449,10 @@ def log_tail(workdir: epath.Path, lines: int = 25) -> str:
   return "\n".join(shown[-lines:])
 
 
+def first_line(text: str) -> str:
+  return text.split("\n", 1)[0]
+
+
 def failure_reason(returncode: int, workdir: epath.Path) -> str:
   """`exit status N` or `killed by SIGNAME`, and the tail of the log."""
   if returncode < 0:
@@ -490,7 +494,7 @@ def assess(plan_: Plan) -> list[Row]:
     if state != DONE:
       if status and status.get("state") in (QUEUED, RUNNING, FAILED, PREEMPTED, BLOCKED):
         notes.append(f"last attempt: {status['state']}" + (
-            f" ({status['reason'].splitlines()[0]})" if status.get("reason") else ""))
+            f" ({first_line(status['reason'])})" if status.get("reason") else ""))
       waiting = [d for d in point.depends_on if outcome.get(d) != DONE]
       if waiting:
         notes.append("after " + ", ".join(waiting))

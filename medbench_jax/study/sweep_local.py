@@ -277,7 +277,7 @@ def run(plan: sweep_lib.Plan, slots: Sequence[Slot], *,
   stop = _Stop(running)
   with stop.installed():
     while pending or running:
-      for point in [] if stop.signals else list(pending):
+      for point in [] if stop.signals else list(pending):  # stopping: start nothing new
         free = [i for i in range(len(slots)) if i not in running]
         if not free:
           break
@@ -300,16 +300,13 @@ def run(plan: sweep_lib.Plan, slots: Sequence[Slot], *,
       time.sleep(_POLL_S)
       for index, attempt in list(running.items()):
         returncode = attempt.poll()
-        if returncode is None:
-          continue
-        del running[index]
-        state = attempt.finish(returncode)
-        outcome[attempt.point.name] = state
-        wall = time.monotonic() - attempt.start
-        detail = "" if state == sweep_lib.DONE else (
-            ": " + (sweep_lib.read_status(attempt.point.workdir) or {}).get(
-                "reason", "").splitlines()[0])
-        out(f"{state:<8} {attempt.point.name} after {wall:.0f} s{detail}")
+        if returncode is not None:
+          del running[index]
+          state = outcome[attempt.point.name] = attempt.finish(returncode)
+          detail = "" if state == sweep_lib.DONE else ": " + sweep_lib.first_line(
+              (sweep_lib.read_status(attempt.point.workdir) or {}).get("reason", ""))
+          out(f"{state:<8} {attempt.point.name} after "
+              f"{time.monotonic() - attempt.start:.0f} s{detail}")
   for point in pending:
     outcome.setdefault(point.name, sweep_lib.workdir_state(point.workdir))
   return outcome
