@@ -7,7 +7,7 @@ at a size that runs on a 2-core CPU in a few minutes.
 
 Grid: two architectures (ResNet-18 and a tiny Swin) x two label fractions (25 % and
 100 %), from random init, 2 trials each; and a two-step chain, ResNet-18 fine-tuned on
-all labels and then, from that run (init run:...), on 25 %. 64 px crops of a 288-image
+all labels and then, from that run (init run:...), on 25 %. 64 px crops of a 192-image
 phantom set, 3 epochs. Rerunning the command skips what finished; `--dry_run` shows the
 state of each point; `--parallel=2` runs two points at once.
 
@@ -20,12 +20,12 @@ from medbench_jax.study import sweep
 CONFIG = "configs/resnet50.py:data=phantom"
 # The phantom set and input pipeline, shrunk from the CPU demo's (config_lib.demo).
 SMALL = {
-    "dataset.phantom.num_train": 192, "dataset.phantom.num_val": 48,
-    "dataset.phantom.num_test": 48, "dataset.phantom.image_size": 96,
+    "dataset.phantom.num_train": 128, "dataset.phantom.num_val": 32,
+    "dataset.phantom.num_test": 32, "dataset.phantom.image_size": 96,
     "dataset.image_size": 72, "input.batch_size": 16, "input.eval_batch_size": 32,
     "input.num_workers": 0, "input.pp_train": "resize(72)|center_crop(64)|flip_lr",
     "input.pp_eval": "resize(72)|center_crop(64)", "input.pp_test": "resize(72)|ten_crop(64)",
-    "optim.warmup_steps": 8, "train.log_every_steps": 8,
+    "optim.warmup_epochs": 0.5, "train.log_every_steps": 4,
 }
 TINY_SWIN = {"img_size": 64, "embed_dim": 24, "depths": (1, 1, 2, 1),
              "num_heads": (1, 2, 3, 6), "drop_path_rate": 0.0}

@@ -6,7 +6,10 @@ slice starts main, and jax.distributed finds the others itself. The slice must h
 been created and set up with the same script (launch/README.md). The sweep root should
 be a bucket (gs://...) or a disk every host mounts at the same path, because the hosts
 write the workdirs and this runner reads them; the output of all hosts goes to the
-point's log.txt, its outcome to status.json, as with the local backend.
+point's log.txt, its outcome to status.json, as with the local backend. Stopping the
+runner (Ctrl-C, SIGTERM) ends the ssh sessions: the hosts' processes stop without
+saving, and the point resumes from its last checkpoint when the sweep is rerun; a
+preempted slice does the same (`launch/tpu.sh create` it again, rerun the sweep).
 """
 
 from __future__ import annotations
