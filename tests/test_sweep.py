@@ -254,3 +254,17 @@ def test_segmentation_targets_use_unet_or_upernet_configs():
   assert sweep_catalog.targets("cls+drive") == [*sweep_catalog.CLASSIFICATION, "drive"]
   with pytest.raises(ValueError, match="Unknown data set 'nih'"):
     sweep_catalog.targets("nih")
+
+
+def test_demo_sweep_plans_two_models_two_fractions_and_a_chain(tmp_path):
+  plan = sweep.plan(sweep.load_sweep("configs/sweeps/demo.py"), tmp_path)
+  assert [p.name for p in plan.points] == [
+      "model=resnet18,init=random,label_fraction=0.25",
+      "model=resnet18,init=random,label_fraction=1",
+      "model=swin_demo_patch4_window4_96,init=random,label_fraction=0.25",
+      "model=swin_demo_patch4_window4_96,init=random,label_fraction=1",
+      "model=resnet18,init=chain,label_fraction=0.25"]
+  chain = plan.points[-1]
+  assert chain.depends_on == ("model=resnet18,init=random,label_fraction=1",)
+  assert {p.num_trials for p in plan.points} == {2}
+  assert len(sweep.datasets(plan.points)) == 1  # one phantom set, prepared once

@@ -375,12 +375,17 @@ def plan(sweep: Sweep, root: str | os.PathLike, *, source: str = "",
   return Plan(sweep.name, source, root, tuple(planned))
 
 
+# Keys of config.dataset that choose training labels from a prepared set, not the set.
+_SUBSET_KEYS = ("label_fraction", "label_fraction_seed")
+
+
 def datasets(points: Iterable[PlannedPoint]) -> list[dict[str, Any]]:
-  """The distinct data set configs of `points` (each prepared once)."""
+  """The distinct data sets of `points` to prepare (label fractions share one)."""
   distinct = {}
   for point in points:
     if point.dataset is not None:
-      distinct.setdefault(json.dumps(point.dataset, sort_keys=True), point.dataset)
+      key = {k: v for k, v in point.dataset.items() if k not in _SUBSET_KEYS}
+      distinct.setdefault(json.dumps(key, sort_keys=True), point.dataset)
   return list(distinct.values())
 
 
