@@ -267,4 +267,5 @@ def test_demo_sweep_plans_two_models_two_fractions_and_a_chain(tmp_path):
   chain = plan.points[-1]
   assert chain.depends_on == ("model=resnet18,init=random,label_fraction=1",)
   assert {p.num_trials for p in plan.points} == {2}
-  assert len(sweep.datasets(plan.points)) == 1  # one phantom set, prepared once
+  # One phantom set, prepared at two sizes (48 px crops for ResNet-18, 64 for the Swin).
+  assert sorted(d["image_size"] for d in sweep.datasets(plan.points)) == [56, 72]
