@@ -63,7 +63,7 @@ class Augment:
             "labels": np.asarray(example["labels"], np.float32)}
 
 
-def train_dataset(source: Sequence[dict], *, pp_spec: str, keys=None, local_batch_size: int,
+def train_dataset(source: Sequence[dict], *, pp_spec: str, local_batch_size: int,
                   seed: int, num_workers: int, process_index: int = 0,
                   process_count: int = 1) -> grain.IterDataset:
   ds = grain.MapDataset.source(source).shuffle(seed=seed)
@@ -115,7 +115,7 @@ def eval_batches_per_process(num_examples: int, local_batch_size: int,
   return math.ceil(math.ceil(num_examples / process_count) / local_batch_size)
 
 
-def eval_dataset(source: Sequence[dict], *, pp_spec: str, keys=None, local_batch_size: int,
+def eval_dataset(source: Sequence[dict], *, pp_spec: str, local_batch_size: int,
                  num_workers: int, process_index: int = 0,
                  process_count: int = 1) -> grain.IterDataset:
   num_batches = eval_batches_per_process(len(source), local_batch_size, process_count)

@@ -15,7 +15,7 @@ import orbax.checkpoint as ocp
 from absl import logging
 from sklearn import model_selection
 
-from medbench_jax import paths
+from medbench_jax import config_lib
 from medbench_jax.data import builders
 from medbench_jax.data import phantom
 
@@ -132,7 +132,7 @@ def manual_dir_for(config: ml_collections.ConfigDict) -> str:
     return os.path.expanduser(config.dataset.manual_dir)
   if config.dataset.name == "phantom_cxr":
     p = config.dataset.phantom
-    return os.path.join(paths.CACHE_DIR, "phantom_cxr",
+    return os.path.join(config_lib.DEFAULT_CACHE, "phantom_cxr",
                         f"seed{p.seed}_{p.num_train}-{p.num_val}-{p.num_test}_{p.image_size}px"
                         f"_v{phantom.FORMAT_VERSION}")
   raise ValueError(f"config.dataset.manual_dir is required for {config.dataset.name!r}: "
@@ -145,7 +145,7 @@ def data_dir_for(config: ml_collections.ConfigDict) -> str:
   if config.dataset.name == "phantom_cxr":
     # Each generated variant is its own data set: keep its prepared copy beside it.
     return os.path.join(manual_dir_for(config), "prepared")
-  return os.path.join(paths.CACHE_DIR, "tfds")
+  return os.path.join(config_lib.DEFAULT_CACHE, "tfds")
 
 
 def load_splits(config: ml_collections.ConfigDict) -> Splits:
@@ -157,7 +157,21 @@ def load_splits(config: ml_collections.ConfigDict) -> Splits:
   d = config.dataset
   manual_dir = manual_dir_for(config)
   data_dir = data_dir_for(config)
+  if d.name == "phantom_cxr":
+    if jax.process_index() == 0:  # generation is idempotent: a finished set is reused
+      p = d.phantom
+      phantom.generate(manual_dir, seed=p.seed, num_train=p.num_train, num_val=p.num_val,
+                       num_test=p.num_test, image_size=p.image_size,
+                       workers=builders.default_workers())
   options = d.csv.to_dict() if builders.takes_options(d.name) else None
+  if jax.process_index() == 0:
+    builders.prepare(d.name, manual_dir, data_dir, d.image_size, skip_bad=d.skip_bad,
+                     options=options)
+  if jax.process_count() > 1:
+    # A coordination-service barrier, not a device collective: preparing a data set takes
+    # longer than the collectives' connection timeout (30 s with gloo).
+    ocp.multihost.get_barrier_sync_fn()(key="medbench_dataset_prepared",
+                                        timeout_ms=_PREPARE_TIMEOUT_S * 1000)
   builder = builders.get_builder(d.name, d.image_size, data_dir, options)
   meta = builder.info.metadata
   class_names = tuple(meta["label_names"])
@@ -196,22 +210,3 @@ def load_splits(config: ml_collections.ConfigDict) -> Splits:
 
 def _sha1(indices: np.ndarray) -> str:
   return hashlib.sha1(np.asarray(indices, np.int64).tobytes()).hexdigest()
-
-@dataclasses.dataclass
-class DatasetInfo:
-  name: str; task: str; class_names: tuple; eval_class_names: tuple
-  channels: int; image_size: int; has_fov: bool = False; skipped_examples: int = 0
-  split_hashes: dict = dataclasses.field(default_factory=dict)
-
-@dataclasses.dataclass
-class NewSplits:
-  train: Any; validation: Any; test: Any; info: DatasetInfo; subset: dict
-
-def open_splits(d):
-  s = load_splits(ml_collections.ConfigDict({"dataset": d}))
-  b = builders.get_builder(d.name, d.image_size, data_dir_for(ml_collections.ConfigDict({"dataset": d})))
-  info = DatasetInfo(d.name, b.info.metadata["task"], s.class_names, s.eval_class_names, b.CHANNELS, d.image_size, skipped_examples=s.skipped_examples)
-  return NewSplits(s.train, s.validation, s.test, info, s.subset)
-
-def validate_dataset_config(d):
-  pass

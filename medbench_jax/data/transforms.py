@@ -160,8 +160,6 @@ def parse(spec: str) -> Op:
   ops = [_parse_op(part) for part in spec.split("|") if part.strip()]
 
   def composed(image, rng):
-    if isinstance(image, dict):
-      return {**image, "image": composed(image["image"], rng)}
     for op in ops:
       image = op(image, rng)
     return np.ascontiguousarray(image)
