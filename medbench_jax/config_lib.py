@@ -39,11 +39,11 @@ def default_config() -> ml_collections.ConfigDict:
   c.dataset.label_fraction_seed = 0  # fixed across models so comparisons are paired
   # Bad files/rows: False fails listing them all; True prepares the rest and counts them.
   c.dataset.skip_bad = False
-  # Uncertain (-1) and blank labels (CheXpert, MIMIC-CXR); see sources.apply_label_policy.
+  # Uncertain (-1) and blank labels (CheXpert, MIMIC-CXR); see data/labels.py.
   c.dataset.uncertain_policy = "u_ones"  # u_ones | u_zeros | lsr_ones | lsr_zeros
   c.dataset.blank_label = 0.0
   c.dataset.frontal_only = False
-  # Layout of dataset.name="csv_folder" (data/builders.py CsvConfig); labels: "A,B,C".
+  # Layout of dataset.name="csv_folder" (data/prepare/csv_folder.py); labels: "A,B,C".
   c.dataset.csv = ml_collections.ConfigDict(dict(
       csv="labels.csv", image_dir="", path_column="path", labels="", split_column="split",
       patient_column=""))
@@ -66,12 +66,23 @@ def default_config() -> ml_collections.ConfigDict:
   # run:WORKDIR[/trial_K] (the encoder of an earlier run's best checkpoint) or
   # timm:NAME.TAG (Hugging Face hub cache). See medbench_jax/weights/__init__.py.
   c.model.init = "random"
-  c.model.dtype = "float32"  # compute dtype; parameters stay float32
+  # Compute dtype: bfloat16 computes activations in bf16 while parameters, optimizer state,
+  # normalisation statistics, softmax and losses stay float32.
+  c.model.dtype = "float32"
   c.model.kw = ml_collections.ConfigDict()  # extra keyword args for models.create
 
   # Segmentation data sets only (tasks/segmentation.py): "auto" is the reference study's
   # choice, Dice (BCE for DRIVE); or dice | bce | bce_dice | softmax_ce_dice.
   c.segmentation = ml_collections.ConfigDict(dict(loss="auto"))
+
+  # Devices: data parallel over `data`; fsdp > 1 shards the large parameters and their
+  # optimizer state over groups of that many devices (trainer/sharding.py).
+  c.mesh = ml_collections.ConfigDict()
+  c.mesh.fsdp = 1
+  c.mesh.fsdp_rules = (
+      (r"(^|/)(kernel|embedding|pos_embed|relative_position_bias_table)$", "largest"),
+      (r".*", "replicate"))
+  c.mesh.fsdp_min_size = 2**20  # elements; smaller tensors stay replicated
 
   c.optim = ml_collections.ConfigDict()
   c.optim.optimizer = "adam"
@@ -97,7 +108,10 @@ def default_config() -> ml_collections.ConfigDict:
   c.train.patience = 10
   c.train.log_every_steps = 50
   c.train.max_steps = 0  # 0 = num_epochs worth of steps; >0 caps (smoke tests)
-  c.train.test_tta = True  # use input.pp_test (ten crops) instead of pp_eval at test
+  c.train.test_tta = True
+  # "START:STOP": capture a profiler trace of steps [START, STOP) into the trial's
+  # TensorBoard folder (TensorBoard's profile plugin shows it); "" = off.
+  c.train.profile_steps = ""  # use input.pp_test (ten crops) instead of pp_eval at test
 
   c.lock()
   return c
@@ -140,6 +154,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
   from medbench_jax.data import sources
   from medbench_jax.data import transforms
   from medbench_jax.trainer import optim
+  from medbench_jax.trainer import sharding
   # pylint: enable=g-import-not-at-top
   check(config.model.name in models.list_models(), "model.name", config.model.name,
         models.list_models())
@@ -147,6 +162,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
         ("float32", "bfloat16"))
   sources.validate_dataset_config(config.dataset)
   optim.validate(config.optim)
+  sharding.validate(config)
   check(config.input.normalization in (*NORMALIZATIONS, MODEL_NORMALIZATION),
         "input.normalization", config.input.normalization,
         (*NORMALIZATIONS, MODEL_NORMALIZATION))
@@ -157,6 +173,10 @@ def validate(config: ml_collections.ConfigDict) -> None:
     check(isinstance(value, int) and value > 0, key, value, "a positive integer")
   check(config.input.num_workers >= 0, "input.num_workers", config.input.num_workers, ">= 0")
   check(config.train.patience >= 0, "train.patience", config.train.patience, ">= 0")
+  profile = config.train.profile_steps
+  check(not profile or (len(parts := profile.split(":")) == 2 and all(
+      p.isdigit() for p in parts) and int(parts[0]) < int(parts[1])),
+        "train.profile_steps", profile, '"" or "START:STOP" with START < STOP')
   for key in ("pp_train", "pp_eval", "pp_test"):
     try:
       transforms.parse(config.input[key])
@@ -178,65 +198,3 @@ def normalization(config: ml_collections.ConfigDict) -> dict[str, tuple[float, .
 def to_dict(config: ml_collections.ConfigDict) -> dict:
   """The resolved config as plain JSON types (config.json, results.json)."""
   return json.loads(config.to_json_best_effort())
-
-
-DATASET_ALIASES = {"phantom": "phantom_cxr", "chestxray14": "chestxray14"}
-
-
-def classification_config(arg: str | None, *, paper_model: str,
-                          demo_model: str) -> ml_collections.ConfigDict:
-  """The config every classification file in configs/ builds on.
-
-  Args (comma-separated): model=NAME, data=phantom|NAME (a data/builders.py
-  BUILDERS name: chestxray14, chexpert, ...), init=random|PATH,
-  trials=N, label_fraction=F (alias anno_percent=P, in percent as the study's
-  code takes it), paper (the study's full-size settings even on phantom data).
-  With data=phantom and no `paper`, the run is sized for a 2-core CPU (see demo()).
-  """
-  args = parse_arg(arg, model="", data="phantom", init="random", trials=1,
-                   label_fraction=1.0, anno_percent=0.0, paper=False)
-  from medbench_jax.data.prepare import registry  # pylint: disable=g-import-not-at-top
-  allowed = sorted(set(DATASET_ALIASES) | set(registry.names()))
-  if args.data not in allowed:
-    raise ValueError(f"Unknown config arg data={args.data!r}; allowed: {allowed}")
-  config = default_config()
-  config.dataset.name = DATASET_ALIASES.get(args.data, args.data)
-  config.model.init = args.init
-  config.num_trials = args.trials
-  config.dataset.label_fraction = (args.anno_percent / 100.0 if args.anno_percent
-                                   else args.label_fraction)
-  if args.data == "phantom" and not args.paper:
-    demo(config)
-    config.model.name = args.model or demo_model
-  else:
-    config.model.name = args.model or paper_model
-  return config
-
-
-def demo(config: ml_collections.ConfigDict) -> None:
-  """Shrinks a run to about 10 minutes on a 2-core CPU, keeping every stage of the study.
-
-  Differences from the paper's setting: a small random-init Swin (48-dim, 2-2-2-2
-  blocks) at 96 px instead of an ImageNet-pretrained one at 224 px; 112 px stored images
-  (resize 112 / crop 96 mirrors the paper's 256 / 224); training crops are the centre
-  crop with horizontal flips instead of random resized crops and rotation, because a
-  transformer trained from scratch for a few epochs learns the small findings (nodule,
-  pneumothorax) markedly faster without them; AdamW 3e-4 with warmup + cosine over a
-  fixed 15 epochs (the paper: Adam 2e-4, reduce-on-plateau, up to 200 epochs with
-  early stopping on the validation loss). The paper's augmentation on the demo model:
-  `--config.input.pp_train="random_resized_crop(96)|flip_lr|rotate(7)"`.
-  """
-  config.dataset.image_size = 112
-  config.input.batch_size = 32
-  config.input.eval_batch_size = 100
-  config.input.pp_train = "resize(112)|center_crop(96)|flip_lr"
-  config.input.pp_eval = "resize(112)|center_crop(96)"
-  config.input.pp_test = "resize(112)|ten_crop(96)"
-  config.optim.optimizer = "adamw"
-  config.optim.lr = 3e-4
-  config.optim.weight_decay = 0.05
-  config.optim.schedule = "warmup_cosine"
-  config.optim.warmup_steps = 100
-  config.train.num_epochs = 15
-  config.train.patience = 15
-  config.train.log_every_steps = 20

@@ -14,6 +14,8 @@ from typing import Any
 # configured otherwise; MEDBENCH_CACHE moves all of them (e.g. to a bucket-backed disk).
 CACHE_DIR = os.environ.get("MEDBENCH_CACHE") or os.path.join(
     os.path.expanduser("~"), ".cache", "medbench_jax")
+# JAX's persistent compilation cache (main --compilation_cache).
+COMPILATION_CACHE_DIR = os.path.join(CACHE_DIR, "xla")
 
 
 def default_workdir(config_arg: str) -> str:

@@ -43,14 +43,19 @@ def keep_tensorflow_off_accelerators() -> None:
 
 
 def start(*, coordinator_address: str | None = None, num_processes: int | None = None,
-          process_id: int | None = None, multiprocess: bool = False) -> None:
+          process_id: int | None = None, multiprocess: bool = False,
+          compilation_cache_dir: str = "") -> None:
   """Prepares this process; joins a multi-process run when asked to.
 
   coordinator_address (+ num_processes, process_id): processes started by hand, e.g. over
   loopback; multiprocess: TPU pods and SLURM, where jax.distributed finds the rest itself.
+  compilation_cache_dir: JAX's persistent compilation cache ("" = off), so a second run of
+  the same model and shapes skips most of the compilation.
   """
   logging.get_absl_handler().addFilter(_QuietLibraries())
   keep_tensorflow_off_accelerators()
+  if compilation_cache_dir:
+    jax.config.update("jax_compilation_cache_dir", compilation_cache_dir)
   if coordinator_address:
     # Collectives between CPU processes (simulated multi-host runs); GPUs/TPUs ignore it.
     jax.config.update("jax_cpu_collectives_implementation", "gloo")

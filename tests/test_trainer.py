@@ -29,18 +29,23 @@ def _load_tiny(arg=""):
   return tiny.get_config(arg or None)
 
 
-def _main(workdir, phantom_dir, config, *extra, devices=1, wait=True):
+def _run_module(module, *args, devices=1, wait=True):
+  """`python -m module args` as a user runs it; its output, or the process (wait=False)."""
   env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
              PYTHONUNBUFFERED="1", PYTHONPATH=str(REPO))
-  cmd = [sys.executable, "-m", "medbench_jax.main", config, f"--workdir={workdir}",
-         f"--config.dataset.manual_dir={phantom_dir}", *extra]
-  proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE,
-                          stderr=subprocess.STDOUT, text=True)
+  proc = subprocess.Popen([sys.executable, "-m", module, *args], cwd=REPO, env=env,
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
   if not wait:
     return proc
-  out, _ = proc.communicate(timeout=600)
+  out, _ = proc.communicate(timeout=1200)
   assert proc.returncode == 0, out[-4000:]
   return out
+
+
+def _main(workdir, phantom_dir, config, *extra, devices=1, wait=True):
+  return _run_module("medbench_jax.main", config, f"--workdir={workdir}",
+                     f"--config.dataset.manual_dir={phantom_dir}", *extra, devices=devices,
+                     wait=wait)
 
 
 def _scalars(event_dir, tag):

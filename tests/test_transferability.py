@@ -96,6 +96,22 @@ def test_linear_probe_separable_noise_and_informative():
   assert transferability.linear_probe_holdout(informative, labels) > 0.8
 
 
+def test_linear_probe_holdout_by_group_keeps_each_group_on_one_side():
+  # Rows of one group (the pixels of one image) are near-copies with the group's random
+  # label: held out row by row, their twins on the training side give the answer away
+  # (more feature dimensions than training groups: the probe can memorise them).
+  rng = np.random.default_rng(0)
+  groups = np.repeat(np.arange(120), 4)
+  group_labels = (rng.uniform(size=(120, 1)) < 0.5).astype(np.float32)
+  features = rng.normal(size=(120, 200))[groups] + rng.normal(0, 0.01, size=(480, 200))
+  labels = group_labels[groups]
+  assert transferability.linear_probe_holdout(features, labels) == 1.0
+  # By group: nothing to recognise, chance level (30 held-out groups).
+  assert transferability.linear_probe_holdout(features, labels, groups=groups) < 0.8
+  with pytest.raises(ValueError, match="480 feature rows but 479 group ids"):
+    transferability.linear_probe_holdout(features, labels, groups=groups[1:])
+
+
 def test_rank_correlations():
   fine_tuned = np.array([0.80, 0.83, 0.78, 0.90, 0.85])
   same = transferability.rank_correlations(fine_tuned * 2, fine_tuned)

@@ -162,11 +162,25 @@ def linear_probe(train_features: np.ndarray, train_labels: np.ndarray,
 
 
 def linear_probe_holdout(features: np.ndarray, labels: np.ndarray, holdout: float = 0.25,
-                         seed: int = 0, regularization: float = 1.0) -> float:
-  """linear_probe on a seeded random split of one labelled set."""
-  train_x, test_x, train_y, test_y = model_selection.train_test_split(
-      features, labels, test_size=holdout, random_state=seed)
-  return linear_probe(train_x, train_y, test_x, test_y, regularization)
+                         seed: int = 0, regularization: float = 1.0,
+                         groups: np.ndarray | None = None) -> float:
+  """linear_probe on a seeded random split of one labelled set.
+
+  With `groups` (one id per row, e.g. the image a pixel comes from), whole groups go to
+  one side (scikit-learn's GroupShuffleSplit), `holdout` being their share of groups.
+  """
+  if groups is None:
+    train_x, test_x, train_y, test_y = model_selection.train_test_split(
+        features, labels, test_size=holdout, random_state=seed)
+    return linear_probe(train_x, train_y, test_x, test_y, regularization)
+  features, labels = np.asarray(features), np.asarray(labels)
+  if len(groups) != len(features):
+    raise ValueError(f"{len(features)} feature rows but {len(groups)} group ids")
+  splitter = model_selection.GroupShuffleSplit(n_splits=1, test_size=holdout,
+                                               random_state=seed)
+  train, test = next(splitter.split(features, labels, groups))
+  return linear_probe(features[train], labels[train], features[test], labels[test],
+                      regularization)
 
 
 def rank_correlations(estimates: np.ndarray, fine_tuned: np.ndarray) -> dict[str, float]:

@@ -95,7 +95,8 @@ class Task(abc.ABC):
 
   def results_fields(self) -> dict[str, Any]:
     """The task's part of results.json."""
-    return {"task": self.name, "metric": self.metric, "class_names": list(self.class_names)}
+    return {"task": self.name, "metric": self.metric, "dataset_kind": self.info.task,
+            "class_names": list(self.class_names)}
 
 
 def image_grid(images: np.ndarray, columns: int = 8) -> np.ndarray:

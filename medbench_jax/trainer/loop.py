@@ -57,11 +57,13 @@ def fit(*, config: ml_collections.ConfigDict, task: tasks_base.Task,
         state: state_lib.TrainState, progress: dict, schedule: Schedule,
         step_fn: Callable, validate: Callable[[state_lib.TrainState, int], dict[str, float]],
         train_iter: Iterator, to_global: Callable, ckpt: checkpoints_lib.Checkpoints,
-        writer: metric_writers.MetricWriter, label: str) -> tuple[Any, dict, Speed]:
+        writer: metric_writers.MetricWriter, label: str, tb_dir: str
+        ) -> tuple[Any, dict, Speed]:
   """Trains from `progress["step"]` until the step budget or early stopping.
 
   `validate(state, step)` returns the validation metrics ("loss" among them);
-  `to_global(local_batch)` turns this process's batch into global arrays.
+  `to_global(local_batch)` turns this process's batch into global arrays; `tb_dir` is
+  where a profiler trace (config.train.profile_steps) goes.
   Returns the final state, the progress record and the measured speed.
   """
   plateau = optim.ReduceLROnPlateau(**progress["plateau"])
@@ -73,7 +75,11 @@ def fit(*, config: ml_collections.ConfigDict, task: tasks_base.Task,
   window_start, wait_time, window_steps = time.perf_counter(), 0.0, 0
   first_step_start = time.perf_counter()
   pending_metrics = []
+  profile = [int(x) for x in config.train.profile_steps.split(":")] if (
+      config.train.profile_steps) else None
   while step < schedule.total_steps and not progress["stopped_early"]:
+    if profile and step == profile[0]:
+      jax.profiler.start_trace(tb_dir)
     t = time.perf_counter()
     local = next(train_iter)
     wait_time += time.perf_counter() - t
@@ -83,6 +89,11 @@ def fit(*, config: ml_collections.ConfigDict, task: tasks_base.Task,
     pending_metrics.append(step_metrics)
     step += 1
     window_steps += 1
+    if profile and step == profile[1]:
+      jax.block_until_ready(step_metrics)
+      jax.profiler.stop_trace()
+      logging.info("[%s] profile of steps %d-%d written to %s", label, profile[0],
+                   profile[1] - 1, tb_dir)
     if speed.first_step_s is None:
       # Compilation happens here: timed apart so it does not dilute the throughput.
       jax.block_until_ready(step_metrics)

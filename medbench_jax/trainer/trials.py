@@ -85,10 +85,16 @@ def run_trial(config: ml_collections.ConfigDict, workdir: epath.Path, trial: int
   variables = state_lib.init_variables(config, model, task.num_outputs, size, seed)
   replicated = sharding.replicated(mesh)
   data_sharding = sharding.batch_sharding(mesh)
-  state = jax.device_put(state_lib.create_state(
-      model, variables, optim.make_optimizer(config.optim, total_steps, steps_per_epoch)),
-      replicated)
+  state = state_lib.create_state(
+      model, variables, optim.make_optimizer(config.optim, total_steps, steps_per_epoch))
+  state_sharding = sharding.state_shardings(state, mesh, config)
+  state = jax.device_put(state, state_sharding)
   num_params = sum(x.size for x in jax.tree.leaves(state.params))
+  if mesh.shape[sharding.FSDP] > 1:
+    specs = [s.spec for s in jax.tree.leaves(state_sharding.params)]
+    logging.info("FSDP over groups of %d devices: %d of %d parameter tensors sharded",
+                 mesh.shape[sharding.FSDP], sum(spec != sharding.P() for spec in specs),
+                 len(specs))
   logging.info("Model %s: %.2fM parameters, input %dpx, %d outputs (%s)", config.model.name,
                num_params / 1e6, size, task.num_outputs, task.name)
 
@@ -98,10 +104,10 @@ def run_trial(config: ml_collections.ConfigDict, workdir: epath.Path, trial: int
   step_fn = jax.jit(
       functools.partial(state_lib.train_step, loss_fn=task.loss, normalize=normalize,
                         dropout_rng=jax.random.key(seed + 10_000)),
-      in_shardings=(replicated, data_sharding), out_shardings=(replicated, replicated),
+      in_shardings=(state_sharding, data_sharding), out_shardings=(state_sharding, replicated),
       donate_argnums=(0,))
-  eval_step = jax.jit(task.make_eval_step(model.apply, normalize),
-                      in_shardings=(replicated, data_sharding), out_shardings=data_sharding)
+  # The variables keep the state's shardings; batches come sharded over the mesh.
+  eval_step = jax.jit(task.make_eval_step(model.apply, normalize), out_shardings=data_sharding)
 
   def evaluate(state: state_lib.TrainState, test: bool) -> dict[str, np.ndarray]:
     split = splits.test if test else splits.validation
@@ -136,7 +142,8 @@ def run_trial(config: ml_collections.ConfigDict, workdir: epath.Path, trial: int
       step_fn=step_fn, validate=validate,
       train_iter=train_iter, to_global=functools.partial(sharding.to_global,
                                                          sharding=data_sharding),
-      ckpt=ckpt, writer=writer, label=f"trial {trial}")
+      ckpt=ckpt, writer=writer, label=f"trial {trial}",
+      tb_dir=os.fspath(workdir / "tb" / f"trial_{trial}"))
   if hasattr(train_iter, "close"):
     train_iter.close()
 
@@ -181,7 +188,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
   splits = sources.open_splits(config.dataset)
   task = tasks.for_dataset(config, splits.info)
-  mesh = sharding.make_mesh()
+  mesh = sharding.make_mesh(config.mesh.fsdp)
   trials = [run_trial(config, workdir, trial, splits, task, mesh)
             for trial in range(config.num_trials)]
 

@@ -3,11 +3,12 @@
 Reading never executes code from the file (.pth through a restricted unpickler, BYOL's
 Haiku .pkl likewise, .safetensors, .npz without pickles). What the file holds is found by
 key signature (weights/formats.py: the study's own checkpoints, MoCo, SwAV, PyContrast,
-DINO, MoCo v3, MAE, BYOL, plain state dicts) and normalised to the backbone's state dict,
-with everything stripped or dropped logged. Merging is by flattened parameter path into
-freshly initialised variables, as big_vision does: every tensor must fit except the
-classifier, which is re-initialised unless `keep_head`; anything else that does not fit is
-an error naming the keys and shapes on both sides.
+DINO, MoCo v3, MAE, SimMIM, BYOL, RadImageNet, plain state dicts) and normalised to the
+backbone's state dict, with everything stripped or dropped logged. Merging is by flattened
+parameter path into freshly initialised variables, as big_vision does: every tensor must
+fit except the classifier, which is re-initialised (as its family registers: `head_init`)
+unless `keep_head`, and what the format's fine-tuning recipe starts anew; anything else
+that does not fit is an error naming the keys and shapes on both sides.
 
 Sources `load` accepts (also as --config.model.init):
   PATH             a checkpoint file, format detected
@@ -20,7 +21,9 @@ Sources `load` accepts (also as --config.model.init):
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import os
+import re
 import zipfile
 from typing import Any, Mapping
 
@@ -121,7 +124,14 @@ def _read_variables(name: str, path: str, model_kw: Mapping[str, Any]
     return flat, None, "converted", path
   normalised = read_state_dict(path)
   _log_normalised(normalised, path)
-  flat = _flatten(models.converter(name)(normalised.state_dict, model_kw))
+  convert = models.converter(name)
+  options = normalised.converter_kw
+  accepted = inspect.signature(convert).parameters
+  if any(option not in accepted for option in options):
+    raise ValueError(f"{path}: {normalised.format} checkpoints are converted with {options}, "
+                     f"which the converter of {name} does not take; is it a checkpoint of "
+                     "this architecture?")
+  flat = _flatten(convert(normalised.state_dict, model_kw, **options))
   return flat, normalised, normalised.format, path
 
 
@@ -156,10 +166,11 @@ def load(name: str, path: str, num_classes: int, keep_head: bool = False, seed: 
   initialised from `path` (any source in the module docstring).
 
   The classifier (the pretrained config's `classifier` path) is dropped from the checkpoint
-  and keeps its fresh initialisation (normal std 0.01, zero bias; `seed` drives it) unless
-  `keep_head`, in which case it is loaded and must match `num_classes`. `in_chans=1` sums
-  the first conv's RGB kernels for grayscale input. Raises ValueError listing missing keys,
-  unexpected keys and shape mismatches (with shapes) otherwise.
+  and keeps its fresh initialisation (the family's registered `head_init`: normal std 0.01
+  for ResNet/DenseNet, truncated normal std 0.02 for ConvNeXt/ViT/Swin, zero bias; `seed`
+  drives it) unless `keep_head`, in which case it is loaded and must match `num_classes`.
+  `in_chans=1` sums the first conv's RGB kernels for grayscale input. Raises ValueError
+  listing missing keys, unexpected keys and shape mismatches (with shapes) otherwise.
   """
   return load_with_report(name, path, num_classes, keep_head, seed, in_chans, **model_kw)[0]
 
@@ -184,7 +195,14 @@ def load_with_report(name: str, path: str, num_classes: int, keep_head: bool = F
   head = f"params/{cfg['classifier']}/"
   dropped_head = {} if keep_head else {
       k: loaded.pop(k).shape for k in sorted(loaded) if k.startswith(head)}
-  missing = [k for k in fresh if k not in loaded and (keep_head or not k.startswith(head))]
+  # What the format's fine-tuning recipe starts anew or leaves unused (MAE's global pool).
+  recipe = formats.get(normalised.format) if normalised else None
+  fresh_ok, unused_ok = (recipe.start_fresh, recipe.unused) if recipe else ((), ())
+  start_fresh = [k for k in fresh if k not in loaded and _matches(fresh_ok, k)]
+  unused = {k: loaded.pop(k).shape for k in sorted(loaded)
+            if k not in fresh and _matches(unused_ok, k)}
+  missing = [k for k in fresh if k not in loaded and k not in start_fresh
+             and (keep_head or not k.startswith(head))]
   unexpected = [k for k in loaded if k not in fresh]
   mismatched = [k for k in loaded if k in fresh and loaded[k].shape != fresh[k].shape]
   if missing or unexpected or mismatched:
@@ -214,9 +232,10 @@ def load_with_report(name: str, path: str, num_classes: int, keep_head: bool = F
   variables.update((k, jnp.asarray(v, fresh[k].dtype)) for k, v in loaded.items())
   report = LoadReport(
       source=source, format=fmt, num_loaded=sum(int(np.size(v)) for v in loaded.values()),
-      dropped={**(normalised.dropped if normalised else {}), **dropped_head},
+      dropped={**(normalised.dropped if normalised else {}), **unused, **dropped_head},
       dropped_reason={**{k: "not part of the backbone" for k in
                          (normalised.dropped if normalised else {})},
+                      **{k: f"not used by this model ({fmt} fine-tuning)" for k in unused},
                       **{k: "classifier (keep_head=False)" for k in dropped_head}},
       reinitialised={k: tuple(fresh[k].shape) for k in reinit}, normalised=normalised)
   logging.info("Loaded %d tensors (%d values) of %s from %s.", len(loaded),
@@ -224,10 +243,22 @@ def load_with_report(name: str, path: str, num_classes: int, keep_head: bool = F
   if dropped_head:
     logging.info("Dropped from the checkpoint (classifier): %s",
                  ", ".join(f"{k} {shape}" for k, shape in dropped_head.items()))
-  if reinit:
-    logging.info("Re-initialised (normal std 0.01, zero bias, seed %d) for %d classes: %s",
-                 seed, num_classes, ", ".join(f"{k} {fresh[k].shape}" for k in reinit))
+  if unused:
+    logging.info("Dropped from the checkpoint (unused by this model, as %s fine-tuning "
+                 "does): %s", fmt, ", ".join(f"{k} {s}" for k, s in unused.items()))
+  if start_fresh:
+    logging.info("Freshly initialised (not in the checkpoint, as %s fine-tuning starts them): "
+                 "%s", fmt, ", ".join(f"{k} {fresh[k].shape}" for k in start_fresh))
+  reinit_head = [k for k in reinit if k not in start_fresh]
+  if reinit_head:
+    logging.info("Re-initialised the classifier (%s, seed %d) for %d classes: %s",
+                 getattr(model, "head_init", "the model's own init"), seed, num_classes,
+                 ", ".join(f"{k} {fresh[k].shape}" for k in reinit_head))
   return traverse_util.unflatten_dict(variables, sep="/"), report
+
+
+def _matches(patterns: tuple[str, ...], key: str) -> bool:
+  return any(re.search(p, key) for p in patterns)
 
 
 def _flatten(variables: Mapping[str, Any]) -> dict[str, Any]:

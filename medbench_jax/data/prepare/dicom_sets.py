@@ -2,8 +2,8 @@
 
 Images go through dicom.load_gray (modality LUT, the file's VOI window, MONOCHROME1
 inversion). Splits the publishers do not give are held out by a hash of the
-patient id (builders.patient_holdout), with one salt per data set so that every
-variant of a set (aggregation policy, 3-class or binary) has the same splits:
+patient id (data/splits.py), with the same salts for every variant of a set
+(aggregation policy, 3-class or binary), so that they all have the same splits:
   vindr_cxr*     train / test as published (15,000 / 3,000 images);
                  validation = VALIDATION_FRACTION of train. Its CSVs carry no
                  patient ids, so the unit is the image.
@@ -19,15 +19,16 @@ import pathlib
 
 import numpy as np
 
-from medbench_jax.data import builders
-from medbench_jax.data import dicom
-
-Problems = builders.Problems
-Record = builders.Record
+from medbench_jax.data import splits as splits_lib
+from medbench_jax.data.prepare import dicom
+from medbench_jax.data.prepare.base import ClassificationBuilder
+from medbench_jax.data.prepare.errors import Problems, RowError
+from medbench_jax.data.prepare.parsing import Record, parse_number, read_csv
+from medbench_jax.data.prepare.staging import Decoder
 
 
 @dataclasses.dataclass(frozen=True)
-class DicomDecoder(builders.Decoder):
+class DicomDecoder(Decoder):
   """A DICOM record -> uint8 (size, size, channels) through dicom.load_gray."""
 
   def __call__(self, record: Record) -> np.ndarray:
@@ -46,10 +47,10 @@ def _find_one(manual_dir: pathlib.Path, name: str, instructions: str,
 
 
 def _binary_labels(row: dict[str, str], names: tuple[str, ...]) -> np.ndarray:
-  labels = np.array([builders.parse_number(row[n], n) for n in names], np.float32)
+  labels = np.array([parse_number(row[n], n) for n in names], np.float32)
   bad = [n for n, v in zip(names, labels) if v not in (0.0, 1.0)]
   if bad:
-    raise builders.RowError(f"labels must be 0 or 1; columns {bad} are not")
+    raise RowError(f"labels must be 0 or 1; columns {bad} are not")
   return labels
 
 
@@ -74,7 +75,7 @@ AGGREGATIONS = {
 }
 
 
-class _VindrCxr(builders.ClassificationBuilder, skip_registration=True):
+class _VindrCxr(ClassificationBuilder, skip_registration=True):
   """VinDr-CXR 1.0.0 (PhysioNet): 28 image-level labels, 3 readers per training image."""
 
   MANUAL_DOWNLOAD_INSTRUCTIONS = """
@@ -85,6 +86,7 @@ class _VindrCxr(builders.ClassificationBuilder, skip_registration=True):
   LABELS = VINDR_LABELS
   OFFICIAL_SPLITS = ("train", "test")
   AGGREGATION = "majority"
+  VALIDATION = splits_lib.Holdout("validation", splits_lib.VALIDATION_FRACTION, "vindr_cxr")
 
   def decoder(self) -> DicomDecoder:
     return DicomDecoder(self.builder_config.image_size, self.CHANNELS)
@@ -93,10 +95,10 @@ class _VindrCxr(builders.ClassificationBuilder, skip_registration=True):
             problems: Problems) -> dict[str, list[tuple[str, np.ndarray]]]:
     """image_id -> [(where, labels)] for every good row."""
     rows = collections.defaultdict(list)
-    for where, row in builders.read_csv(path, split, problems, key + self.LABELS):
+    for where, row in read_csv(path, split, problems, key + self.LABELS):
       try:
         rows[row["image_id"].strip()].append((where, _binary_labels(row, self.LABELS)))
-      except builders.RowError as e:
+      except RowError as e:
         problems.add(split, where, str(e))
     return rows
 
@@ -123,9 +125,8 @@ class _VindrCxr(builders.ClassificationBuilder, skip_registration=True):
         records.append(Record(image_id, str(root / split / f"{image_id}.dicom"), labels,
                               rows[0][0]))
       splits[split] = records
-    splits["train"], splits["validation"] = builders.patient_holdout(
-        splits["train"], builders.VALIDATION_FRACTION, "vindr_cxr")
-    return {s: splits[s] for s in builders.SPLITS}
+    splits.update(splits_lib.split_by_group(splits["train"], [self.VALIDATION]))
+    return splits
 
 
 class VindrCxr(_VindrCxr):
@@ -145,11 +146,12 @@ class VindrCxrAll(_VindrCxr):
 # ---------------------------------------------------------------- RSNA Pneumonia
 
 RSNA_CLASSES = ("Normal", "No Lung Opacity / Not Normal", "Lung Opacity")
-RSNA_TEST_FRACTION = 0.2
-RSNA_VALIDATION_FRACTION = 0.1
+# Test first, then validation from the rest (salts as first published).
+RSNA_HOLDOUTS = (splits_lib.Holdout("test", 0.2, "rsna_pneumonia:test"),
+                 splits_lib.Holdout("validation", 0.1, "rsna_pneumonia:val"))
 
 
-class _RsnaPneumonia(builders.ClassificationBuilder, skip_registration=True):
+class _RsnaPneumonia(ClassificationBuilder, skip_registration=True):
   """RSNA Pneumonia Detection Challenge (2018), stage 2 training data.
 
   A patient's rows (one per box) must agree: Target 1 exactly for "Lung Opacity".
@@ -174,7 +176,7 @@ class _RsnaPneumonia(builders.ClassificationBuilder, skip_registration=True):
       patient = row["patientId"].strip()
       try:
         value = parse(row[column].strip())
-      except builders.RowError as e:
+      except RowError as e:
         problems.add("train", where, str(e))
         continue
       if patient in first and first[patient][0] != value:
@@ -193,19 +195,19 @@ class _RsnaPneumonia(builders.ClassificationBuilder, skip_registration=True):
 
     def target(value):
       if value not in ("0", "1"):
-        raise builders.RowError(f"Target must be 0 or 1, got {value!r}")
+        raise RowError(f"Target must be 0 or 1, got {value!r}")
       return value
 
     def kind(value):
       if value not in RSNA_CLASSES:
-        raise builders.RowError(f"class must be one of {RSNA_CLASSES}, got {value!r}")
+        raise RowError(f"class must be one of {RSNA_CLASSES}, got {value!r}")
       return value
 
     targets = self._per_patient(
-        builders.read_csv(labels_csv, "train", problems, ("patientId", "Target")),
+        read_csv(labels_csv, "train", problems, ("patientId", "Target")),
         "Target", problems, target)
     classes = self._per_patient(
-        builders.read_csv(class_csv, "train", problems, ("patientId", "class")),
+        read_csv(class_csv, "train", problems, ("patientId", "class")),
         "class", problems, kind)
     for patient in sorted(set(classes) - set(targets)):
       problems.add("train", classes[patient][1], f"{patient} has no row in {labels_csv.name}")
@@ -223,10 +225,7 @@ class _RsnaPneumonia(builders.ClassificationBuilder, skip_registration=True):
       # One-hot over LABELS; the binary variant's one label is "Lung Opacity".
       labels = np.float32([name == label for label in self.LABELS])
       records.append(Record(patient, str(images / f"{patient}.dcm"), labels, where, patient))
-    rest, test = builders.patient_holdout(records, RSNA_TEST_FRACTION, "rsna_pneumonia:test")
-    train, validation = builders.patient_holdout(
-        rest, RSNA_VALIDATION_FRACTION / (1 - RSNA_TEST_FRACTION), "rsna_pneumonia:val")
-    return {"train": train, "validation": validation, "test": test}
+    return splits_lib.split_by_group(records, RSNA_HOLDOUTS)
 
 
 class RsnaPneumonia(_RsnaPneumonia):
@@ -248,4 +247,3 @@ BUILDERS = {
     "rsna_pneumonia": RsnaPneumonia,
     "rsna_pneumonia_binary": RsnaPneumoniaBinary,
 }
-builders.BUILDERS.update(BUILDERS)

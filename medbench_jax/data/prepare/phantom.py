@@ -33,6 +33,8 @@ import pathlib
 import cv2
 import numpy as np
 
+from medbench_jax.data.prepare import staging
+
 FINDINGS = ("Cardiomegaly", "Nodule", "Effusion", "Pneumothorax")
 MASK_CLASSES = ("left_lung", "right_lung", "heart", "clavicles")
 # Lesion masks are returned by render() for tests and localisation experiments, but
@@ -43,6 +45,7 @@ FORMAT_VERSION = 2
 
 _SPLITS = ("train", "val", "test")
 _META_NAME = "phantom_meta.json"
+_PARAMS = ("version", "seed", "image_size", "num_train", "num_val", "num_test")
 # Fixed-point precision for cv2 drawing: sub-pixel geometry keeps shapes smooth
 # when the image is small.
 _SHIFT = 4
@@ -392,15 +395,20 @@ def _write_sample(out_dir: str, seed: int, index: int, total: int, image_size: i
     return labels
 
 
-def _worker_init() -> None:
-    # One process per core already; cv2's own thread pool would oversubscribe.
-    cv2.setNumThreads(1)
-
-
 def _write_text(path: pathlib.Path, text: str) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(text)
     os.replace(tmp, path)
+
+
+def generated_params(out_dir: str | os.PathLike) -> dict[str, int] | None:
+    """The parameters (and format version) a finished phantom folder was generated
+    with; None where ``out_dir`` holds no finished phantom data set."""
+    meta_path = pathlib.Path(out_dir) / _META_NAME
+    if not meta_path.exists():
+        return None
+    meta = json.loads(meta_path.read_text())
+    return {key: meta.get(key) for key in _PARAMS}
 
 
 def generate(out_dir: str | os.PathLike, *, seed: int = 0, num_train: int = 3000,
@@ -418,9 +426,8 @@ def generate(out_dir: str | os.PathLike, *, seed: int = 0, num_train: int = 3000
     params = {"version": FORMAT_VERSION, "seed": int(seed), "image_size": int(image_size),
               "num_train": int(num_train), "num_val": int(num_val), "num_test": int(num_test)}
     meta_path = out / _META_NAME
-    if meta_path.exists():
-        meta = json.loads(meta_path.read_text())
-        found = {key: meta.get(key) for key in params}
+    found = generated_params(out)
+    if found is not None:
         if found == params:
             return out
         raise ValueError(
@@ -444,7 +451,7 @@ def generate(out_dir: str | os.PathLike, *, seed: int = 0, num_train: int = 3000
     else:
         # spawn, not fork: the parent may already run JAX/TF threads, which fork breaks.
         ctx = multiprocessing.get_context("spawn")
-        with ctx.Pool(min(workers, total), initializer=_worker_init) as pool:
+        with ctx.Pool(min(workers, total), initializer=staging.worker_init) as pool:
             chunk = max(1, min(64, total // (4 * workers)))
             labels = pool.starmap(_write_sample, jobs, chunksize=chunk)
 

@@ -9,9 +9,11 @@ import zipfile
 
 import numpy as np
 
-from medbench_jax.data import builders
-from medbench_jax.data.builders import (ClassificationBuilder, DataFormatError, Problems,
-                                        Record, to_stored)
+from medbench_jax.data.prepare.base import ClassificationBuilder
+from medbench_jax.data.prepare.errors import DataFormatError, Problems
+from medbench_jax.data.prepare.images import to_stored
+from medbench_jax.data.prepare.parsing import Record
+
 
 @dataclasses.dataclass(frozen=True)
 class MedMnistSubset:
@@ -70,7 +72,7 @@ def _npz_member(archive: zipfile.ZipFile, key: str):
   return f, shape, dtype
 
 
-class MedMnist(ClassificationBuilder):
+class MedMnist(ClassificationBuilder, skip_registration=True):
   """A MedMNIST v2 / MedMNIST+ subset from the .npz the medmnist package downloads.
 
   `{flag}.npz` (28 px) or `{flag}_{64,128,224}.npz` with `{split}_images` (N, H, W[, 3])
@@ -180,5 +182,5 @@ def _medmnist_builder(flag: str, subset: MedMnistSubset) -> type[MedMnist]:
       "__doc__": f"MedMNIST {flag} ({subset.task}, {len(subset.labels)} labels)."})
 
 
-builders.BUILDERS.update({f"medmnist_{flag}": _medmnist_builder(flag, subset)
-                          for flag, subset in MEDMNIST.items()})
+BUILDERS = {f"medmnist_{flag}": _medmnist_builder(flag, subset)
+            for flag, subset in MEDMNIST.items()}

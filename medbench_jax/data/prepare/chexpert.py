@@ -1,5 +1,6 @@
 """CheXpert and MIMIC-CXR-JPG: CSV-labelled chest X-ray sets with uncertain (-1) and blank
-labels, which sources.apply_label_policy resolves at training time (U-Ones, LSR, ...)."""
+labels, which data/labels.py's apply_label_policy resolves at training time (U-Ones,
+LSR, ...)."""
 
 from __future__ import annotations
 
@@ -11,10 +12,10 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
-from medbench_jax.data import builders
-from medbench_jax.data.builders import (SPLITS, VALIDATION_FRACTION, ClassificationBuilder,
-                                        Record, RowError, find_file, parse_number,
-                                        patient_holdout, read_csv)
+from medbench_jax.data import splits as splits_lib
+from medbench_jax.data.prepare.base import SPLITS, ClassificationBuilder
+from medbench_jax.data.prepare.errors import RowError
+from medbench_jax.data.prepare.parsing import Record, find_file, parse_number, read_csv
 
 CHEXPERT_LABELS = ("No Finding", "Enlarged Cardiomediastinum", "Cardiomegaly",
                    "Lung Opacity", "Lung Lesion", "Edema", "Consolidation", "Pneumonia",
@@ -40,7 +41,7 @@ class Chexpert(ClassificationBuilder):
 
   Labels are stored as published (-1 uncertain, NaN blank); the uncertainty policy
   (U-Ones, U-Zeros, LSR-Ones, LSR-Zeros) and the blank value are applied when a run
-  loads them (sources.py), so one prepared copy serves every policy. Splits: the
+  loads them (data/labels.py), so one prepared copy serves every policy. Splits: the
   official valid.csv is the test split (the official test set is hidden);
   VALIDATION_FRACTION of train.csv's patients are held out for validation.
   """
@@ -54,6 +55,7 @@ class Chexpert(ClassificationBuilder):
   LABELS = CHEXPERT_LABELS
   EVAL_LABELS = CHEXPERT_COMPETITION
   FRONTAL = "Frontal"
+  VALIDATION = splits_lib.Holdout("validation", splits_lib.VALIDATION_FRACTION, "chexpert")
 
   def read_records(self, manual_dir, problems):
     candidates = [manual_dir] + sorted(pathlib.Path(p).parent for p in
@@ -88,9 +90,8 @@ class Chexpert(ClassificationBuilder):
       splits[split] = records
     if problems.fatal_errors:
       return {}
-    splits["train"], splits["validation"] = patient_holdout(
-        splits["train"], VALIDATION_FRACTION, "chexpert")
-    return {s: splits[s] for s in SPLITS}
+    splits.update(splits_lib.split_by_group(splits["train"], [self.VALIDATION]))
+    return splits
 
 
 class MimicCxrJpg(ClassificationBuilder):
@@ -157,4 +158,4 @@ class MimicCxrJpg(ClassificationBuilder):
     return splits
 
 
-builders.BUILDERS.update({"chexpert": Chexpert, "mimic_cxr_jpg": MimicCxrJpg})
+BUILDERS = {"chexpert": Chexpert, "mimic_cxr_jpg": MimicCxrJpg}

@@ -22,7 +22,7 @@ import pydicom
 from pydicom.errors import InvalidDicomError
 from pydicom.pixels import apply_modality_lut, apply_voi, apply_windowing
 
-from medbench_jax.data import builders
+from medbench_jax.data.prepare.errors import DataFormatError
 
 # auto: the VOI LUT table if present, else the window, else the image's own range.
 # window: the window even where a VOI LUT table is present. minmax: ignore the VOI.
@@ -30,7 +30,7 @@ VOI_MODES = ("auto", "window", "minmax")
 DICOM_SUFFIXES = (".dcm", ".dicom")
 
 
-class DicomError(builders.DataFormatError):
+class DicomError(DataFormatError):
   """A DICOM file that cannot be read or shown as a grayscale image (file named)."""
 
 
