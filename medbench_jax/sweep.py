@@ -26,6 +26,7 @@ import shlex
 import sys
 from collections.abc import Sequence
 
+import jax
 from absl import app
 from absl import flags
 
@@ -120,6 +121,10 @@ def _run(plan: sweep_lib.Plan) -> int:
 def main(argv: Sequence[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  # Checking configs asks JAX for its devices: here only the CPU, so that the runner never
+  # holds the GPUs or TPU chips its points' processes need (jax.config, not the
+  # environment, which the points inherit).
+  jax.config.update("jax_platforms", "cpu")
   try:
     sweep = sweep_lib.load_sweep(_SWEEP.value)
     plan = sweep_lib.plan(sweep, _ROOT.value, source=_SWEEP.value)

@@ -108,6 +108,16 @@ def test_plan_fails_before_running_anything_naming_every_bad_point(tmp_path):
   assert "model=resnet18" not in message
 
 
+def test_plan_checks_fsdp_without_the_devices_of_the_runner(tmp_path):
+  """A point's devices are those of its slot or allocation, not the planner's 8 CPU
+  devices: an fsdp of 3 plans (main checks it where the point runs); 0 never can."""
+  plan = sweep.plan(sweep.Sweep("mesh", _tiny({"mesh.fsdp": [3]})), tmp_path)
+  assert plan.points[0].overrides == {"mesh.fsdp": 3}
+  with pytest.raises(ValueError, match=r"fsdp=0: config.mesh.fsdp=0 is not allowed; "
+                                       "allowed: a positive integer"):
+    sweep.plan(sweep.Sweep("mesh", _tiny({"mesh.fsdp": [0]})), tmp_path)
+
+
 @pytest.mark.parametrize("points,message", [
     (lambda: _tiny({"seed": [1, 1]}), "occur more than once"),
     (lambda: _tiny({"model.init": {"x": sweep.run_of("nobody")}}), "does not define"),

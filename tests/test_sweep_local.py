@@ -33,8 +33,7 @@ FAKE_MAIN = textwrap.dedent("""
     workdir, behaviour = sys.argv[1], sys.argv[2]
     with open(os.path.join(workdir, "env.json"), "w") as f:
       json.dump({"xla": os.environ.get("XLA_FLAGS", ""), "start": time.time(),
-                 "cores": sorted(os.sched_getaffinity(0)),
-                 "cache": os.environ.get("JAX_COMPILATION_CACHE_DIR")}, f)
+                 "cores": sorted(os.sched_getaffinity(0))}, f)
     print("training", workdir, flush=True)
     if behaviour == "fail":
       print("ValueError: config.model.init: no such checkpoint", flush=True)
@@ -119,7 +118,6 @@ def test_parallel_slots_run_at_once_on_disjoint_simulated_devices_and_cores(tmp_
   plan = _plan(tmp_path, {"a": "3", "b": "3"})
   environ = dict(os.environ, XLA_FLAGS="--xla_cpu_enable_fast_math=false "
                  "--xla_force_host_platform_device_count=8")
-  environ.pop("JAX_COMPILATION_CACHE_DIR", None)
   slots = sweep_local.device_slots(2, "cpu", environ)
   outcome, _ = _run(plan, fake, slots, environ)
   assert set(outcome.values()) == {"done"}
@@ -129,7 +127,6 @@ def test_parallel_slots_run_at_once_on_disjoint_simulated_devices_and_cores(tmp_
   for s in seen:
     assert s["xla"] == ("--xla_cpu_enable_fast_math=false "
                         "--xla_force_host_platform_device_count=4")
-    assert s["cache"].endswith(os.path.join("medbench_jax", "jax_cache"))
   cores = sorted(os.sched_getaffinity(0))
   if len(cores) >= 2:
     assert not set(seen[0]["cores"]) & set(seen[1]["cores"])
@@ -209,8 +206,8 @@ def _write_sweep(path: pathlib.Path, body: str) -> str:
 
 
 def _sweep(spec: str, root: pathlib.Path, *extra: str, wait=True, cache=None):
-  env = dict(os.environ, PYTHONPATH=str(REPO), XLA_FLAGS="",
-             JAX_COMPILATION_CACHE_DIR=str(cache))
+  """cache: the runs' MEDBENCH_CACHE (their compilation cache), shared by reruns."""
+  env = dict(os.environ, PYTHONPATH=str(REPO), XLA_FLAGS="", MEDBENCH_CACHE=str(cache))
   cmd = [sys.executable, "-m", "medbench_jax.sweep", f"--sweep={spec}", f"--root={root}",
          *extra]
   proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE,
@@ -290,7 +287,7 @@ def test_local_sweep_end_to_end_with_an_interruption_a_chain_a_failure_and_the_r
   ckpt = _torch_checkpoints(tmp_path / "ckpt")["swin_demo_patch4_window4_128"]
   spec = _write_sweep(tmp_path / "fast.py", FAST_SWEEP.format(tiny=TINY))
   spec = f"{spec}:{ckpt}+{phantom_dir}"
-  root, cache = tmp_path / "root", tmp_path / "jax_cache"
+  root, cache = tmp_path / "root", tmp_path / "cache"
   proc = _sweep(spec, root, wait=False, cache=cache)
   _kill_mid_trial(root, "init=pth", proc)
   out, _ = proc.communicate(timeout=3000)
@@ -350,7 +347,7 @@ def test_local_sweep_end_to_end_two_models_two_inits_two_fractions_three_trials(
   spec = _write_sweep(tmp_path / "full.py", FULL_SWEEP.format(tiny=TINY))
   spec = (f"{spec}:{ckpts['swin_demo_patch4_window4_128']}+{ckpts['resnet18']}+"
           f"{phantom_dir}")
-  root, cache = tmp_path / "root", tmp_path / "jax_cache"
+  root, cache = tmp_path / "root", tmp_path / "cache"
   proc = _sweep(spec, root, "--parallel=2", wait=False, cache=cache)
   victim = "model=swin_demo_patch4_window4_128,init=pth,label_fraction=1"
   _kill_mid_trial(root, victim, proc)

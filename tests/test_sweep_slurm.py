@@ -122,7 +122,7 @@ def test_parameters_are_checked():
 
 
 def test_local_executor_runs_a_two_point_array(tmp_path, phantom_dir, monkeypatch):
-  monkeypatch.setenv("JAX_COMPILATION_CACHE_DIR", str(tmp_path / "jax_cache"))
+  monkeypatch.setenv("MEDBENCH_CACHE", str(tmp_path / "cache"))
   monkeypatch.setenv("XLA_FLAGS", "")
   plan = _plan(tmp_path / "root", phantom_dir, chain=False, **{"train.max_steps": 4})
   jobs = sweep_slurm.submit(plan, sweep_slurm.parse_parameters(

@@ -8,8 +8,9 @@ at a size that runs on a 2-core CPU in a few minutes.
 Grid: two architectures (ResNet-18 and a tiny Swin) x two label fractions (25 % and
 100 %), from random init, 2 trials each; and a two-step chain, ResNet-18 fine-tuned on
 all labels and then, from that run (init run:...), on 25 %. A 192-image phantom set,
-48 px crops for ResNet-18 and 64 px for the Swin, 3 epochs. Rerunning the command skips what finished; `--dry_run` shows the
-state of each point; `--parallel=2` runs two points at once.
+48 px crops for ResNet-18 and 64 px for the Swin, 3 epochs. Rerunning the command skips
+what finished; `--dry_run` shows the state of each point; `--parallel=2` runs two points
+at once.
 
 Args (comma-separated): trials=N, epochs=N.
 """
@@ -18,7 +19,7 @@ from medbench_jax import config_lib
 from medbench_jax.study import sweep
 
 CONFIG = "configs/resnet50.py:data=phantom"
-# The phantom set and training, shrunk from the CPU demo's (config_lib.demo).
+# The phantom set and training, shrunk from the CPU demo's (recipes.classification_demo).
 SMALL = {
     "dataset.phantom.num_train": 128, "dataset.phantom.num_val": 32,
     "dataset.phantom.num_test": 32, "dataset.phantom.image_size": 96,

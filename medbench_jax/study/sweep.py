@@ -337,8 +337,22 @@ class _ConfigLoader:
         node[leaf] = value
       except (TypeError, ValueError) as e:
         raise ValueError(f"config.{key}={value!r}: {e}") from None
-    config_lib.validate(config)
+    validate_apart_from_devices(config)
     return config
+
+
+def validate_apart_from_devices(config: ml_collections.ConfigDict) -> None:
+  """config_lib.validate, except config.mesh.fsdp against the devices.
+
+  A point runs on devices the planner does not hold (a local slot, a SLURM allocation, a
+  TPU slice); main checks config.mesh.fsdp against them when the point starts.
+  """
+  fsdp = config.mesh.fsdp
+  config_lib.check(isinstance(fsdp, int) and fsdp >= 1, "mesh.fsdp", fsdp,
+                   "a positive integer")
+  on_one_device = copy.deepcopy(config)
+  on_one_device.mesh.fsdp = 1
+  config_lib.validate(on_one_device)
 
 
 def plan(sweep: Sweep, root: str | os.PathLike, *, source: str = "",

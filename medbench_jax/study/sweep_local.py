@@ -14,8 +14,8 @@ Devices for `--parallel=N` (the visible devices split into N equal groups):
   TPU  TPU_VISIBLE_CHIPS (and the bounds and ports a process on part of a TPU VM needs);
   CPU  XLA's simulated devices (--xla_force_host_platform_device_count) split the same
        way, and the CPU cores split between the runs (affinity).
-Child processes share a persistent JAX compilation cache (JAX_COMPILATION_CACHE_DIR,
-default ~/.cache/medbench_jax/jax_cache), so a model compiles once per sweep.
+Child processes share main's persistent JAX compilation cache (under MEDBENCH_CACHE,
+default ~/.cache/medbench_jax/xla), so a model compiles once per sweep.
 """
 
 from __future__ import annotations
@@ -37,7 +37,6 @@ from typing import Any, Callable, Iterator, Mapping, Sequence
 
 from etils import epath
 
-from medbench_jax import paths
 from medbench_jax.study import sweep as sweep_lib
 
 _XLA_DEVICES = re.compile(r"--xla_force_host_platform_device_count=(\d+)")
@@ -141,10 +140,9 @@ def device_slots(parallel: int, platform: str = "auto",
 
 def child_env(slot_env: Mapping[str, str], environ: Mapping[str, str] = os.environ
               ) -> dict[str, str]:
-  """The environment of a point's process: ours, the slot's devices, a shared JAX
-  compilation cache, unbuffered output (the log shows progress as it happens)."""
+  """The environment of a point's process: ours, the slot's devices, unbuffered output
+  (the log shows progress as it happens)."""
   env = dict(environ)
-  env.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(paths.CACHE_DIR, "jax_cache"))
   env["PYTHONUNBUFFERED"] = "1"
   env.update(slot_env)
   return env
