@@ -11,7 +11,13 @@
   report.py           all of the above for one sweep: `python -m medbench_jax.report`
   probe.py            frozen features of candidate models on a task, scored before
                       fine-tuning: `python -m medbench_jax.probe`
+  sweep.py            sweep files' grids and chains; a sweep's plan, states, sweep.json
+  sweep_local.py      runs a sweep's points here, one at a time or on disjoint devices
+  sweep_slurm.py      job arrays per dependency wave through submitit
+  sweep_tpu.py        each point over a TPU VM or pod slice (launch/tpu.sh)
+  sweep_catalog.py    the study's checkpoints (files, URLs) and target data sets
 
-Apart from probe.py, nothing here imports JAX, the models or the trainer: a report runs
-on any machine that can read the run folders.
+Apart from probe.py, nothing here imports JAX, the models or the trainer at import time:
+a report runs on any machine that can read the run folders (planning a sweep loads its
+config files).
 """

@@ -1,0 +1,139 @@
+r"""Runs a sweep: one workdir per grid point, finished points skipped, the rest resumed.
+
+  python -m medbench_jax.sweep --sweep=configs/sweeps/NAME.py[:ARG] --root=DIR \
+      [--backend=local|slurm|tpu] [--dry_run]
+  local:  [--parallel=N] [--platform=auto|gpu|tpu|cpu]
+  slurm:  [--slurm=KEY=VALUE ...] (submitit parameters: slurm_partition=gpu, nodes=2,
+          gpus_per_node=8, tasks_per_node=8, timeout_min=1440, slurm_array_parallelism=64)
+  tpu:    --tpu=NAME --zone=ZONE [--project=PROJECT] (a slice set up with launch/tpu.sh)
+
+Loads the sweep file and every point's config first (a wrong key or value fails here,
+naming the point), writes ROOT/sweep.json, then runs the points that are not done,
+dependencies first. --dry_run prints the plan instead: point, workdir and state (done,
+resumable, new, blocked), and what the backend would submit. Run it from the repository
+root: config paths in sweep files are relative to it. Afterwards:
+`python -m medbench_jax.report --runs=ROOT --out=REPORT`.
+
+Exit status: 0 all points done; 75 stopped by SIGTERM/Ctrl-C (rerun to resume); 1 a
+point failed or is blocked (its status.json says why; its log.txt has the output).
+SLURM returns once the job arrays are queued.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import shlex
+import sys
+from collections.abc import Sequence
+
+import jax
+from absl import app
+from absl import flags
+
+from medbench_jax.study import sweep as sweep_lib
+
+_SWEEP = flags.DEFINE_string("sweep", None, "Sweep file, optionally with an arg: FILE:ARG.")
+_ROOT = flags.DEFINE_string("root", None, "Folder of the sweep's workdirs (gs://... for tpu).")
+_BACKEND = flags.DEFINE_enum("backend", "local", ["local", "slurm", "tpu"],
+                             "Where the points run.")
+_DRY_RUN = flags.DEFINE_bool("dry_run", False, "Print the plan; run nothing.")
+_PARALLEL = flags.DEFINE_integer("parallel", 1, "local: points at once, on disjoint devices.")
+_PLATFORM = flags.DEFINE_enum("platform", "auto", ["auto", "gpu", "tpu", "cpu"],
+                              "local: devices to split for --parallel.")
+_SLURM = flags.DEFINE_multi_string("slurm", [], "slurm: KEY=VALUE for submitit's "
+                                   "update_parameters (repeat the flag).")
+_SLURM_CLUSTER = flags.DEFINE_enum(
+    "slurm_cluster", "slurm", ["slurm", "local", "debug"],
+    "slurm: submitit executor; local/debug run the job arrays on this machine.")
+_TPU = flags.DEFINE_string("tpu", None, "tpu: name of the TPU VM or pod slice.")
+_ZONE = flags.DEFINE_string("zone", None, "tpu: its zone.")
+_PROJECT = flags.DEFINE_string("project", "", "tpu: its Google Cloud project.")
+
+_EXIT_FAILED = 1
+
+
+def _exit_status(outcome: dict[str, str]) -> int:
+  from medbench_jax import runtime  # pylint: disable=g-import-not-at-top
+  states = set(outcome.values())
+  if states <= {sweep_lib.DONE}:
+    return 0
+  if states & {sweep_lib.FAILED, sweep_lib.BLOCKED}:
+    return _EXIT_FAILED
+  return runtime.EXIT_PREEMPTED
+
+
+def _report(outcome: dict[str, str], plan: sweep_lib.Plan) -> None:
+  from medbench_jax.study import sweep_local  # pylint: disable=g-import-not-at-top
+  print(f"Sweep {plan.sweep}: {sweep_local.summary(outcome)}.")
+  for point in plan.points:
+    if outcome.get(point.name) in (sweep_lib.FAILED, sweep_lib.BLOCKED):
+      status = sweep_lib.read_status(point.workdir) or {}
+      print(f"  {outcome[point.name]}: {point.name}: "
+            f"{sweep_lib.first_line(status.get('reason', ''))}")
+  print(f"Report: python -m medbench_jax.report --runs={plan.root} --out=REPORT_DIR")
+
+
+def _run(plan: sweep_lib.Plan) -> int:
+  # pylint: disable=g-import-not-at-top
+  from medbench_jax.study import sweep_local
+  from medbench_jax.study import sweep_slurm
+  from medbench_jax.study import sweep_tpu
+  # pylint: enable=g-import-not-at-top
+  backend = _BACKEND.value
+  if backend == "tpu" and not (_TPU.value and _ZONE.value):
+    raise ValueError("--backend=tpu needs --tpu=NAME and --zone=ZONE")
+  if backend == "slurm":
+    parameters = sweep_slurm.parse_parameters(_SLURM.value)
+  if _DRY_RUN.value:
+    print(sweep_lib.table(sweep_lib.assess(plan)))
+    if backend == "slurm":
+      print(sweep_slurm.describe(plan, parameters))
+    elif backend == "tpu":
+      print(sweep_tpu.describe(plan, sweep_tpu.Slice(_TPU.value, _ZONE.value, _PROJECT.value)))
+    return 0
+  command = [sys.executable, "-m", "medbench_jax.sweep", *sys.argv[1:]]
+  if backend == "slurm":
+    sweep_lib.write_sweep_json(plan, command)
+    sweep_slurm.submit(plan, parameters, cluster=_SLURM_CLUSTER.value)
+    if _SLURM_CLUSTER.value == "slurm":
+      print(f"Queued. Status: squeue --me; rerun `{shlex.join(command)} --dry_run` to see "
+            "each point's state.")
+      return 0
+    outcome = {p.name: sweep_lib.outcome_on_disk(p.workdir) for p in plan.points}
+  else:
+    local_root = "://" not in str(plan.root)
+    with sweep_local.root_lock(plan.root) if local_root else contextlib.nullcontext():
+      sweep_lib.write_sweep_json(plan, command)
+      if backend == "tpu":
+        outcome = sweep_tpu.run(plan, sweep_tpu.Slice(_TPU.value, _ZONE.value,
+                                                      _PROJECT.value))
+      else:
+        slots = sweep_local.device_slots(_PARALLEL.value, _PLATFORM.value)
+        if len(slots) > 1:  # runs started together must not prepare the same data set
+          sweep_lib.prepare_datasets(sweep_lib.datasets(
+              p for p in plan.points
+              if sweep_lib.workdir_state(p.workdir) != sweep_lib.DONE))
+        outcome = sweep_local.run(plan, slots)
+  _report(outcome, plan)
+  return _exit_status(outcome)
+
+
+def main(argv: Sequence[str]) -> None:
+  if len(argv) > 1:
+    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  # Checking configs asks JAX for its devices: here only the CPU, so that the runner never
+  # holds the GPUs or TPU chips its points' processes need (jax.config, not the
+  # environment, which the points inherit).
+  jax.config.update("jax_platforms", "cpu")
+  try:
+    sweep = sweep_lib.load_sweep(_SWEEP.value)
+    plan = sweep_lib.plan(sweep, _ROOT.value, source=_SWEEP.value)
+    status = _run(plan)
+  except (ValueError, FileNotFoundError, RuntimeError) as e:
+    sys.exit(f"sweep: {e}")
+  sys.exit(status)
+
+
+if __name__ == "__main__":
+  flags.mark_flags_as_required(["sweep", "root"])
+  app.run(main)

@@ -1,0 +1,214 @@
+"""launch/ scripts and the TPU backend: shellcheck, argument handling, the gcloud and
+srun commands they print with --dry_run, and a real two-process run over 127.0.0.1."""
+
+import json
+import os
+import pathlib
+import re
+import shlex
+import shutil
+import stat
+import subprocess
+import sys
+
+import pytest
+
+from medbench_jax.study import sweep
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+LAUNCH = REPO / "launch"
+SCRIPTS = ("tpu.sh", "slurm_multinode.sbatch", "local_multiprocess.sh")
+
+
+def _bash(script, *args, env=None, check=True):
+  out = subprocess.run(["bash", str(LAUNCH / script), *args], capture_output=True, text=True,
+                       timeout=120, cwd=REPO, env={**os.environ, **(env or {})})
+  if check:
+    assert out.returncode == 0, out.stderr
+  return out
+
+
+def _fake_tools(tmp_path, **tools: str) -> dict[str, str]:
+  """A PATH whose first folder holds the given stand-in commands (name -> bash body)."""
+  bin_dir = tmp_path / "bin"
+  bin_dir.mkdir(exist_ok=True)
+  for name, body in tools.items():
+    (bin_dir / name).write_text("#!/bin/bash\n" + body)
+    (bin_dir / name).chmod(stat.S_IRWXU)
+  return {"PATH": f"{bin_dir}:{os.environ['PATH']}"}
+
+
+@pytest.mark.skipif(shutil.which("shellcheck") is None, reason="shellcheck is not installed")
+def test_scripts_are_shellcheck_clean():
+  out = subprocess.run(["shellcheck", *(str(LAUNCH / s) for s in SCRIPTS)],
+                       capture_output=True, text=True, timeout=120)
+  assert out.returncode == 0, out.stdout
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_help_prints_the_usage(script):
+  out = _bash(script, "--help")
+  assert out.stdout.splitlines()[0].startswith(("Cloud TPU", "One medbench_jax run",
+                                                "Several medbench_jax"))
+  assert "set -euo" not in out.stdout and "#SBATCH" not in out.stdout
+
+
+@pytest.mark.parametrize("args,message", [
+    (("create", "t1", "--type=v4-8"), "create: --zone=ZONE is required"),
+    (("create", "t1", "--zone=z"), "create: --type=TYPE is required"),
+    (("start", "t1"), "unknown command 'start'"),
+    (("train", "--zone=z"), "train: the TPU name is missing"),
+    (("train", "t1", "--zone=z"), "train: give medbench_jax.main's flags after --"),
+    (("delete", "t1", "--zone=z", "--worker=0"), "delete: unknown option '--worker=0'"),
+])
+def test_tpu_script_rejects_bad_arguments(args, message):
+  out = _bash("tpu.sh", *args, check=False)
+  assert out.returncode == 2 and out.stderr.startswith(f"tpu.sh: {message}")
+
+
+def test_tpu_script_dry_run_prints_the_gcloud_commands(tmp_path):
+  # A stand-in gcloud that fails the test if the script ever runs it.
+  env = {"DRY_RUN": "1", **_fake_tools(tmp_path, gcloud="echo called gcloud >&2; exit 99")}
+
+  def commands(*args):
+    return [shlex.split(line) for line in _bash("tpu.sh", *args, env=env).stdout.splitlines()]
+
+  vm = ["gcloud", "compute", "tpus", "tpu-vm"]
+  assert commands("create", "t1", "--zone=us-central2-b", "--type=v4-32", "--spot",
+                  "--project=p") == [
+      [*vm, "create", "t1", "--zone=us-central2-b", "--project=p", "--accelerator-type=v4-32",
+       "--version=tpu-ubuntu2204-base", "--spot"]]
+  assert commands("delete", "t1", "--zone=z") == [[*vm, "delete", "t1", "--zone=z", "--quiet"]]
+  assert _bash("tpu.sh", "delete", "t1", "--zone=z", "--dry_run").stdout.startswith("gcloud")
+  pack, scp, install, clean = commands("setup", "t1", "--zone=z")
+  archive = scp[5]
+  assert pack[:2] == ["bash", "-c"] and pack[2].endswith(f"-czf {archive}")
+  assert scp == [*vm, "scp", archive, "t1:medbench_jax.tar.gz", "--zone=z", "--worker=all"]
+  assert install[:8] == [*vm, "ssh", "t1", "--zone=z", "--worker=all"]
+  assert "pip install -q -r requirements.txt 'jax[tpu]==0.10.2'" in install[8]
+  assert clean == ["rm", "-f", archive]
+  # The remote shell gets main's flags back word for word, special characters included.
+  flags = ["--config=configs/swin.py:data=chestxray14,trials=10", "--workdir=gs://b/w x",
+           "--config.input.pp_train=resize(64)|flip_lr"]
+  (train,) = commands("train", "t1", "--zone=z", "--", *flags)
+  assert train[:8] == [*vm, "ssh", "t1", "--zone=z", "--worker=all"]
+  remote = train[8].removeprefix("--command=")
+  assert shlex.split(remote) == ["cd", "medbench_jax", "&&", "python3", "-m",
+                                 "medbench_jax.main", *flags, "--multiprocess"]
+
+
+SLURM_ENV = {"SLURM_JOB_ID": "123456", "SLURM_JOB_NODELIST": "gpu[017-018]",
+             "SLURM_NTASKS": "16", "DRY_RUN": "1"}
+
+
+def test_slurm_script_runs_one_process_per_gpu_with_multiprocess():
+  out = _bash("slurm_multinode.sbatch", "--config=configs/swin.py", "--workdir=/w",
+              env=SLURM_ENV)
+  assert shlex.split(out.stdout) == ["srun", "--kill-on-bad-exit=1", "python3", "-m",
+                                     "medbench_jax.main", "--config=configs/swin.py",
+                                     "--workdir=/w", "--multiprocess"]
+
+
+def test_slurm_script_one_process_per_node_names_the_coordinator(tmp_path):
+  env = {**SLURM_ENV, "SLURM_NTASKS": "2", "SLURM_NTASKS_PER_NODE": "1",
+         **_fake_tools(tmp_path, scontrol='[[ "$1 $2" == "show hostnames" ]] && '
+                                          'printf "gpu017\\ngpu018\\n"')}
+  out = _bash("slurm_multinode.sbatch", "--config=configs/swin.py", "--workdir=/w", env=env)
+  command = shlex.split(out.stdout)
+  assert command[:4] == ["srun", "--kill-on-bad-exit=1", "bash", "-c"]
+  assert command[5:] == ["python3", "gpu017:62016", "--config=configs/swin.py", "--workdir=/w"]
+  # What each task's shell then runs (python replaced by echo), e.g. on the second node:
+  task = subprocess.run(["bash", "-c", command[4], "echo", *command[6:]], capture_output=True,
+                        text=True, env={**os.environ, "SLURM_NTASKS": "2",
+                                        "SLURM_PROCID": "1"}, check=True)
+  assert task.stdout.split() == ["-m", "medbench_jax.main", "--config=configs/swin.py",
+                                 "--workdir=/w", "--coordinator_address=gpu017:62016",
+                                 "--num_processes=2", "--process_id=1"]
+
+
+def test_slurm_script_refuses_what_it_sets_itself_and_needs_slurm():
+  out = _bash("slurm_multinode.sbatch", "--workdir=/w", "--multiprocess", env=SLURM_ENV,
+              check=False)
+  assert out.returncode == 2 and "--multiprocess is set by this script" in out.stderr
+  env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
+  out = subprocess.run(["bash", str(LAUNCH / "slurm_multinode.sbatch"), "--workdir=/w"],
+                       capture_output=True, text=True, env=env, timeout=60)
+  assert out.returncode != 0 and "run this script with sbatch" in out.stderr
+
+
+def test_local_multiprocess_dry_run_and_arguments():
+  out = _bash("local_multiprocess.sh", "--processes=3", "--devices=4", "--port=4321",
+              "--dry_run", "--", "--config=tests/configs/tiny.py", "--workdir=/tmp/mp")
+  lines = [shlex.split(line) for line in out.stdout.splitlines()]
+  assert [line[-1] for line in lines] == ["--process_id=0", "--process_id=1",
+                                          "--process_id=2"]
+  for line in lines:
+    assert line[:4] == ["XLA_FLAGS=--xla_force_host_platform_device_count=4", "python3", "-m",
+                        "medbench_jax.main"]
+    assert line[6:8] == ["--coordinator_address=127.0.0.1:4321", "--num_processes=3"]
+  bad = _bash("local_multiprocess.sh", "--processes=two", "--", "--workdir=/w", check=False)
+  assert bad.returncode == 2 and "--processes=two must be a positive integer" in bad.stderr
+  bad = _bash("local_multiprocess.sh", "--config=x", check=False)
+  assert bad.returncode == 2 and "flags go after --" in bad.stderr
+
+
+@pytest.mark.slow
+def test_local_multiprocess_trains_over_two_processes(tmp_path, phantom_dir):
+  out = _bash("local_multiprocess.sh", f"--logs={tmp_path / 'logs'}", "--",
+              "--config=tests/configs/tiny.py", f"--workdir={tmp_path / 'run'}",
+              f"--config.dataset.manual_dir={phantom_dir}", "--config.train.max_steps=3",
+              env={"PYTHONPATH": str(REPO)})
+  assert "Logs:" in out.stdout
+  assert "Devices: 4 (cpu) over 2 process(es)" in (tmp_path / "logs/process_0.log").read_text()
+  results = json.loads((tmp_path / "run" / "results.json").read_text())
+  assert results["provenance"]["devices"]["processes"] == 2
+
+
+# ---------------------------------------------------------------------- --backend=tpu
+
+GCLOUD = """echo "$@" >> {record}
+printf '%s\\0' "$@" > {record}.last
+"""
+
+
+def test_tpu_backend_runs_each_point_through_the_launcher(tmp_path, phantom_dir):
+  sweep_file = tmp_path / "tpu_sweep.py"
+  sweep_file.write_text(
+      "from medbench_jax.study import sweep\n\n\ndef get_sweep(arg=None):\n"
+      "  return sweep.Sweep('tpu', sweep.grid('tests/configs/tiny.py', {'seed': [0, 1]}, "
+      f"fixed={{'dataset.manual_dir': {str(phantom_dir)!r}}}))\n")
+  root = tmp_path / "root"
+  (root / "seed=0").mkdir(parents=True)
+  (root / "seed=0" / "results.json").write_text("{}")
+  record = tmp_path / "gcloud_calls"
+  env = {**os.environ, "PYTHONPATH": str(REPO),
+         **_fake_tools(tmp_path, gcloud=GCLOUD.format(record=record))}
+  cmd = [sys.executable, "-m", "medbench_jax.sweep", f"--sweep={sweep_file}", f"--root={root}",
+         "--backend=tpu", "--tpu=t1", "--zone=europe-west4-a"]
+  dry = subprocess.run([*cmd, "--dry_run"], capture_output=True, text=True, env=env,
+                       cwd=REPO, timeout=600)
+  assert dry.returncode == 0, dry.stderr[-2000:]
+  lines = dry.stdout.splitlines()
+  assert lines[3] == "2 points: 1 done, 1 new"
+  assert lines[4].startswith(f"note: {root} is a local path")
+  launcher = shlex.split(lines[5])
+  assert launcher[:6] == ["bash", str(LAUNCH / "tpu.sh"), "run", "t1",
+                          "--zone=europe-west4-a", "--"]
+  assert launcher[6:9] == ["python3", "-m", "medbench_jax.main"]
+  assert launcher[-1] == "--multiprocess" and f"--workdir={root}/seed=1" in launcher
+  assert not record.exists()
+
+  run = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=REPO, timeout=600)
+  # The stand-in gcloud trains nothing: the point ran once and is reported as failed.
+  assert run.returncode == 1, run.stdout + run.stderr[-2000:]
+  assert len(record.read_text().splitlines()) == 1
+  gcloud = (record.parent / (record.name + ".last")).read_text().split("\0")[:-1]
+  assert gcloud[:7] == ["compute", "tpus", "tpu-vm", "ssh", "t1", "--zone=europe-west4-a",
+                        "--worker=all"]
+  remote = shlex.split(gcloud[7].removeprefix("--command="))
+  assert remote[:6] == ["cd", "medbench_jax", "&&", "python3", "-m", "medbench_jax.main"]
+  assert remote[6:] == launcher[9:]
+  status = sweep.read_status(root / "seed=1")
+  assert status["state"] == "failed" and status["slot"] == "TPU t1 in europe-west4-a"
+  assert status["reason"].startswith("exited without writing results.json")
+  assert re.search(r"failed: seed=1: exited without", run.stdout)
