@@ -151,6 +151,11 @@ FORMATS: tuple[Format, ...] = (
     Format("mae", "facebookresearch/mae (pretraining checkpoints: decoder dropped)",
            wrappers=("model",), prefixes=(), drop=(r"^decoder_", r"^mask_token$"),
            signature=_any_key(r"^(decoder_|mask_token$)")),
+    # Unet/UPerNet state dicts; smp's optional classification head (aux_params) has no
+    # counterpart in models/unet.py and models/upernet.py.
+    Format("smp", "qubvel-org/segmentation_models.pytorch (encoder., decoder., "
+           "segmentation_head. keys)", drop=(r"^classification_head\.",),
+           signature=_any_key(r"^(module\.)?(decoder|segmentation_head)\.")),
     Format("plain", "a state dict as torchvision/timm save it, optionally under 'state_dict'/"
            "'model' and DDP's 'module.' (Barlow Twins, DINO backbone-only files, timm, "
            "Microsoft Swin)"),
