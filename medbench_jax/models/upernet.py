@@ -194,10 +194,14 @@ def _vit_neck_scales(encoder: str) -> tuple[float, ...]:
   return tuple(patch / stride for stride in (4, 8, 16, 32))
 
 
-_ENCODER_FAMILIES = (r"swin_\w+", r"convnext_\w+", r"vit_\w+")
+_ENCODER_FAMILIES = (  # (registered names, whether the encoder is plain and needs the neck)
+    (r"swin_\w+", False),
+    (r"convnext_\w+", False),
+    (r"vit_\w+", True),
+)
 
 for _encoder in registry.list_models():
-  if any(re.fullmatch(p, _encoder) for p in _ENCODER_FAMILIES):
-    decoders.register(
-        f"upernet_{_encoder}", _encoder, UperNet, auxiliary_heads=(AUX_HEAD,),
-        neck_scales=_vit_neck_scales(_encoder) if _encoder.startswith("vit_") else None)
+  for _pattern, _plain in _ENCODER_FAMILIES:
+    if re.fullmatch(_pattern, _encoder):
+      decoders.register(f"upernet_{_encoder}", _encoder, UperNet, auxiliary_heads=(AUX_HEAD,),
+                        neck_scales=_vit_neck_scales(_encoder) if _plain else None)
