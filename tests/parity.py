@@ -52,6 +52,22 @@ def calibrate_batch_norm(model: torch.nn.Module, size: int, residual_gamma: Call
   return model.eval()
 
 
+def trained_like(model: torch.nn.Module) -> torch.nn.Module:
+  """Replaces degenerate initial values with trained-like ones so a parity test exercises
+  every block and every affine conversion: layer scales (ConvNeXt's gamma, 1e-6 at init,
+  which silences every block) in [0.1, 0.5], norm weights in [0.5, 1.5], biases N(0, 0.05).
+  BatchNorm layers are then best set by calibrate_batch_norm."""
+  with torch.no_grad():
+    for key, param in model.named_parameters():
+      if key.endswith("gamma"):
+        param.uniform_(0.1, 0.5)
+      elif key.endswith("weight") and param.ndim == 1:
+        param.uniform_(0.5, 1.5)
+      elif key.endswith("bias"):
+        param.normal_(0, 0.05)
+  return model
+
+
 def save_formats(model: torch.nn.Module, directory: pathlib.Path) -> list[str]:
   """The reference's state dict as .pth (torch.save) and .safetensors: the two ways timm
   and torchvision publish weights."""

@@ -26,10 +26,11 @@ def _flat(tree) -> dict:
 
 
 def _smp_unet(encoder: str, size: int, **kw) -> torch.nn.Module:
-  """Random-init smp Unet in eval mode, BatchNorm calibrated; the residual branches' last BN
-  gammas kept small as in trained nets (parity.calibrate_batch_norm)."""
+  """Random-init smp Unet in eval mode with trained-like values (parity.trained_like),
+  BatchNorm calibrated, the residual branches' last BN gammas kept small as in trained nets
+  (parity.calibrate_batch_norm)."""
   torch.manual_seed(0)
-  model = smp.Unet(encoder, encoder_weights=None, classes=K, **kw)
+  model = parity.trained_like(smp.Unet(encoder, encoder_weights=None, classes=K, **kw))
   return parity.calibrate_batch_norm(
       model, size, lambda name: re.search(r"^encoder\.(model\.)?layer\d\.\d+\.bn[23]$", name))
 
@@ -150,10 +151,14 @@ def test_encoder_from_a_convert_folder_and_a_run(tmp_path, resnet18_classifier):
                                                num_classes=2)
   _assert_encoder_only_load(variables, report, classifier)
 
+  # Grayscale input: the encoder's first conv is adapted as for classification.
   _save_trial(tmp_path / "run", 0, classifier, best_val_loss=0.1)
   variables, report = weights.load_with_report("unet_resnet18", f"run:{tmp_path / 'run'}",
-                                               num_classes=2, seed=1)
-  _assert_encoder_only_load(variables, report, classifier)
+                                               num_classes=2, seed=1, in_chans=1)
+  stem = np.asarray(classifier["params"]["conv1"]["kernel"])
+  gray = {**classifier, "params": {**classifier["params"],
+                                   "conv1": {"kernel": stem.sum(axis=2, keepdims=True)}}}
+  _assert_encoder_only_load(variables, report, gray)
 
 
 def test_whole_checkpoint_resets_only_the_head_and_drops_smp_aux_head(tmp_path):
@@ -217,3 +222,6 @@ def test_num_classes_zero_returns_decoder_features():
   shapes = jax.eval_shape(model.init, jax.random.PRNGKey(0), x)
   assert "segmentation_head_0" not in shapes["params"]
   assert jax.eval_shape(model.apply, shapes, x).shape == (1, 64, 64, 16)
+  with pytest.raises(ValueError, match="decoder_channels"):
+    jax.eval_shape(models.create("unet_resnet18", 1, decoder_channels=(64, 32, 16, 8)).init,
+                   jax.random.PRNGKey(0), x)

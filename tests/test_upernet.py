@@ -27,10 +27,11 @@ def _flat(tree) -> dict:
 
 
 def _smp_upernet(encoder: str, size: int, **kw) -> torch.nn.Module:
-  """Random-init smp UPerNet in eval mode, decoder BatchNorm calibrated."""
+  """Random-init smp UPerNet in eval mode with trained-like values (parity.trained_like:
+  live ConvNeXt blocks, non-trivial norms), decoder BatchNorm calibrated."""
   torch.manual_seed(0)
-  return parity.calibrate_batch_norm(
-      smp.UPerNet(f"tu-{encoder}", encoder_weights=None, classes=K, **kw), size)
+  model = smp.UPerNet(f"tu-{encoder}", encoder_weights=None, classes=K, **kw)
+  return parity.calibrate_batch_norm(parity.trained_like(model), size)
 
 
 PARITY = [
@@ -106,7 +107,8 @@ def test_auxiliary_head(tmp_path):
 def vit_small_64(tmp_path_factory):
   """A timm ViT-S/16 classifier built for 64 px, saved as a classification checkpoint."""
   torch.manual_seed(0)
-  reference = timm.create_model("vit_small_patch16_224", img_size=64, num_classes=10).eval()
+  reference = parity.trained_like(
+      timm.create_model("vit_small_patch16_224", img_size=64, num_classes=10)).eval()
   path = tmp_path_factory.mktemp("vit") / "vit.pth"
   torch.save(reference.state_dict(), path)
   return reference, str(path)
@@ -190,9 +192,12 @@ def test_bf16_compute_keeps_float32_logits():
 
 @pytest.mark.slow
 def test_sgd_steps_in_train_mode_match_smp(tmp_path):
-  reference = _smp_upernet("convnext_tiny", 64)
+  """In float64: the pyramid's BatchNorms over a few pooled cells make float32 train-mode
+  gradients too ill-conditioned for either framework to be a 1e-4 reference. XLA's float64
+  compile makes this test peak at about 7 GB of host memory."""
+  reference = _smp_upernet("convnext_tiny", 32)
   rel, update_err = parity.sgd_steps_max_rel_diff(
-      "upernet_convnext_tiny", reference, tmp_path, torch.randn(2, 3, 64, 64), K, float64=True)
-  print(f"upernet_convnext_tiny at 64px, 2 SGD steps: max rel diff {rel:.2e}, update error "
+      "upernet_convnext_tiny", reference, tmp_path, torch.randn(2, 3, 32, 32), K, float64=True)
+  print(f"upernet_convnext_tiny at 32px, 2 SGD steps: max rel diff {rel:.2e}, update error "
         f"{update_err:.2e}")
   assert rel <= 1e-4 and update_err <= 1e-3, (rel, update_err)

@@ -89,6 +89,9 @@ class UNet(decoders.SegmentationModel):
       maps = self.encoder(x, train=train, smp_features=True)
     else:
       maps = [None, *self.encoder(x, train=train, feature_maps=True)]
+    if len(self.decoder_channels) != len(maps):
+      raise ValueError(f"decoder_channels={self.decoder_channels}: one block per encoder map "
+                       f"(strides 32 to 2) takes {len(maps)} channel counts.")
     # Each block's output size: the next encoder map's (smp upsamples to the skip's size),
     # half the input where there is no stride-2 map, then the input size.
     sizes = [decoders.output_size(m) for m in maps[-2:0:-1]]
