@@ -14,9 +14,9 @@ ImageNet weights, 10 trials):
 Args and overrides as in configs/swin.py.
 """
 
-from medbench_jax import config_lib
+from medbench_jax import recipes
 
 
 def get_config(arg=None):
-  return config_lib.classification_config(
+  return recipes.classification_config(
       arg, paper_model="resnet50", demo_model="resnet18")

@@ -6,7 +6,7 @@ and reaches a test mean AUC of about 0.8 (chance 0.5):
 
   python -m medbench_jax.main --config=configs/swin.py --workdir=workdirs/swin_demo
 
-What the demo changes from the paper's setting: see medbench_jax.config_lib.demo.
+What the demo changes from the paper's setting: see medbench_jax.recipes.classification_demo.
 
 Paper setting (the study's Swin-B on ChestX-ray14: 224 px crops of 256 px images,
 Adam 2e-4, reduce-on-plateau x0.5, early stopping on val loss, ten-crop test):
@@ -20,10 +20,10 @@ label_fraction (or the study's anno_percent), paper. Any key can be overridden w
 --config.KEY=VALUE, e.g. --config.input.batch_size=128.
 """
 
-from medbench_jax import config_lib
+from medbench_jax import recipes
 
 
 def get_config(arg=None):
-  return config_lib.classification_config(
+  return recipes.classification_config(
       arg, paper_model="swin_base_patch4_window7_224",
       demo_model="swin_demo_patch4_window4_96")

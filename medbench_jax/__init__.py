@@ -1,1 +1,39 @@
-"""medbench_jax: large-scale transfer-learning benchmarks for medical imaging in JAX."""
+"""medbench_jax: large-scale transfer-learning benchmarks for medical imaging in JAX.
+
+Map of the package (arrows run one way: entry points -> trainer -> tasks ->
+models / weights / data; data never imports models or the trainer; models never
+import data; registries are leaf modules):
+
+  main.py          `python -m medbench_jax.main`: flags -> runtime -> prepare -> trainer
+  evaluate.py      re-test a finished run's best checkpoints, here or on another data set
+  prepare.py       `prepare` CLI: a publisher's files -> validated ArrayRecords, once
+  convert.py       `convert` CLI: a pretrained checkpoint -> Flax variables on disk
+  bench.py         benchmarks that print figures (input pipeline, training speed)
+  report.py, sweep.py, probe.py   the study's CLIs (see study/)
+  runtime.py       process start-up: jax.distributed, TF off accelerators, lead/barrier,
+                   preemption signals, compilation cache
+  paths.py         the cache and default workdirs; atomic JSON writes (a leaf)
+  config_lib.py    the config schema, arg parsing, validation (each component its part)
+  recipes.py       the CPU demo and the study's protocol per task, for configs/ files
+  trainer/         the one fine-tuning loop: state and update step, optimizer, sharding
+                   (data x fsdp mesh), checkpoints, fit, evaluation, trials -> results.json
+  tasks/           what differs per task: classification and segmentation (head, loss,
+                   eval step, metrics, TensorBoard images, results fields)
+  models/          one architecture family per file + the leaf registry; decoders
+                   (U-Net, UperNet) over the same encoders
+  weights/         checkpoint formats -> Flax variables, loaded without executing code
+  data/            prepare/ (builders per data-set family, the phantom, DICOM), splits,
+                   label policies and fractions, sources, grain pipelines, transforms
+  study/           sweeps over many runs, the report (statistics, tables, plots), and
+                   transferability estimates (LogME, linear probe)
+
+Data flow of a run: config file -> main (flags, runtime.start) -> config_lib.validate ->
+lead process: data.prepare.prepare_dataset (others wait at a barrier) ->
+trainer.trials.train_and_evaluate: data.sources.open_splits -> tasks.for_dataset (the
+data set's kind picks the task) -> per trial: grain pipelines (data.pipeline) -> model
+(models.create) with initial weights (weights.load) -> jitted, sharded update steps
+(trainer.loop.fit) with evaluation, early stopping and checkpoints -> the best checkpoint
+on the test split -> trial_K/result.json and test_predictions.npz -> results.json.
+"""
+
+__version__ = "0.3.0"

@@ -34,6 +34,8 @@ from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
+from medbench_jax import runtime
+
 _CONFIG = config_flags.DEFINE_config_file(
     "config", "configs/swin.py", "Config file, optionally with an arg: FILE:ARG.")
 _STEPS = flags.DEFINE_integer("steps", 50, "Timed batches per pipeline.")
@@ -88,17 +90,20 @@ def torch_reference(paths: Sequence[str], labels: np.ndarray, *, crop: int,
 def bench_input(config, config_name: str, *, steps: int, warmup: int,
                 torch_ref: bool) -> list[dict[str, Any]]:
   from medbench_jax import config_lib  # pylint: disable=g-import-not-at-top
-  from medbench_jax.data import builders  # pylint: disable=g-import-not-at-top
   from medbench_jax.data import pipeline  # pylint: disable=g-import-not-at-top
+  from medbench_jax.data import prepare  # pylint: disable=g-import-not-at-top
   from medbench_jax.data import sources  # pylint: disable=g-import-not-at-top
+  from medbench_jax.data.prepare.errors import Problems  # pylint: disable=g-import-not-at-top
 
   config_lib.validate(config)
   # TFDS reports preparation progress on stdout, which is kept for the JSON lines.
   with contextlib.redirect_stdout(sys.stderr):
-    splits = sources.load_splits(config)
+    builder = prepare.prepare_dataset(config.dataset)
+    splits = sources.open_splits(config.dataset)
   batch_size, workers = config.input.batch_size, config.input.num_workers
   ds = pipeline.train_dataset(splits.train, pp_spec=config.input.pp_train,
-                              local_batch_size=batch_size, seed=0, num_workers=workers)
+                              keys=("image", "labels"), local_batch_size=batch_size, seed=0,
+                              num_workers=workers)
   iterator = iter(ds)
   crop = next(iterator)["image"].shape[1]
   try:
@@ -110,11 +115,9 @@ def bench_input(config, config_name: str, *, steps: int, warmup: int,
             "crop_size": crop, "steps": steps}
   results = [{"bench": "input", "images_per_s": round(ours, 1), **common}]
   if torch_ref:
-    builder = builders.get_builder(config.dataset.name, config.dataset.image_size,
-                                   sources.data_dir_for(config))
-    problems = builders.Problems()
-    records = builder.read_records(pathlib.Path(sources.manual_dir_for(config)),
-                                   problems)["train"]
+    problems = Problems()
+    records = builder.read_records(
+        pathlib.Path(prepare.manual_dir_for(config.dataset)), problems)["train"]
     problems.check(skip_bad=True)
     mean, std = config_lib.NORMALIZATIONS[config.input.normalization]
     # In a fresh process, as the reference code runs: importing torchvision next to
@@ -136,9 +139,7 @@ def main(argv):
     raise app.UsageError(
         f"Usage: python -m medbench_jax.bench {{{','.join(BENCHMARKS)}}} --config=FILE "
         "[--steps=N]. Only `input` is implemented (`train` is not).")
-  # TF is only here for TFDS: it must not take accelerators.
-  import tensorflow as tf  # pylint: disable=g-import-not-at-top
-  tf.config.set_visible_devices([], "GPU")
+  runtime.start()
   config_name = config_flags.get_config_filename(flags.FLAGS["config"])
   for line in bench_input(_CONFIG.value, config_name, steps=_STEPS.value,
                           warmup=_WARMUP.value, torch_ref=_TORCH.value):

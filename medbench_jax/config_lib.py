@@ -2,11 +2,13 @@
 
 Config files start from `default_config()` and change a few fields, so every run
 has the same keys; the dict is locked, so `--config.typo=1` fails naming the key.
+`validate` lets each component check its own section before any work starts.
+Importing this module (which every config file does) loads no data or model code.
 """
 
 from __future__ import annotations
 
-import os
+import json
 from typing import Any
 
 import ml_collections
@@ -15,8 +17,11 @@ NORMALIZATIONS = {
     "imagenet": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
     # ChestX-ray14 statistics used by the reference study's "chestx-ray" option.
     "chestxray": ((0.5056, 0.5056, 0.5056), (0.252, 0.252, 0.252)),
+    # The reference study's "none": pixels scaled to [0, 1], nothing else.
+    "none": ((0.0, 0.0, 0.0), (1.0, 1.0, 1.0)),
 }
-DEFAULT_CACHE = os.path.join(os.path.expanduser("~"), ".cache", "medbench_jax")
+# The mean/std of the model's own pretrained config (e.g. SimCLR's 0/1).
+MODEL_NORMALIZATION = "model"
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -27,18 +32,18 @@ def default_config() -> ml_collections.ConfigDict:
   c.dataset = ml_collections.ConfigDict()
   c.dataset.name = "phantom_cxr"
   # Folder with the data set as its publisher distributes it (generated for the phantom).
-  c.dataset.manual_dir = ""  # "" -> DEFAULT_CACHE/<name>/raw
-  c.dataset.data_dir = ""  # prepared ArrayRecords; "" -> DEFAULT_CACHE/tfds
+  c.dataset.manual_dir = ""  # "" -> generated under paths.CACHE_DIR (phantom sets only)
+  c.dataset.data_dir = ""  # prepared ArrayRecords; "" -> paths.CACHE_DIR/tfds
   c.dataset.image_size = 256  # stored resolution of the prepared copy
   c.dataset.label_fraction = 1.0
   c.dataset.label_fraction_seed = 0  # fixed across models so comparisons are paired
   # Bad files/rows: False fails listing them all; True prepares the rest and counts them.
   c.dataset.skip_bad = False
-  # Uncertain (-1) and blank labels (CheXpert, MIMIC-CXR); see sources.apply_label_policy.
+  # Uncertain (-1) and blank labels (CheXpert, MIMIC-CXR); see data/labels.py.
   c.dataset.uncertain_policy = "u_ones"  # u_ones | u_zeros | lsr_ones | lsr_zeros
   c.dataset.blank_label = 0.0
   c.dataset.frontal_only = False
-  # Layout of dataset.name="csv_folder" (data/builders.py CsvConfig); labels: "A,B,C".
+  # Layout of dataset.name="csv_folder" (data/prepare/csv_folder.py); labels: "A,B,C".
   c.dataset.csv = ml_collections.ConfigDict(dict(
       csv="labels.csv", image_dir="", path_column="path", labels="", split_column="split",
       patient_column=""))
@@ -52,7 +57,7 @@ def default_config() -> ml_collections.ConfigDict:
   c.input.pp_train = "random_resized_crop(224)|flip_lr|rotate(7)"
   c.input.pp_eval = "resize(256)|center_crop(224)"
   c.input.pp_test = "resize(256)|ten_crop(224)"
-  c.input.normalization = "imagenet"
+  c.input.normalization = "imagenet"  # imagenet | chestxray | none | model
 
   c.model = ml_collections.ConfigDict()
   c.model.name = "swin_base_patch4_window7_224"
@@ -61,8 +66,23 @@ def default_config() -> ml_collections.ConfigDict:
   # run:WORKDIR[/trial_K] (the encoder of an earlier run's best checkpoint) or
   # timm:NAME.TAG (Hugging Face hub cache). See medbench_jax/weights/__init__.py.
   c.model.init = "random"
-  c.model.dtype = "float32"  # compute dtype; parameters stay float32
+  # Compute dtype: bfloat16 computes activations in bf16 while parameters, optimizer state,
+  # normalisation statistics, softmax and losses stay float32.
+  c.model.dtype = "float32"
   c.model.kw = ml_collections.ConfigDict()  # extra keyword args for models.create
+
+  # Segmentation data sets only (tasks/segmentation.py): "auto" is the reference study's
+  # choice, Dice (BCE for DRIVE); or dice | bce | bce_dice | softmax_ce_dice.
+  c.segmentation = ml_collections.ConfigDict(dict(loss="auto"))
+
+  # Devices: data parallel over `data`; fsdp > 1 shards the large parameters and their
+  # optimizer state over groups of that many devices (trainer/sharding.py).
+  c.mesh = ml_collections.ConfigDict()
+  c.mesh.fsdp = 1
+  c.mesh.fsdp_rules = (
+      (r"(^|/)(kernel|embedding|pos_embed|relative_position_bias_table)$", "largest"),
+      (r".*", "replicate"))
+  c.mesh.fsdp_min_size = 2**20  # elements; smaller tensors stay replicated
 
   c.optim = ml_collections.ConfigDict()
   c.optim.optimizer = "adam"
@@ -77,6 +97,7 @@ def default_config() -> ml_collections.ConfigDict:
   c.optim.schedule = "plateau"
   c.optim.plateau_factor = 0.5
   c.optim.warmup_steps = 0
+  c.optim.warmup_epochs = 0.0  # > 0: warmup in epochs (overrides warmup_steps)
   c.optim.min_lr_ratio = 0.0
 
   c.train = ml_collections.ConfigDict()
@@ -87,7 +108,10 @@ def default_config() -> ml_collections.ConfigDict:
   c.train.patience = 10
   c.train.log_every_steps = 50
   c.train.max_steps = 0  # 0 = num_epochs worth of steps; >0 caps (smoke tests)
-  c.train.test_tta = True  # use input.pp_test (ten crops) instead of pp_eval at test
+  c.train.test_tta = True
+  # "START:STOP": capture a profiler trace of steps [START, STOP) into the trial's
+  # TensorBoard folder (TensorBoard's profile plugin shows it); "" = off.
+  c.train.profile_steps = ""  # use input.pp_test (ten crops) instead of pp_eval at test
 
   c.lock()
   return c
@@ -117,47 +141,42 @@ def parse_arg(arg: str | None, **defaults: Any) -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict(result)
 
 
-def _check(condition: bool, key: str, value: Any, allowed: Any) -> None:
+def check(condition: bool, key: str, value: Any, allowed: Any) -> None:
+  """Raises a ValueError naming config.`key`, its value and what is allowed."""
   if not condition:
     raise ValueError(f"config.{key}={value!r} is not allowed; allowed: {allowed}")
 
 
 def validate(config: ml_collections.ConfigDict) -> None:
   """Fails before any work starts, naming the key and the allowed values."""
-  from medbench_jax import models  # pylint: disable=g-import-not-at-top
-  from medbench_jax import optim  # pylint: disable=g-import-not-at-top
-  from medbench_jax.data import builders  # pylint: disable=g-import-not-at-top
-  from medbench_jax.data import sources  # pylint: disable=g-import-not-at-top
-  from medbench_jax.data import transforms  # pylint: disable=g-import-not-at-top
-
-  _check(config.model.name in models.list_models(), "model.name", config.model.name,
-         models.list_models())
-  # The fine-tuning loop trains classifiers; segmentation sets are prepared for decoders.
-  classification = sorted(name for name, builder in builders.BUILDERS.items()
-                          if builder.TASK != "segmentation")
-  _check(config.dataset.name in classification, "dataset.name", config.dataset.name,
-         f"classification data sets {classification}")
-  _check(0.0 < config.dataset.label_fraction <= 1.0, "dataset.label_fraction",
-         config.dataset.label_fraction, "0 < x <= 1")
-  _check(config.dataset.uncertain_policy in sources.UNCERTAIN_POLICIES,
-         "dataset.uncertain_policy", config.dataset.uncertain_policy,
-         sources.UNCERTAIN_POLICIES)
-  _check(config.input.normalization in NORMALIZATIONS, "input.normalization",
-         config.input.normalization, sorted(NORMALIZATIONS))
-  _check(config.optim.optimizer in optim.OPTIMIZERS, "optim.optimizer",
-         config.optim.optimizer, optim.OPTIMIZERS)
-  _check(config.optim.schedule in optim.SCHEDULES, "optim.schedule",
-         config.optim.schedule, optim.SCHEDULES)
-  _check(config.model.dtype in ("float32", "bfloat16"), "model.dtype", config.model.dtype,
-         ("float32", "bfloat16"))
-  for key in ("num_trials", "input.batch_size", "input.eval_batch_size", "train.num_epochs",
-              "dataset.image_size"):
+  # pylint: disable=g-import-not-at-top
+  from medbench_jax import models
+  from medbench_jax.data import sources
+  from medbench_jax.data import transforms
+  from medbench_jax.trainer import optim
+  from medbench_jax.trainer import sharding
+  # pylint: enable=g-import-not-at-top
+  check(config.model.name in models.list_models(), "model.name", config.model.name,
+        models.list_models())
+  check(config.model.dtype in ("float32", "bfloat16"), "model.dtype", config.model.dtype,
+        ("float32", "bfloat16"))
+  sources.validate_dataset_config(config.dataset)
+  optim.validate(config.optim)
+  sharding.validate(config)
+  check(config.input.normalization in (*NORMALIZATIONS, MODEL_NORMALIZATION),
+        "input.normalization", config.input.normalization,
+        (*NORMALIZATIONS, MODEL_NORMALIZATION))
+  for key in ("num_trials", "input.batch_size", "input.eval_batch_size", "train.num_epochs"):
     value = config
     for part in key.split("."):
       value = value[part]
-    _check(isinstance(value, int) and value > 0, key, value, "a positive integer")
-  _check(config.input.num_workers >= 0, "input.num_workers", config.input.num_workers, ">= 0")
-  _check(config.train.patience >= 0, "train.patience", config.train.patience, ">= 0")
+    check(isinstance(value, int) and value > 0, key, value, "a positive integer")
+  check(config.input.num_workers >= 0, "input.num_workers", config.input.num_workers, ">= 0")
+  check(config.train.patience >= 0, "train.patience", config.train.patience, ">= 0")
+  profile = config.train.profile_steps
+  check(not profile or (len(parts := profile.split(":")) == 2 and all(
+      p.isdigit() for p in parts) and int(parts[0]) < int(parts[1])),
+        "train.profile_steps", profile, '"" or "START:STOP" with START < STOP')
   for key in ("pp_train", "pp_eval", "pp_test"):
     try:
       transforms.parse(config.input[key])
@@ -165,63 +184,17 @@ def validate(config: ml_collections.ConfigDict) -> None:
       raise ValueError(f"config.input.{key}: {e}") from None
 
 
-DATASET_ALIASES = {"phantom": "phantom_cxr", "chestxray14": "chestxray14"}
+def normalization(config: ml_collections.ConfigDict) -> dict[str, tuple[float, ...]]:
+  """{"mean", "std"} (RGB) of `config.input.normalization`."""
+  name = config.input.normalization
+  if name == MODEL_NORMALIZATION:
+    from medbench_jax import models  # pylint: disable=g-import-not-at-top
+    cfg = models.pretrained_cfg(config.model.name)
+    return {"mean": tuple(cfg["mean"]), "std": tuple(cfg["std"])}
+  mean, std = NORMALIZATIONS[name]
+  return {"mean": mean, "std": std}
 
 
-def classification_config(arg: str | None, *, paper_model: str,
-                          demo_model: str) -> ml_collections.ConfigDict:
-  """The config every classification file in configs/ builds on.
-
-  Args (comma-separated): model=NAME, data=phantom|NAME (a data/builders.py
-  BUILDERS name: chestxray14, chexpert, ...), init=random|PATH,
-  trials=N, label_fraction=F (alias anno_percent=P, in percent as the study's
-  code takes it), paper (the study's full-size settings even on phantom data).
-  With data=phantom and no `paper`, the run is sized for a 2-core CPU (see demo()).
-  """
-  args = parse_arg(arg, model="", data="phantom", init="random", trials=1,
-                   label_fraction=1.0, anno_percent=0.0, paper=False)
-  from medbench_jax.data import builders  # pylint: disable=g-import-not-at-top
-  allowed = sorted(set(DATASET_ALIASES) | set(builders.BUILDERS))
-  if args.data not in allowed:
-    raise ValueError(f"Unknown config arg data={args.data!r}; allowed: {allowed}")
-  config = default_config()
-  config.dataset.name = DATASET_ALIASES.get(args.data, args.data)
-  config.model.init = args.init
-  config.num_trials = args.trials
-  config.dataset.label_fraction = (args.anno_percent / 100.0 if args.anno_percent
-                                   else args.label_fraction)
-  if args.data == "phantom" and not args.paper:
-    demo(config)
-    config.model.name = args.model or demo_model
-  else:
-    config.model.name = args.model or paper_model
-  return config
-
-
-def demo(config: ml_collections.ConfigDict) -> None:
-  """Shrinks a run to about 10 minutes on a 2-core CPU, keeping every stage of the study.
-
-  Differences from the paper's setting: a small random-init Swin (48-dim, 2-2-2-2
-  blocks) at 96 px instead of an ImageNet-pretrained one at 224 px; 112 px stored images
-  (resize 112 / crop 96 mirrors the paper's 256 / 224); training crops are the centre
-  crop with horizontal flips instead of random resized crops and rotation, because a
-  transformer trained from scratch for a few epochs learns the small findings (nodule,
-  pneumothorax) markedly faster without them; AdamW 3e-4 with warmup + cosine over a
-  fixed 15 epochs (the paper: Adam 2e-4, reduce-on-plateau, up to 200 epochs with
-  early stopping on the validation loss). The paper's augmentation on the demo model:
-  `--config.input.pp_train="random_resized_crop(96)|flip_lr|rotate(7)"`.
-  """
-  config.dataset.image_size = 112
-  config.input.batch_size = 32
-  config.input.eval_batch_size = 100
-  config.input.pp_train = "resize(112)|center_crop(96)|flip_lr"
-  config.input.pp_eval = "resize(112)|center_crop(96)"
-  config.input.pp_test = "resize(112)|ten_crop(96)"
-  config.optim.optimizer = "adamw"
-  config.optim.lr = 3e-4
-  config.optim.weight_decay = 0.05
-  config.optim.schedule = "warmup_cosine"
-  config.optim.warmup_steps = 100
-  config.train.num_epochs = 15
-  config.train.patience = 15
-  config.train.log_every_steps = 20
+def to_dict(config: ml_collections.ConfigDict) -> dict:
+  """The resolved config as plain JSON types (config.json, results.json)."""
+  return json.loads(config.to_json_best_effort())

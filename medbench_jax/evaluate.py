@@ -1,109 +1,221 @@
-"""Validation and test evaluation: predictions gathered from every device and host,
-ten-crop averaging, metrics by scikit-learn, and the results.json file."""
+r"""Re-tests a finished run's best checkpoints, on its own test split or on another data set.
+
+  python -m medbench_jax.evaluate --workdir=workdirs/swinb_cxr14
+  python -m medbench_jax.evaluate --workdir=workdirs/swinb_cxr14 \
+      --config.dataset.name=chexpert --config.dataset.manual_dir=/data/CheXpert-v1.0
+
+Each trial's best checkpoint (WORKDIR/trial_K/ckpt/best) predicts the test split with the
+run's own preprocessing and test-time augmentation; results go to
+WORKDIR/eval/<dataset>.json in the results.json format (one entry per trial, summary).
+
+External validation: when the data set is another one, the classes both share are matched
+by name (case, spaces and underscores ignored, and the synonyms in SYNONYMS, e.g.
+ChestX-ray14's "Effusion" is CheXpert's "Pleural Effusion"), the model's outputs for them
+are scored against the other data set's labels, and the rest of either side is left out
+(listed in the output's "class_mapping"). `--config.KEY=VALUE` overrides any key of the
+run's config (e.g. the other data set's manual_dir, dataset.image_size, input.eval_batch_size).
+"""
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import json
-import math
-from typing import Any, Callable, Sequence
+import os
+import sys
+import time
+from typing import Any, Sequence
 
-import flax.linen as nn
-import grain
-import jax
-import jax.numpy as jnp
+import ml_collections
 import numpy as np
-import optax
-from jax.experimental import multihost_utils
-from jax.sharding import NamedSharding
+from absl import app
+from absl import flags
+from absl import logging
+from ml_collections import config_flags
 
-from medbench_jax import metrics
-from medbench_jax import sharding
-from medbench_jax.data import pipeline
+from medbench_jax import config_lib
+from medbench_jax import paths
+from medbench_jax import runtime
 
-EvalStep = Callable[[dict, dict], dict]
+# Finding names that differ between data sets for the same finding (normalised forms).
+SYNONYMS = (
+    ("effusion", "pleural effusion", "pe"),
+    ("fibrosis", "pulmonary fibrosis"),
+    ("pleural thickening", "pleural_thickening"),
+    ("tuberculosis", "tb"),
+)
 
-
-def make_eval_step(model: nn.Module, mean: Sequence[float], std: Sequence[float]) -> EvalStep:
-  """Probabilities and per-example BCE for a batch; (B, 10, H, W, 1) batches are ten-crop
-  stacks whose sigmoid outputs are averaged per image, as the reference code does."""
-
-  def eval_step(variables, batch):
-    images = batch["image"]
-    crops = images.shape[1] if images.ndim == 5 else 1
-    flat = images.reshape((-1,) + images.shape[-3:])
-    logits = model.apply(variables, pipeline.normalize(flat, mean, std), train=False)
-    logits = logits.astype(jnp.float32).reshape(images.shape[0], crops, -1)
-    probs = jax.nn.sigmoid(logits).mean(axis=1)
-    labels = batch["labels"]
-    if crops == 1:
-      loss = optax.sigmoid_binary_cross_entropy(logits[:, 0], labels)
-    else:
-      p = jnp.clip(probs, 1e-7, 1 - 1e-7)
-      loss = -(labels * jnp.log(p) + (1 - labels) * jnp.log1p(-p))
-    return {"probs": probs, "loss": loss.mean(axis=-1), "labels": labels,
-            "valid": batch["valid"]}
-
-  return eval_step
+_WORKDIR = flags.DEFINE_string("workdir", None, "A finished run's workdir.")
 
 
-def predict(eval_step: EvalStep, variables: dict, dataset: grain.IterDataset,
-            data_sharding: NamedSharding) -> dict[str, np.ndarray]:
-  """Runs the whole split; returns host numpy arrays of the valid examples only.
-
-  Every process returns the same complete arrays (gathered across hosts).
-  """
-  outputs = []
-  for local_batch in pipeline.iterate(dataset):
-    out = eval_step(variables, sharding.to_global(local_batch, data_sharding))
-    outputs.append(multihost_utils.process_allgather(out, tiled=True))
-  gathered = {k: np.concatenate([o[k] for o in outputs]) for k in outputs[0]}
-  valid = gathered.pop("valid").astype(bool)
-  return {k: v[valid] for k, v in gathered.items()}
+def _normalised(name: str) -> str:
+  name = " ".join(name.lower().replace("_", " ").split())
+  return next((group[0] for group in SYNONYMS if name in group), name)
 
 
-def classification_metrics(predictions: dict[str, np.ndarray],
-                           class_names: Sequence[str]) -> dict[str, float]:
-  result = metrics.multilabel_auc(predictions["labels"], predictions["probs"], class_names)
-  result["loss"] = float(predictions["loss"].mean())
+def match_classes(source: Sequence[str], target: Sequence[str]
+                  ) -> list[tuple[int, int]]:
+  """(source index, target index) of the classes two data sets share, by name."""
+  index = {_normalised(n): i for i, n in enumerate(target)}
+  return [(i, index[_normalised(n)]) for i, n in enumerate(source)
+          if _normalised(n) in index]
+
+
+@dataclasses.dataclass
+class SelectedClasses(Sequence):
+  """A split whose labels (or mask channels) are reduced to the given columns (picklable)."""
+  source: Sequence[dict]
+  columns: tuple[int, ...]
+  key: str
+
+  def __len__(self) -> int:
+    return len(self.source)
+
+  def __getitem__(self, i: int) -> dict:
+    example = self.source[i]
+    return {**example, self.key: np.asarray(example[self.key])[..., list(self.columns)]}
+
+
+def evaluate_run(workdir: str, config: ml_collections.ConfigDict) -> dict:
+  """Tests every finished trial of the run in `workdir` on `config.dataset`'s test split."""
+  # pylint: disable=g-import-not-at-top
+  import jax
+  from medbench_jax import tasks
+  from medbench_jax import weights
+  from medbench_jax.data import pipeline
+  from medbench_jax.data import sources
+  from medbench_jax.trainer import evaluation
+  from medbench_jax.trainer import results as results_lib
+  from medbench_jax.trainer import sharding
+  from medbench_jax.trainer import state as state_lib
+  # pylint: enable=g-import-not-at-top
+  start = time.perf_counter()
+  run = paths.read_json(os.path.join(workdir, "results.json"))
+  splits = sources.open_splits(config.dataset)
+  run_task = tasks.for_dataset(config, _run_info(splits.info, run))
+  pairs = match_classes(run["class_names"], splits.info.class_names)
+  if not pairs:
+    raise ValueError(f"The run's classes {run['class_names']} share none with "
+                     f"{config.dataset.name}'s {list(splits.info.class_names)}.")
+  model_columns, data_columns = (tuple(c) for c in zip(*pairs))
+  if run["dataset_kind"] == "multi-class" and len(pairs) < len(run["class_names"]):
+    raise ValueError(f"The run's classes are mutually exclusive (softmax over "
+                     f"{run['class_names']}); {config.dataset.name} has only {len(pairs)} "
+                     "of them, so its probabilities would not be the model's.")
+  shared = tuple(splits.info.class_names[j] for j in data_columns)
+  info = dataclasses.replace(
+      splits.info, class_names=shared,
+      eval_class_names=tuple(n for n in shared if n in splits.info.eval_class_names) or shared)
+  task = tasks.for_dataset(config, info)
+  key = "mask" if task.name == "segmentation" else "labels"
+  test = SelectedClasses(splits.test, data_columns, key)
+
+  mesh = sharding.make_mesh()
+  data_sharding = sharding.batch_sharding(mesh)
+  model = state_lib.create_model(config, run_task.num_outputs)
+  normalize = functools.partial(pipeline.normalize, **config_lib.normalization(config))
+  apply_fn = lambda variables, x, train: model.apply(variables, x, train=train)[
+      ..., list(model_columns)]
+  eval_step = jax.jit(task.make_eval_step(apply_fn, normalize), out_shardings=data_sharding)
+  dataset = functools.partial(
+      pipeline.eval_dataset, test, pp_spec=task.pp_eval(test=True), keys=task.keys,
+      local_batch_size=config.input.eval_batch_size // jax.process_count(),
+      num_workers=config.input.num_workers, process_index=jax.process_index(),
+      process_count=jax.process_count())
+
+  trials = []
+  for k, trial in enumerate(run["trials"]):
+    variables = weights.load(config.model.name, f"run:{workdir}/trial_{k}",
+                             run_task.num_outputs, keep_head=True, **config.model.kw.to_dict())
+    variables = jax.device_put(variables, sharding.replicated(mesh))
+    metrics = task.metrics(evaluation.predict(eval_step, variables, dataset(), data_sharding))
+    logging.info("trial %d on %s: %s", k, config.dataset.name, task.describe(metrics, True))
+    trials.append(results_lib.trial_record(
+        seed=trial["seed"], best_step=trial["best_step"],
+        best_val_loss=trial["best_val_loss"], test_metrics=metrics, cost={}))
+  resolved = config_lib.to_dict(config)
+  result = results_lib.assemble(
+      task_fields=task.results_fields(), config=resolved, trials=trials,
+      subset=run["label_subset"], skipped_examples=splits.info.skipped_examples,
+      provenance=results_lib.provenance(resolved, splits.info.split_hashes),
+      wall_s=time.perf_counter() - start)
+  result.update(
+      label_fraction=run["label_fraction"], source_run=os.path.abspath(workdir),
+      source_dataset=run["dataset"],
+      class_mapping={"shared": [[run["class_names"][i], splits.info.class_names[j]]
+                                for i, j in pairs],
+                     "model_only": [n for i, n in enumerate(run["class_names"])
+                                    if i not in model_columns],
+                     "data_only": [n for j, n in enumerate(splits.info.class_names)
+                                   if j not in data_columns]})
   return result
 
 
-def _json_number(x: Any) -> Any:
-  # JSON has no NaN: an undefined metric is written as null.
-  if isinstance(x, float) and math.isnan(x):
-    return None
-  return x
+def _run_info(info, run: dict):
+  """The data-set description the run was trained with (its classes and kind)."""
+  return dataclasses.replace(info, class_names=tuple(run["class_names"]),
+                             eval_class_names=tuple(run.get("eval_class_names",
+                                                            run["class_names"])),
+                             task=run["dataset_kind"])
 
 
-def assemble_results(*, config: dict, class_names: Sequence[str], trials: list[dict],
-                     subset: dict, skipped_examples: int = 0) -> dict:
-  """results.json as DESIGN.md specifies (metric "mean_auc" for classification)."""
-  values = [t["test"]["mean_auc"] for t in trials]
-  values = [math.nan if v is None else v for v in values]
-  return {
-      "task": "classification",
-      "metric": "mean_auc",
-      "dataset": config["dataset"]["name"],
-      "model": config["model"]["name"],
-      "init": config["model"]["init"],
-      "label_fraction": float(config["dataset"]["label_fraction"]),
-      "label_subset": subset,
-      "class_names": list(class_names),
-      "skipped_examples": skipped_examples,
-      "trials": trials,
-      "summary": {k: _json_number(v) for k, v in metrics.summarize(values).items()},
-      "config": config,
-  }
+def run_config(workdir: str) -> ml_collections.ConfigDict:
+  """The finished run's resolved config, on the current schema (new keys at defaults)."""
+  saved = paths.read_json(os.path.join(workdir, "config.json"))
+  config = config_lib.default_config()
+  config.unlock()
+  config.update_from_flattened_dict(_flatten(saved))
+  return config
 
 
-def trial_record(*, seed: int, best_step: int, best_val_loss: float,
-                 test_metrics: dict[str, float]) -> dict:
-  return {"seed": seed, "best_step": best_step, "best_val_loss": best_val_loss,
-          "test": {k: _json_number(v) for k, v in test_metrics.items()}}
+def _flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
+  flat = {}
+  for k, v in tree.items():
+    if isinstance(v, dict) and k != "kw":
+      flat.update(_flatten(v, f"{prefix}{k}."))
+    elif isinstance(v, dict):
+      flat[f"{prefix}{k}"] = ml_collections.ConfigDict(v)
+    else:
+      flat[f"{prefix}{k}"] = _tuples(v)
+  return flat
 
 
-def write_json(path, obj: dict) -> None:
-  text = json.dumps(obj, indent=2, allow_nan=False)
-  tmp = path.parent / (path.name + ".tmp")
-  tmp.write_text(text)
-  tmp.rename(path)
+def _tuples(value: Any) -> Any:
+  """JSON lists back to the tuples the schema holds."""
+  return tuple(_tuples(v) for v in value) if isinstance(value, list) else value
+
+
+def main(argv: Sequence[str]) -> None:
+  del argv
+  runtime.start()
+  # pylint: disable=g-import-not-at-top
+  from medbench_jax.data import prepare
+  # pylint: enable=g-import-not-at-top
+  config = flags.FLAGS.config
+  config_lib.validate(config)
+  if runtime.is_lead():
+    prepare.prepare_dataset(config.dataset)
+  runtime.barrier("evaluate_dataset_prepared")
+  result = evaluate_run(_WORKDIR.value, config)
+  out = os.path.join(_WORKDIR.value, "eval", f"{config.dataset.name}.json")
+  if runtime.is_lead():
+    os.makedirs(os.path.dirname(out), exist_ok=True)
+    paths.write_json(out, result)
+  print(json.dumps({"eval": out, "metric": result["metric"], **result["summary"]}))
+  runtime.stop()
+
+
+def _workdir_from_argv(argv: Sequence[str]) -> str:
+  for i, arg in enumerate(argv):
+    if arg.startswith("--workdir="):
+      return arg.split("=", 1)[1]
+    if arg == "--workdir" and i + 1 < len(argv):
+      return argv[i + 1]
+  raise app.UsageError("--workdir=RUN is required (a finished run's workdir).")
+
+
+if __name__ == "__main__":
+  # The run's own config is the base that --config.KEY=VALUE overrides, so it is read
+  # before the flags are parsed.
+  config_flags.DEFINE_config_dict("config", run_config(_workdir_from_argv(sys.argv)))
+  app.run(main)

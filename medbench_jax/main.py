@@ -1,12 +1,20 @@
-"""Entry point: `python -m medbench_jax.main --config=configs/swin.py --workdir=DIR`."""
+"""Entry point: `python -m medbench_jax.main --config=configs/swin.py --workdir=DIR`.
 
-import logging as py_logging
+flags -> process start-up (runtime) -> config checks -> the lead process prepares the
+data set (others wait) -> the trainer runs every trial of the task the data set names.
+"""
+
 import os
+import sys
 
 from absl import app
 from absl import flags
 from absl import logging
 from ml_collections import config_flags
+
+from medbench_jax import config_lib
+from medbench_jax import paths
+from medbench_jax import runtime
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", "configs/swin.py", "Config file, optionally with an arg: FILE:ARG.",
@@ -22,49 +30,38 @@ _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "With --coordinator
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "With --coordinator_address.")
 _MULTIPROCESS = flags.DEFINE_bool(
     "multiprocess", False, "Call jax.distributed.initialize() with auto-detection.")
-
-
-def default_workdir(config_arg: str) -> str:
-  path, _, arg = config_arg.partition(":")
-  name = os.path.splitext(os.path.basename(path))[0]
-  suffix = "".join(c if c.isalnum() or c in "-_." else "_" for c in arg)
-  return os.path.join("workdirs", name + (f"_{suffix}" if suffix else ""))
-
-
-class _QuietLibraries(py_logging.Filter):
-  """Keeps the run's own progress readable: libraries' INFO chatter is dropped."""
-  _LIBRARIES = ("/orbax/", "/tensorflow_datasets/", "/grain/", "/jax/", "/clu/")
-
-  def filter(self, record: py_logging.LogRecord) -> bool:
-    return (record.levelno >= py_logging.WARNING or
-            not any(lib in record.pathname for lib in self._LIBRARIES))
+_COMPILATION_CACHE = flags.DEFINE_string(
+    "compilation_cache", paths.COMPILATION_CACHE_DIR,
+    "JAX's persistent compilation cache folder; '' turns it off.")
 
 
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-  logging.get_absl_handler().addFilter(_QuietLibraries())
-  # TF is only here for TFDS and the TensorBoard writer: it must not take accelerators.
-  import tensorflow as tf  # pylint: disable=g-import-not-at-top
-  tf.config.set_visible_devices([], "GPU")
-
-  import jax  # pylint: disable=g-import-not-at-top
-  if _COORDINATOR.value:
-    # Collectives between CPU processes (simulated multi-host runs); GPUs/TPUs ignore it.
-    jax.config.update("jax_cpu_collectives_implementation", "gloo")
-    jax.distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
-  elif _MULTIPROCESS.value:
-    jax.distributed.initialize()
-
-  from medbench_jax import train  # pylint: disable=g-import-not-at-top
-  workdir = _WORKDIR.value or default_workdir(
+  runtime.start(coordinator_address=_COORDINATOR.value, num_processes=_NUM_PROCESSES.value,
+                process_id=_PROCESS_ID.value, multiprocess=_MULTIPROCESS.value,
+                compilation_cache_dir=_COMPILATION_CACHE.value)
+  # pylint: disable=g-import-not-at-top
+  from medbench_jax.data import prepare
+  from medbench_jax.trainer import trials
+  # pylint: enable=g-import-not-at-top
+  config = _CONFIG.value
+  config_lib.validate(config)
+  workdir = _WORKDIR.value or paths.default_workdir(
       config_flags.get_config_filename(flags.FLAGS["config"]))
   logging.info("Workdir: %s", workdir)
-  train.train_and_evaluate(_CONFIG.value, workdir)
-  if _COORDINATOR.value or _MULTIPROCESS.value:
-    # Leave together: process 0 hosts the coordination service, and a process that finds
-    # it gone before its own shutdown aborts.
-    jax.distributed.shutdown()
+  if runtime.is_lead() and not os.path.exists(os.path.join(workdir, "results.json")):
+    prepare.prepare_dataset(config.dataset)
+  runtime.barrier("dataset_prepared")
+  runtime.watch_for_preemption()
+  try:
+    trials.train_and_evaluate(config, workdir)
+  except runtime.Preempted as e:
+    logging.warning("Preempted at step %s; state saved in %s. Rerun the same command to "
+                    "resume.", e, workdir)
+    runtime.stop()
+    sys.exit(runtime.EXIT_PREEMPTED)
+  runtime.stop()
 
 
 if __name__ == "__main__":

@@ -14,7 +14,9 @@ over. Prints one JSON line per split, e.g.
   {"dataset": "chestxray14", "split": "train", "examples": 75312, "skipped": 0,
    "prevalence": {"Atelectasis": 0.097, ...}}
 Training (medbench_jax.main) prepares on first use too; this command does it ahead,
-with all cores, and shows the report without starting a run.
+with all cores, and shows the report without starting a run. For the phantom sets
+(phantom_cxr, phantom_cxr_seg), --manual_dir is the generated folder: a phantom found
+there is prepared as it was generated, an empty folder gets the default one.
 """
 
 import contextlib
@@ -22,29 +24,51 @@ import os
 import sys
 import time
 
+import ml_collections
 from absl import app
 from absl import flags
 from absl import logging
 
 from medbench_jax import config_lib
-from medbench_jax.data import builders
+from medbench_jax import paths
+from medbench_jax.data import prepare
+from medbench_jax.data.prepare import registry
+from medbench_jax.data.prepare.errors import DataFormatError
 
-_DATASET = flags.DEFINE_enum("dataset", None, sorted(builders.BUILDERS), "Data set name.")
+# The csv_folder layout options and their defaults, as a run's config has them.
+_DEFAULTS = config_lib.default_config().dataset
+
+_DATASET = flags.DEFINE_enum("dataset", None, registry.names(), "Data set name.")
 _MANUAL_DIR = flags.DEFINE_string(
     "manual_dir", None, "Folder holding the data set as its publisher distributes it.")
 _DATA_DIR = flags.DEFINE_string(
-    "data_dir", os.path.join(config_lib.DEFAULT_CACHE, "tfds"),
-    "Where the prepared ArrayRecords go (config.dataset.data_dir of the runs).")
+    "data_dir", "", "Where the prepared ArrayRecords go (config.dataset.data_dir of the "
+    f"runs); default: where runs look ({os.path.join(paths.CACHE_DIR, 'tfds')}, "
+    "for the phantom beside its generated folder).")
 _IMAGE_SIZE = flags.DEFINE_integer(
-    "image_size", config_lib.default_config().dataset.image_size,
+    "image_size", _DEFAULTS.image_size,
     "Stored resolution (config.dataset.image_size of the runs).")
 _SKIP_BAD = flags.DEFINE_bool(
     "skip_bad", False, "Prepare the good examples and count the bad ones instead of failing.")
 _WORKERS = flags.DEFINE_integer("workers", None, "Decoding processes; default: all cores.")
-# --dataset=csv_folder only: the layout (data/builders.py CsvConfig).
+# --dataset=csv_folder only: the layout (data/prepare/csv_folder.py CsvConfig).
 _CSV = {key: flags.DEFINE_string(f"csv_{key}" if key != "csv" else "csv", default,
                                  f"csv_folder layout: {key}.")
-        for key, default in builders.CsvConfig.OPTIONS.items()}
+        for key, default in _DEFAULTS.csv.items()}
+
+
+def dataset_config() -> ml_collections.ConfigDict:
+  """The flags as a run's config.dataset."""
+  d = config_lib.default_config().dataset
+  d.update(name=_DATASET.value, manual_dir=_MANUAL_DIR.value, data_dir=_DATA_DIR.value,
+           image_size=_IMAGE_SIZE.value, skip_bad=_SKIP_BAD.value)
+  d.csv.update({key: flag.value for key, flag in _CSV.items()})
+  if d.name in prepare.PHANTOM_DATASETS:
+    from medbench_jax.data.prepare import phantom  # pylint: disable=g-import-not-at-top
+    generated = phantom.generated_params(os.path.expanduser(d.manual_dir))
+    if generated:
+      d.phantom.update({key: generated[key] for key in d.phantom.keys()})
+  return d
 
 
 def main(argv):
@@ -54,18 +78,13 @@ def main(argv):
   try:
     # TFDS prints progress on stdout, which is kept for the JSON lines.
     with contextlib.redirect_stdout(sys.stderr):
-      options = ({key: flag.value for key, flag in _CSV.items()}
-                 if builders.takes_options(_DATASET.value) else None)
-      builder = builders.prepare(_DATASET.value, os.path.expanduser(_MANUAL_DIR.value),
-                                 os.path.expanduser(_DATA_DIR.value), _IMAGE_SIZE.value,
-                                 skip_bad=_SKIP_BAD.value, workers=_WORKERS.value,
-                                 options=options)
-  except builders.DataFormatError as e:
+      builder = prepare.prepare_dataset(dataset_config(), workers=_WORKERS.value)
+  except DataFormatError as e:
     print(e, file=sys.stderr)
     sys.exit(1)
   logging.info("%s ready in %s (%.1f s)", _DATASET.value, builder.data_dir,
                time.perf_counter() - start)
-  print(builders.summary_lines(builder), flush=True)
+  print(prepare.summary_lines(_DATASET.value, builder), flush=True)
 
 
 if __name__ == "__main__":

@@ -21,7 +21,7 @@ def pytest_configure(config):
 @pytest.fixture(scope="session")
 def phantom_dir(tmp_path_factory):
   """A small generated phantom data set in its on-disk (ChestX-ray14 list) format."""
-  from medbench_jax.data import phantom  # pylint: disable=g-import-not-at-top
+  from medbench_jax.data.prepare import phantom  # pylint: disable=g-import-not-at-top
   path = tmp_path_factory.mktemp("phantom")
   phantom.generate(path, seed=0, num_train=96, num_val=40, num_test=40, image_size=96)
   return path
@@ -29,5 +29,6 @@ def phantom_dir(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def phantom_builder(phantom_dir, tmp_path_factory):
-  from medbench_jax.data import builders  # pylint: disable=g-import-not-at-top
-  return builders.prepare("phantom_cxr", phantom_dir, tmp_path_factory.mktemp("tfds"), 64)
+  from medbench_jax.data import prepare  # pylint: disable=g-import-not-at-top
+  builder = prepare.get_builder("phantom_cxr", 64, tmp_path_factory.mktemp("tfds"))
+  return builder.prepare_once(phantom_dir)

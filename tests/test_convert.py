@@ -14,7 +14,7 @@ import torchvision
 
 from medbench_jax import config_lib, convert, models, train, weights
 from tests import parity
-from tests.test_formats import moco
+from tests.publishers import moco
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -16,8 +16,8 @@ from medbench_jax import models, weights
 from tests import parity
 
 K = 5
-CHANNELS = {"densenet121": (256, 512, 1024, 1024), "densenet169": (256, 512, 1280, 1664),
-            "densenet201": (256, 512, 1792, 1920)}
+CHANNELS = {"densenet121": (256, 512, 1024, 1024), "densenet161": (384, 768, 2112, 2208),
+            "densenet169": (256, 512, 1280, 1664), "densenet201": (256, 512, 1792, 1920)}
 
 
 def _reference(name: str, size: int, source: str = "timm", num_classes: int = K,
@@ -41,6 +41,7 @@ def _old_spelling(key: str) -> str:
 
 PARITY = [
     ("densenet121", 64),
+    pytest.param("densenet161", 224, marks=pytest.mark.slow),
     pytest.param("densenet169", 64, marks=pytest.mark.slow),
     pytest.param("densenet201", 64, marks=pytest.mark.slow),
     pytest.param("densenet121", 224, marks=pytest.mark.slow),
@@ -63,6 +64,17 @@ def test_forward_parity_with_timm(tmp_path, name, size):
   features_diff = np.abs(np.asarray(features) - expected).max()
   print(f"{name} pooled features at {size}px: max |diff| {features_diff:.2e}")
   assert features_diff <= 1e-4
+
+
+def test_densenet161_widths_match_torchvision(tmp_path):
+  """densenet161's own widths (growth 48, 96 stem channels) through its registered factory,
+  against torchvision's DenseNet with them; two layers per block compile in seconds, the
+  full (6, 12, 36, 24) is the slow timm parity case above."""
+  torch.manual_seed(0)
+  reference = parity.calibrate_batch_norm(torchvision.models.DenseNet(
+      growth_rate=48, block_config=(2, 2, 2, 2), num_init_features=96, num_classes=K), 32)
+  parity.assert_every_format_matches("densenet161", reference, tmp_path,
+                                     torch.randn(2, 3, 32, 32), K, block_config=(2, 2, 2, 2))
 
 
 def test_torchvision_old_key_spelling(tmp_path):

@@ -10,8 +10,8 @@ from pydicom.dataset import Dataset
 from pydicom.pixels import apply_modality_lut, apply_voi, apply_voi_lut
 from pydicom.sequence import Sequence
 
-from medbench_jax.data import builders
-from medbench_jax.data import dicom
+from medbench_jax.data.prepare import dicom
+from medbench_jax.data.prepare.errors import DataFormatError
 
 
 def _testdata(name: str) -> str:
@@ -160,7 +160,7 @@ def test_undecodable_compressed_file_names_file_and_decoders():
 def test_bad_inputs_name_the_file(tmp_path):
   not_dicom = tmp_path / "notes.dcm"
   not_dicom.write_text("not a DICOM file")
-  with pytest.raises(builders.DataFormatError, match=r"notes.dcm: not a readable DICOM"):
+  with pytest.raises(DataFormatError, match=r"notes.dcm: not a readable DICOM"):
     dicom.read_gray(not_dicom)
   with pytest.raises(dicom.DicomError, match=r"SC_rgb_small_odd.dcm: PhotometricInterpretation 'RGB' "
                                              r"is not grayscale"):

@@ -5,16 +5,12 @@ import csv
 import numpy as np
 import pytest
 
-from medbench_jax.data import builders
-from medbench_jax.data import dicom
-from medbench_jax.data import dicom_sets
+from medbench_jax.data.prepare import dicom
+from medbench_jax.data.prepare import dicom_sets
+from medbench_jax.data.prepare.errors import DataFormatError
+from medbench_jax.data.splits import SPLITS
 from tests import dicom_files
-
-SPLITS = ("train", "validation", "test")
-
-
-def _prepare(name, manual_dir, tmp_path, **kw):
-  return builders.prepare(name, manual_dir, tmp_path / "tfds", 16, workers=1, **kw)
+from tests import layouts
 
 
 def _by_name(builder, split):
@@ -63,7 +59,7 @@ def test_vindr_aggregation_policies_and_official_test(tmp_path):
               "vindr_cxr_all": lambda v: v.sum(0) == 3}
   split_members = []
   for name, policy in expected.items():
-    builder = _prepare(name, tmp_path / "raw", tmp_path)
+    builder = layouts.prepare_layout(name, tmp_path / "raw", tmp_path)
     assert builder.info.metadata["label_names"] == list(dicom_sets.VINDR_LABELS)
     examples = {s: _by_name(builder, s) for s in SPLITS}
     split_members.append({s: sorted(e) for s, e in examples.items()})
@@ -92,17 +88,17 @@ def test_vindr_bad_rows_name_file_and_line(tmp_path):
   first_test = next(iter(test))
   with open(root / "annotations" / "image_labels_test.csv", "a", newline="") as f:
     csv.writer(f).writerow([first_test, *[0] * len(dicom_sets.VINDR_LABELS)])
-  with pytest.raises(builders.DataFormatError) as error:
-    _prepare("vindr_cxr", tmp_path / "raw", tmp_path)
+  with pytest.raises(DataFormatError) as error:
+    layouts.prepare_layout("vindr_cxr", tmp_path / "raw", tmp_path)
   message = str(error.value)
   assert "image_labels_train.csv:3: labels must be 0 or 1; columns ['No finding']" in message
   assert f"image_labels_test.csv:6: {first_test} has several rows" in message
 
 
 def test_vindr_missing_annotations_say_what_to_provide(tmp_path):
-  with pytest.raises(builders.DataFormatError, match=r"expected one image_labels_train.csv "
+  with pytest.raises(DataFormatError, match=r"expected one image_labels_train.csv "
                                                      r"below it, found none.*PhysioNet"):
-    _prepare("vindr_cxr", tmp_path, tmp_path)
+    layouts.prepare_layout("vindr_cxr", tmp_path, tmp_path)
 
 
 # ---------------------------------------------------------------- RSNA Pneumonia
@@ -132,8 +128,8 @@ def _rsna(root, rng, count=40):
 
 def test_rsna_three_class_and_binary_share_patient_splits(tmp_path):
   classes = _rsna(tmp_path / "raw", np.random.default_rng(2))
-  three = _prepare("rsna_pneumonia", tmp_path / "raw", tmp_path)
-  binary = _prepare("rsna_pneumonia_binary", tmp_path / "raw", tmp_path)
+  three = layouts.prepare_layout("rsna_pneumonia", tmp_path / "raw", tmp_path)
+  binary = layouts.prepare_layout("rsna_pneumonia_binary", tmp_path / "raw", tmp_path)
   assert three.info.metadata["task"] == "multi-class"
   assert binary.info.metadata["label_names"] == ["Lung Opacity"]
   members = {}
@@ -147,7 +143,7 @@ def test_rsna_three_class_and_binary_share_patient_splits(tmp_path):
         expected = [classes[patient] == label for label in builder.LABELS]
         np.testing.assert_array_equal(example["labels"], np.float32(expected))
   assert members["rsna_pneumonia"] == members["rsna_pneumonia_binary"]
-  table = builders.label_table(three, "test")
+  table = three.label_table("test")
   assert set(table["patient"]) == set(members["rsna_pneumonia"]["test"])
 
 
@@ -156,10 +152,10 @@ def test_rsna_contradicting_rows_are_reported_and_skippable(tmp_path):
   normal = next(p for p, k in classes.items() if k == "Normal")
   with open(tmp_path / "raw" / "stage_2_train_labels.csv", "a", newline="") as f:
     csv.writer(f).writerow([normal, 1, 2, 3, 4, 1])
-  with pytest.raises(builders.DataFormatError, match=r"stage_2_train_labels.csv:\d+: Target "
+  with pytest.raises(DataFormatError, match=r"stage_2_train_labels.csv:\d+: Target "
                                                      r"'1' contradicts '0'"):
-    _prepare("rsna_pneumonia", tmp_path / "raw", tmp_path)
+    layouts.prepare_layout("rsna_pneumonia", tmp_path / "raw", tmp_path)
   # The contradicting row is dropped; the patient's first, consistent row stays.
-  builder = _prepare("rsna_pneumonia", tmp_path / "raw", tmp_path, skip_bad=True)
+  builder = layouts.prepare_layout("rsna_pneumonia", tmp_path / "raw", tmp_path, skip_bad=True)
   assert builder.info.metadata["skipped"]["train"] == 1
   assert sum(len(builder.as_data_source(s)) for s in SPLITS) == len(classes)

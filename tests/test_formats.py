@@ -1,18 +1,15 @@
-"""Checkpoint formats as their publishers save them: each fixture wraps a random-init
-torchvision/timm model's state dict exactly as the publisher's training script does
-(wrapper keys, prefixes, heads, momentum encoders, queues, optimizer state, legacy
-serialisation where they released such files), then loads it through weights.load and
-compares outputs with the torch model, and the normalised state dict with its backbone."""
+"""Checkpoint formats as their publishers save them: each fixture (tests/publishers.py)
+wraps a random-init torchvision/timm model's state dict exactly as the publisher's training
+script does (wrapper keys, prefixes, heads, momentum encoders, queues, optimizer state,
+configs, legacy serialisation where they released such files), then loads it through
+weights.load and compares outputs with the torch model, and the normalised state dict with
+its backbone."""
 
-import argparse
-import collections
-import contextlib
 import copy
+import logging
 import os
 import pickle
 import re
-import sys
-import types
 import uuid
 
 import numpy as np
@@ -20,11 +17,16 @@ import pytest
 import timm
 import torch
 import torchvision
+from scipy import interpolate
+from timm.layers import pos_embed_rel
+from timm.models import swin_transformer
 from timm.models.swin_transformer import SwinTransformer as TimmSwin
 
 from medbench_jax import weights
+from medbench_jax.models import swin
 from medbench_jax.weights import formats
 from tests import parity
+from tests import publishers
 
 K = 4
 SIZE = 32
@@ -37,144 +39,24 @@ def _resnet(name: str = "resnet18", seed: int = 0) -> torch.nn.Module:
   return parity.calibrate_batch_norm(model, SIZE, lambda m: m.endswith(last_bn))
 
 
-def _backbone(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-  return {k: v for k, v in model.state_dict().items() if not k.startswith("fc.")}
-
-
-def _prefixed(prefix: str, state_dict: dict) -> dict:
-  return {prefix + k: v for k, v in state_dict.items()}
-
-
-def _optimizer_state(model: torch.nn.Module) -> dict:
-  """SGD state after one step, as training checkpoints carry it."""
-  optimizer = torch.optim.SGD(model.parameters(), lr=0.03, momentum=0.9, weight_decay=1e-4)
-  for p in model.parameters():
-    p.grad = torch.zeros_like(p)
-  optimizer.step()
-  return optimizer.state_dict()
-
-
-def _mlp(prefix: str, dims: list[int], bn: bool = False) -> dict:
-  """Linear layers (index 0, 2, ...) of an nn.Sequential MLP, with BatchNorm1d at odd
-  indices when `bn` (SwAV's projection head)."""
-  out, index = {}, 0
-  for d_in, d_out in zip(dims, dims[1:]):
-    out[f"{prefix}{index}.weight"] = torch.randn(d_out, d_in)
-    out[f"{prefix}{index}.bias"] = torch.randn(d_out)
-    if bn and d_out != dims[-1]:
-      out.update({f"{prefix}{index + 1}.weight": torch.ones(d_out),
-                  f"{prefix}{index + 1}.bias": torch.zeros(d_out),
-                  f"{prefix}{index + 1}.running_mean": torch.zeros(d_out),
-                  f"{prefix}{index + 1}.running_var": torch.ones(d_out),
-                  f"{prefix}{index + 1}.num_batches_tracked": torch.tensor(7)})
-      index += 1
-    index += 2
-  return out
-
-
 def _features(model: torch.nn.Module) -> torch.nn.Module:
   features = copy.deepcopy(model)
   features.fc = torch.nn.Identity()
   return features.eval()
 
 
-# --- publisher layouts: (checkpoint object, keys the format must drop) --------------------
-
-def moco(model, version):
-  """facebookresearch/moco main_moco.py: DDP(MoCo) with encoder_q/encoder_k, queue."""
-  feat = model.fc.in_features
-  head = (_mlp("fc.", [feat, feat, 16]) if version == 2 else
-          {"fc.weight": torch.randn(16, feat), "fc.bias": torch.randn(16)})
-  encoder = {**_backbone(model), **head}
-  state = {**_prefixed("module.encoder_q.", encoder),
-           **_prefixed("module.encoder_k.", {k: v + 1 for k, v in encoder.items()}),
-           "module.queue": torch.randn(16, 32),
-           "module.queue_ptr": torch.zeros(1, dtype=torch.long)}
-  ckpt = {"epoch": 200, "arch": "resnet50", "state_dict": state,
-          "optimizer": _optimizer_state(copy.deepcopy(model))}
-  dropped = [k for k in state if not k.startswith("module.encoder_q.")] + [
-      f"module.encoder_q.{k}" for k in head]
-  return ckpt, dropped
-
-
-def swav(model, prototypes):
-  """facebookresearch/swav: the released *_pretrain.pth.tar is the DDP state dict itself,
-  with projection_head and prototypes (MultiPrototypes for DeepCluster-v2/SeLa-v2)."""
-  feat = model.fc.in_features
-  extra = _mlp("projection_head.", [feat, 32, 16], bn=True)
-  if prototypes == "single":
-    extra["prototypes.weight"] = torch.randn(30, 16)
-  else:
-    extra.update({f"prototypes.prototypes{i}.weight": torch.randn(30, 16) for i in range(3)})
-  state = _prefixed("module.", {**_backbone(model), **extra})
-  return state, [f"module.{k}" for k in extra]
-
-
-def pycontrast(model, method):
-  """HobbitLong/PyContrast ContrastTrainer.save: DDP(RGBSingleHead/RGBMultiHeads) under
-  'model', memory under 'contrast', and for MoCo-style methods (InfoMin) 'model_ema'."""
-  feat = model.fc.in_features
-  heads = _prefixed("head.", _mlp("", [feat, feat, 16]) if method == "infomin"
-                    else {"0.weight": torch.randn(16, feat), "0.bias": torch.randn(16)})
-  if method == "pirl":
-    heads.update({"head_jig.fc1.weight": torch.randn(16, feat), "head_jig.fc1.bias":
-                  torch.randn(16), "head_jig.fc2.weight": torch.randn(16, 144),
-                  "head_jig.fc2.bias": torch.randn(16)})
-  online = {**_prefixed("encoder.", _backbone(model)), **heads}
-  ckpt = {"model": _prefixed("module.", online), "epoch": 200,
-          "contrast": {"memory": torch.randn(32, 16), "params": torch.tensor([16.0, 0.07])},
-          "optimizer": _optimizer_state(copy.deepcopy(model))}
-  if method == "infomin":
-    ckpt["model_ema"] = {k: v + 1 for k, v in online.items()}
-  return ckpt, [f"module.{k}" for k in heads]
-
-
-def dino(model):
-  """facebookresearch/dino main_dino.py save_dict: MultiCropWrapper(backbone, DINOHead)
-  for the DDP student and the plain teacher, argparse args, loss center."""
-  return _dino_checkpoint(_backbone(model), model.fc.in_features,
-                          _optimizer_state(copy.deepcopy(model)))
-
-
-def _dino_checkpoint(backbone: dict, dim: int, optimizer: dict):
-  def network(prefix, shift):
-    return {**_prefixed(prefix + "backbone.", {k: v + shift if v.is_floating_point() else v
-                                                for k, v in backbone.items()}),
-            **_prefixed(prefix + "head.mlp.", _mlp("", [dim, 32, 8])),
-            prefix + "head.last_layer.weight_g": torch.ones(64, 1),
-            prefix + "head.last_layer.weight_v": torch.randn(64, 8)}
-  teacher, student = network("", 0.0), network("module.", 0.5)
-  ckpt = {"student": student, "teacher": teacher, "epoch": 100, "optimizer": optimizer,
-          "args": argparse.Namespace(arch="resnet50", out_dim=64, lr=0.0005, local_crops_number=6),
-          "dino_loss": {"center": torch.randn(1, 64)}}
-  return ckpt, [k for k in teacher if not k.startswith("backbone.")]
-
-
-def reference(model):
-  """jlianglab/BenchmarkTransferLearning engine: DataParallel model with an
-  nn.Sequential(Linear, Sigmoid) classifier, Adam and ReduceLROnPlateau state, lossMIN."""
-  state = {("fc.0." + k[3:] if k.startswith("fc.") else k): v
-           for k, v in model.state_dict().items()}
-  model_copy = copy.deepcopy(model)
-  optimizer = torch.optim.Adam(model_copy.parameters(), lr=2e-4)
-  scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, factor=0.5, patience=5)
-  scheduler.step(0.3)
-  return {"epoch": 12, "lossMIN": 0.18, "state_dict": _prefixed("module.", state),
-          "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}, []
-
-
 FEATURE_CASES = [
     # (id, layout builder, expected format, torch.save legacy format as released, compare
     # outputs too: once per format; variants of a format compare the normalised parameters)
-    ("moco_v1", lambda m: moco(m, 1), "moco", True, False),
-    ("moco_v2", lambda m: moco(m, 2), "moco", True, True),
-    ("swav", lambda m: swav(m, "single"), "swav", True, True),
-    ("deepcluster_v2", lambda m: swav(m, "multi"), "swav", False, False),
-    ("insdis", lambda m: pycontrast(m, "insdis"), "pycontrast", False, False),
-    ("pirl", lambda m: pycontrast(m, "pirl"), "pycontrast", False, False),
-    ("infomin", lambda m: pycontrast(m, "infomin"), "pycontrast", False, True),
-    ("dino_resnet", dino, "dino", False, True),
-    ("barlow_twins", lambda m: (_backbone(m), []), "plain", False, True),
+    ("moco_v1", lambda m: publishers.moco(m, 1), "moco", True, False),
+    ("moco_v2", lambda m: publishers.moco(m, 2), "moco", True, True),
+    ("swav", lambda m: publishers.swav(m, "single"), "swav", True, True),
+    ("deepcluster_v2", lambda m: publishers.swav(m, "multi"), "swav", False, False),
+    ("insdis", lambda m: publishers.pycontrast(m, "insdis"), "pycontrast", False, False),
+    ("pirl", lambda m: publishers.pycontrast(m, "pirl"), "pycontrast", False, False),
+    ("infomin", lambda m: publishers.pycontrast(m, "infomin"), "pycontrast", False, True),
+    ("dino_resnet", publishers.dino, "dino", False, True),
+    ("barlow_twins", lambda m: (publishers.resnet_backbone(m), []), "plain", False, True),
 ]
 
 
@@ -193,7 +75,7 @@ def test_ssl_resnet_formats(tmp_path, resnet18, case, build, fmt, legacy, forwar
   normalised = weights.read_state_dict(path)
   assert normalised.format == fmt
   assert sorted(normalised.dropped) == sorted(dropped)
-  expected = _backbone(resnet18)
+  expected = publishers.resnet_backbone(resnet18)
   assert sorted(normalised.state_dict) == sorted(expected)
   for k, v in expected.items():
     np.testing.assert_array_equal(normalised.state_dict[k], v.numpy(), err_msg=k)
@@ -206,7 +88,7 @@ def test_ssl_resnet_formats(tmp_path, resnet18, case, build, fmt, legacy, forwar
 
 
 def test_study_checkpoint_keeps_its_sigmoid_head(tmp_path, resnet18):
-  ckpt, _ = reference(resnet18)
+  ckpt, _ = publishers.reference(resnet18)
   path = str(tmp_path / "ImageNet_chestxray14.pth.tar")
   torch.save(ckpt, path)
   normalised = weights.read_state_dict(path)
@@ -230,12 +112,9 @@ def test_study_swin_checkpoint(tmp_path):
   torch.manual_seed(0)
   model = TimmSwin(num_classes=K, img_size=96, window_size=4, embed_dim=48,
                    depths=(2, 2, 2, 2), num_heads=(2, 4, 8, 16)).eval()
-  microsoft = {}
-  for key, value in model.state_dict().items():
-    for stage in (1, 2, 3):
-      key = key.replace(f"layers.{stage}.downsample", f"layers.{stage - 1}.downsample")
-    microsoft[key.replace("head.fc.", "head.")] = value
-  torch.save({"epoch": 30, "lossMIN": 0.15, "state_dict": _prefixed("module.", microsoft)},
+  microsoft = publishers.microsoft_swin(model)
+  torch.save({"epoch": 30, "lossMIN": 0.15,
+              "state_dict": publishers.prefixed("module.", microsoft)},
              tmp_path / "swin_mimic.pth.tar")
   path = str(tmp_path / "swin_mimic.pth.tar")
   assert weights.read_state_dict(path).format == "reference"
@@ -245,7 +124,7 @@ def test_study_swin_checkpoint(tmp_path):
 
 
 def test_dino_student_by_explicit_format(tmp_path, resnet18):
-  ckpt, _ = dino(resnet18)
+  ckpt, _ = publishers.dino(resnet18)
   path = tmp_path / "dino_resnet50_pretrain_full_checkpoint.pth"
   torch.save(ckpt, path)
   student = weights.read_state_dict(f"dino_student:{path}")
@@ -259,11 +138,40 @@ def test_dino_student_by_explicit_format(tmp_path, resnet18):
 
 def test_wrong_format_is_named_in_the_error(tmp_path, resnet18):
   """A MoCo checkpoint read as plain fails listing the unexpected keys and the formats."""
-  ckpt, _ = moco(resnet18, 2)
+  ckpt, _ = publishers.moco(resnet18, 2)
   path = tmp_path / "moco.pth.tar"
   torch.save(ckpt, path)
   with pytest.raises(ValueError, match=r"(?s)unexpected in the checkpoint.*encoder_k.*FORMAT:PATH"):
     weights.load("resnet18", f"plain:{path}", num_classes=K)
+
+
+@pytest.mark.parametrize("prefix", ["encoder.", "backbone.", "swin_model.", "module.backbone."])
+def test_sub_module_prefix_is_stripped_and_logged(tmp_path, resnet18, prefix, caplog):
+  """A state dict saved from a wrapper's sub-module, as the study's loader strips it."""
+  expected = publishers.resnet_backbone(resnet18)
+  path = tmp_path / "model.pth"
+  torch.save(publishers.prefixed(prefix, expected), path)
+  with caplog.at_level(logging.INFO):
+    variables = weights.load("resnet18", str(path), num_classes=0)
+  parts = re.findall(r"[a-z_]+\.", prefix)
+  assert weights.read_state_dict(str(path)).stripped_prefixes == {
+      part: len(expected) for part in parts}
+  for part in parts:
+    assert f"Stripped prefix {part!r} from {len(expected)} keys" in caplog.text
+  np.testing.assert_array_equal(variables["params"]["layer1_0"]["conv1"]["kernel"],
+                                expected["layer1.0.conv1.weight"].numpy().transpose(2, 3, 1, 0))
+
+
+def test_prefixes_of_a_whole_wrapper_are_kept(tmp_path, resnet18):
+  """An smp U-Net's encoder.* beside decoder.* is the whole model: left to its converter."""
+  state = {**publishers.prefixed("encoder.", publishers.resnet_backbone(resnet18)),
+           "decoder.blocks.0.conv1.0.weight": torch.randn(8, 4, 3, 3),
+           "segmentation_head.0.weight": torch.randn(1, 8, 3, 3)}
+  torch.save(state, tmp_path / "unet.pth")
+  normalised = weights.read_state_dict(str(tmp_path / "unet.pth"))
+  assert normalised.format == "plain"
+  assert normalised.stripped_prefixes == {}
+  assert sorted(normalised.state_dict) == sorted(state)
 
 
 def test_beit_is_refused_with_the_reason(tmp_path):
@@ -276,95 +184,10 @@ def test_beit_is_refused_with_the_reason(tmp_path):
 
 # --- BYOL: the Haiku pickle ---------------------------------------------------------------
 
-@contextlib.contextmanager
-def _fake_modules(classes: dict[str, type]):
-  """Importable stand-ins for byol.* / haiku.* classes while pickling, as dill would find
-  the real ones; removed afterwards so the reader cannot rely on them."""
-  created = []
-  for qualified, cls in classes.items():
-    module_name, _, name = qualified.rpartition(".")
-    parts = module_name.split(".")
-    for i in range(1, len(parts) + 1):
-      prefix = ".".join(parts[:i])
-      if prefix not in sys.modules:
-        sys.modules[prefix] = types.ModuleType(prefix)
-        created.append(prefix)
-    cls.__module__, cls.__qualname__, cls.__name__ = module_name, name, name
-    setattr(sys.modules[module_name], name, cls)
-  try:
-    yield
-  finally:
-    for name in created:
-      del sys.modules[name]
-
-
-class _FrozenDict(dict):
-  """haiku._src.data_structures.frozendict pickles as frozendict(dict)."""
-
-  def __reduce__(self):
-    return type(self), (dict(self),)
-
-
-_ByolState = collections.namedtuple(
-    "_ByolState", "online_params target_params online_state target_state opt_state")
-_LarsState = collections.namedtuple("_LarsState", "momentum")
-
-
-def _haiku_module(torch_module: str) -> str:
-  """torchvision module name -> BYOL's Haiku module path (written independently of the
-  reader's table)."""
-  if torch_module in ("conv1", "bn1"):
-    return "res_net50/~/" + {"conv1": "initial_conv", "bn1": "initial_batchnorm"}[torch_module]
-  layer, block, *rest = torch_module.split(".")
-  group = f"res_net50/~/block_group_{int(layer[5:]) - 1}/~/block_{block}/~/"
-  if rest[0] == "downsample":
-    return group + ("shortcut_conv" if rest[1] == "0" else "shortcut_batchnorm")
-  kind, index = rest[0][:-1], int(rest[0][-1]) - 1
-  return group + {"conv": "conv_", "bn": "batchnorm_"}[kind] + str(index)
-
-
-def byol_pickle(model: torch.nn.Module, path: str) -> None:
-  """byol/utils/checkpointing.py: dill.dump(dict(experiment_state=..., step, rng), protocol=2)
-  of numpy arrays in Haiku frozendicts inside the _ByolExperimentState NamedTuple."""
-  params, state = {}, {}
-  for key, value in model.state_dict().items():
-    module, leaf = key.rsplit(".", 1)
-    value = value.numpy()
-    if module == "fc":
-      params.setdefault("classifier", {})["w" if leaf == "weight" else "b"] = (
-          value.T if leaf == "weight" else value)
-      continue
-    name = _haiku_module(module)
-    if value.ndim == 4:
-      params[name] = {"w": value.transpose(2, 3, 1, 0)}
-    elif leaf in ("weight", "bias"):
-      params.setdefault(name, {})["scale" if leaf == "weight" else "offset"] = value.reshape(
-          1, 1, 1, -1)
-    elif leaf in ("running_mean", "running_var"):
-      ema = "mean_ema" if leaf == "running_mean" else "var_ema"
-      state[f"{name}/~/{ema}"] = {"average": value.reshape(1, 1, 1, -1),
-                                  "hidden": value.reshape(1, 1, 1, -1) * 0.9,
-                                  "counter": np.int32(1000)}
-  for mlp in ("projector", "predictor"):
-    params[f"{mlp}/~/linear"] = {"w": np.ones((8, 16), np.float32), "b": np.zeros(16, np.float32)}
-    params[f"{mlp}/~/batch_norm"] = {"scale": np.ones((1, 16), np.float32),
-                                     "offset": np.zeros((1, 16), np.float32)}
-    params[f"{mlp}/~/linear_1"] = {"w": np.ones((16, 8), np.float32)}
-  frozen = lambda tree: _FrozenDict({k: _FrozenDict(v) for k, v in tree.items()})
-  with _fake_modules({"haiku._src.data_structures.frozendict": _FrozenDict,
-                      "byol.byol_experiment._ByolExperimentState": _ByolState,
-                      "byol.utils.optimizers.LarsState": _LarsState}):
-    experiment_state = _ByolState(frozen(params), frozen(params), frozen(state), frozen(state),
-                                  _LarsState(frozen(params)))
-    with open(path, "wb") as f:
-      pickle.dump({"experiment_state": experiment_state, "step": 300_000,
-                   "rng": np.array([0, 42], np.uint32)}, f, protocol=2)
-
-
 def test_byol_haiku_pickle(tmp_path):
   model = _resnet("resnet50")
   path = str(tmp_path / "pretrain_res50x1.pkl")
-  byol_pickle(model, path)
+  publishers.byol_pickle(model, path)
   normalised = weights.read_state_dict(path)
   assert normalised.format == "byol"
   assert set(normalised.ignored_entries) == {
@@ -416,7 +239,7 @@ def test_malicious_torch_checkpoint_is_refused_without_running(tmp_path, resnet1
   """The paths added for publishers' files: legacy serialisation, numpy values."""
   marker = f"/tmp/pwned_{uuid.uuid4().hex}"
   exploit = _Exploit(f"touch {marker}")
-  payload = dict(_backbone(resnet18), **{
+  payload = dict(publishers.resnet_backbone(resnet18), **{
       "fc.weight": exploit if payload == "global" else np.array([exploit, 1], dtype=object)})
   path = tmp_path / "evil.pth.tar"
   torch.save(payload, path, _use_new_zipfile_serialization=not legacy)
@@ -428,12 +251,9 @@ def test_malicious_torch_checkpoint_is_refused_without_running(tmp_path, resnet1
 VIT, VIT_SIZE = "vit_small_patch32_224", 64
 
 
-def _vit(global_pool: str = "token") -> torch.nn.Module:
-  """Random-init timm ViT (pooled features) with weights redrawn at unit scale, so that
-  every block moves the output (timm's std 0.02 init leaves residual branches near zero)."""
-  torch.manual_seed(0)
-  model = timm.create_model(VIT, pretrained=False, num_classes=0, img_size=VIT_SIZE,
-                            global_pool=global_pool)
+def _unit_scale(model: torch.nn.Module) -> torch.nn.Module:
+  """`model` in eval mode with its weights redrawn at unit scale, so that every block moves
+  the output (timm's std 0.02 init leaves transformer residual branches near zero)."""
   with torch.no_grad():
     for key, p in model.named_parameters():
       if "norm" in key:
@@ -446,42 +266,17 @@ def _vit(global_pool: str = "token") -> torch.nn.Module:
   return model.eval()
 
 
-def dino_vit(backbone):
-  return _dino_checkpoint(backbone, backbone["cls_token"].shape[-1], optimizer={})
-
-
-def mocov3(backbone):
-  """facebookresearch/moco-v3 main_moco.py: DDP(MoCo_ViT) state dict under 'state_dict':
-  base_encoder with an MLP head, momentum_encoder, predictor; GradScaler state."""
-  dim = backbone["cls_token"].shape[-1]
-  head = _mlp("head.", [dim, 32, 16])
-  state = {**_prefixed("module.base_encoder.", {**backbone, **head}),
-           **_prefixed("module.momentum_encoder.", {**backbone, **head}),
-           **_prefixed("module.predictor.", _mlp("", [16, 32, 16]))}
-  ckpt = {"epoch": 300, "arch": "vit_small", "state_dict": state,
-          "scaler": {"scale": 65536.0, "growth_factor": 2.0, "_growth_tracker": 0}}
-  dropped = [k for k in state if not k.startswith("module.base_encoder.")] + [
-      f"module.base_encoder.{k}" for k in head]
-  return ckpt, dropped
-
-
-def mae(backbone):
-  """facebookresearch/mae main_pretrain.py misc.save_model: {'model': MaskedAutoencoderViT
-  state dict (encoder, mask_token, decoder_*), 'optimizer', 'epoch', 'scaler', 'args'}."""
-  dim = backbone["cls_token"].shape[-1]
-  decoder = {"mask_token": torch.zeros(1, 1, 16), "decoder_embed.weight": torch.randn(16, dim),
-             "decoder_embed.bias": torch.zeros(16), "decoder_pos_embed": torch.zeros(1, 5, 16),
-             "decoder_blocks.0.norm1.weight": torch.ones(16), "decoder_norm.weight":
-             torch.ones(16), "decoder_pred.weight": torch.randn(3072, 16)}
-  ckpt = {"model": {**backbone, **decoder}, "epoch": 799, "scaler": {"scale": 1024.0},
-          "args": argparse.Namespace(model="mae_vit_base_patch16", mask_ratio=0.75)}
-  return ckpt, list(decoder)
+def _vit(global_pool: str = "token") -> torch.nn.Module:
+  """Random-init timm ViT (pooled features) at unit scale."""
+  torch.manual_seed(0)
+  return _unit_scale(timm.create_model(VIT, pretrained=False, num_classes=0,
+                                       img_size=VIT_SIZE, global_pool=global_pool))
 
 
 VIT_CASES = [
-    ("dino_vit", dino_vit, "dino", "token"),
-    ("mocov3_vit", mocov3, "mocov3", "token"),
-    ("mae_pretrain", mae, "mae", "token"),
+    ("dino_vit", publishers.dino_vit, "dino", "token"),
+    ("mocov3_vit", publishers.mocov3, "mocov3", "token"),
+    ("mae_pretrain", publishers.mae, "mae", "token"),
     # MAE's fine-tuned global-pool encoders: fc_norm instead of norm (timm global_pool="avg").
     ("mae_global_pool", lambda b: ({"model": b}, []), "plain", "avg"),
 ]
@@ -503,3 +298,167 @@ def test_ssl_vit_formats(tmp_path, case, build, fmt, pool):
   diff = parity.forward_max_diff(VIT, reference, path, torch.randn(2, 3, VIT_SIZE, VIT_SIZE),
                                  num_classes=0, img_size=VIT_SIZE, global_pool=pool)
   assert diff <= 1e-4, f"{case}: max |diff| {diff}"
+
+
+def test_mae_pretrain_into_global_pool_vit(tmp_path, caplog):
+  """MAE's global-pool fine-tuning (main_finetune.py --global_pool) builds fc_norm fresh and
+  deletes the encoder's final norm: so does loading its pretraining checkpoint here, logged."""
+  token = _vit("token")
+  ckpt, _ = publishers.mae(token.state_dict())
+  path = str(tmp_path / "mae_pretrain_vit_small.pth")
+  torch.save(ckpt, path)
+  dim = token.embed_dim
+  reference = timm.create_model(VIT, pretrained=False, num_classes=0, img_size=VIT_SIZE,
+                                global_pool="avg").eval()
+  reference.load_state_dict({**{k: v for k, v in token.state_dict().items()
+                                if not k.startswith("norm.")},
+                             "fc_norm.weight": torch.ones(dim), "fc_norm.bias": torch.zeros(dim)})
+  with caplog.at_level(logging.INFO):
+    variables, report = weights.load_with_report(VIT, path, num_classes=K, img_size=VIT_SIZE,
+                                                 global_pool="avg")
+  assert set(report.reinitialised) == {"params/head/kernel", "params/head/bias",
+                                       "params/fc_norm/scale", "params/fc_norm/bias"}
+  assert {"params/norm/scale", "params/norm/bias"} <= set(report.dropped)
+  np.testing.assert_array_equal(variables["params"]["fc_norm"]["scale"], np.ones(dim))
+  np.testing.assert_array_equal(variables["params"]["fc_norm"]["bias"], np.zeros(dim))
+  assert re.search(r"Freshly initialised .*mae.*params/fc_norm/bias", caplog.text)
+  assert re.search(r"Dropped from the checkpoint \(unused.*params/norm/bias", caplog.text)
+  diff = parity.forward_max_diff(VIT, reference, path, torch.randn(2, 3, VIT_SIZE, VIT_SIZE),
+                                 num_classes=0, img_size=VIT_SIZE, global_pool="avg")
+  assert diff <= 1e-4, diff
+
+
+# --- SimMIM -------------------------------------------------------------------------------
+
+SWIN_DEMO = dict(embed_dim=48, depths=(2, 2, 2, 2), num_heads=(2, 4, 8, 16))
+
+
+def _save_simmim(ckpt: dict, path) -> str:
+  with publishers.fake_modules(publishers.YACS):
+    torch.save(ckpt, path)
+  return str(path)
+
+
+@pytest.fixture
+def simmim_interp2d(monkeypatch):
+  """SimMIM's loader (utils.remap_pretrained_keys_swin) resizes bias tables with scipy's
+  interp2d(kind='cubic'), removed in SciPy 1.14; timm's resize_rel_pos_bias_table, the same
+  code (from BEiT), still calls it when TIMM_USE_SCIPY_INTERP is set. On a regular grid
+  RectBivariateSpline is interp2d's exact replacement (scipy's interp2d transition guide)."""
+  def interp2d(x, y, z, kind):
+    assert kind == "cubic"
+    spline = interpolate.RectBivariateSpline(np.asarray(x, float), np.asarray(y, float),
+                                             np.asarray(z).T, kx=3, ky=3, s=0)
+    return lambda x_new, y_new: spline(np.asarray(x_new, float), np.asarray(y_new, float)).T
+  monkeypatch.setattr(interpolate, "interp2d", interp2d, raising=False)
+  monkeypatch.setattr(pos_embed_rel, "_USE_SCIPY", True)
+
+
+def test_simmim_swin(tmp_path, simmim_interp2d):
+  """SimMIM pretrains Swin at a smaller window than it fine-tunes (192 px window 6 -> 224 px
+  window 7); here 96 px window 3 -> swin_demo_patch4_window4_128 (128 px, window 4)."""
+  torch.manual_seed(0)
+  pretrained = _unit_scale(TimmSwin(num_classes=0, img_size=96, window_size=3, **SWIN_DEMO))
+  ckpt, dropped = publishers.simmim_swin(pretrained)
+  path = _save_simmim(ckpt, tmp_path / "simmim_pretrain__swin_demo__img96_window3.pth")
+  normalised = weights.read_state_dict(path)
+  assert normalised.format == "simmim"
+  assert sorted(normalised.dropped) == sorted(dropped)
+  assert set(normalised.ignored_entries) == {"optimizer", "lr_scheduler", "max_accuracy",
+                                             "epoch", "config"}
+
+  # The fine-tuning model loaded as SimMIM's loader does it (encoder.* without the prefix,
+  # tables resized, buffers remade), through timm's filter, which runs the same resize.
+  reference = TimmSwin(num_classes=0, img_size=128, window_size=4, **SWIN_DEMO).eval()
+  encoder = {k[len("encoder."):]: v for k, v in ckpt["model"].items()
+             if k.startswith("encoder.") and k != "encoder.mask_token"}
+  reference.load_state_dict(swin_transformer.checkpoint_filter_fn(encoder, reference))
+  diff = parity.forward_max_diff("swin_demo_patch4_window4_128", reference, path,
+                                 torch.randn(2, 3, 128, 128), num_classes=0)
+  print(f"SimMIM Swin, window 3 -> 4: max |feature diff| {diff:.2e}")
+  assert diff <= 1e-4, diff
+  # timm's default (linear) resize would give another model: the comparison tells them apart.
+  key = "layers.2.blocks.1.attn.relative_position_bias_table"
+  linear = swin.resize_relative_position_bias_table(encoder[key].numpy(), (4, 4), "linear")
+  assert np.abs(linear - reference.state_dict()[key].numpy()).max() > 1e-2
+
+
+def test_simmim_swin_into_another_architecture_fails_clearly(tmp_path):
+  torch.manual_seed(0)
+  ckpt, _ = publishers.simmim_swin(TimmSwin(num_classes=0, img_size=96, window_size=3,
+                                            **SWIN_DEMO))
+  path = _save_simmim(ckpt, tmp_path / "simmim_pretrain__swin.pth")
+  with pytest.raises(ValueError, match=r"simmim checkpoints are converted with .*"
+                     r"table_interpolation.*converter of resnet18 does not take"):
+    weights.load("resnet18", path, num_classes=K)
+
+
+def _vit_without_k_bias() -> torch.nn.Module:
+  """_vit() as SimMIM's BEiT-style attention computes it: no k bias."""
+  model = _vit()
+  with torch.no_grad():
+    for block in model.blocks:
+      block.attn.qkv.bias[model.embed_dim:2 * model.embed_dim] = 0
+  return model
+
+
+def test_simmim_vit_fuses_q_and_v_biases(tmp_path):
+  """SimMIM's ViT configured as timm's (USE_APE, no relative position bias or layer scale)."""
+  reference = _vit_without_k_bias()
+  ckpt, dropped = publishers.simmim_vit(reference.state_dict(), patch_size=32)
+  path = _save_simmim(ckpt, tmp_path / "simmim_pretrain__vit_small.pth")
+  normalised = weights.read_state_dict(path)
+  assert normalised.format == "simmim_vit"
+  assert sorted(normalised.dropped) == sorted(dropped)
+  assert normalised.renamed["blocks.3.attn.v_bias"] == "blocks.3.attn.qkv.bias"
+  assert sorted(normalised.state_dict) == sorted(reference.state_dict())
+  for k, v in reference.state_dict().items():
+    np.testing.assert_array_equal(normalised.state_dict[k], v.numpy(), err_msg=k)
+  diff = parity.forward_max_diff(VIT, reference, path, torch.randn(2, 3, VIT_SIZE, VIT_SIZE),
+                                 num_classes=0, img_size=VIT_SIZE)
+  assert diff <= 1e-4, diff
+
+
+@pytest.mark.parametrize("rel_pos_bias,layer_scale,reason", [
+    ("shared", True, "relative position biases"),  # SimMIM's published ViT-B
+    ("per_block", False, "relative position biases"),
+    ("", True, "layer scale"),
+])
+def test_simmim_vit_variants_ours_lacks_are_refused(tmp_path, rel_pos_bias, layer_scale,
+                                                    reason):
+  backbone = _vit_without_k_bias().state_dict()
+  ckpt, _ = publishers.simmim_vit(backbone, 32, rel_pos_bias, layer_scale)
+  path = _save_simmim(ckpt, tmp_path / "simmim_pretrain__vit.pth")
+  with pytest.raises(ValueError, match=rf"(?s)simmim_vit.*{reason}"):
+    weights.load(VIT, path, num_classes=K, img_size=VIT_SIZE)
+
+
+# --- RadImageNet --------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name,arch", [
+    ("resnet50", {}),
+    # The same layout with two layers per dense block: the full forward is slow to compile.
+    ("densenet121", {"block_config": (2, 2, 2, 2)}),
+    pytest.param("densenet121", {}, marks=pytest.mark.slow),
+])
+def test_radimagenet(tmp_path, name, arch):
+  torch.manual_seed(0)
+  # torchvision's DenseNet class defaults to densenet121's configuration.
+  model = torchvision.models.DenseNet(**arch) if arch else torchvision.models.get_model(name)
+  model = parity.calibrate_batch_norm(model, 64, lambda module: module.endswith("bn3"))
+  path = tmp_path / f"RadImageNet-{name}.pt"
+  torch.save(publishers.radimagenet(model), path)
+  normalised = weights.read_state_dict(str(path))
+  assert normalised.format == "radimagenet"
+  head = "fc." if name.startswith("resnet") else "classifier."
+  expected = {k: v for k, v in model.state_dict().items() if not k.startswith(head)}
+  assert sorted(normalised.state_dict) == sorted(expected)
+  for k, v in expected.items():
+    np.testing.assert_array_equal(normalised.state_dict[k], v.numpy(), err_msg=k)
+  assert not normalised.dropped
+  features = copy.deepcopy(model)
+  setattr(features, head[:-1], torch.nn.Identity())
+  diff = parity.forward_max_diff(name, features, str(path), torch.randn(2, 3, 64, 64),
+                                 num_classes=0, **arch)
+  print(f"RadImageNet {name} {arch}: max |feature diff| {diff:.2e}")
+  assert diff <= 1e-4, diff

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from medbench_jax import config_lib
-from medbench_jax import optim
+from medbench_jax.trainer import optim
 
 
 def _optim_config(**kw):
@@ -88,3 +88,17 @@ def test_warmup_cosine_schedule():
 def test_unknown_optimizer_is_named():
   with pytest.raises(ValueError, match="config.optimizer='lamb'"):
     optim.make_optimizer(_optim_config(optimizer="lamb"), total_steps=1)
+
+
+def test_warmup_in_epochs_then_cosine_over_the_budget():
+  """The segmentation protocol: 20 warmup epochs, then cosine to 0 over all epochs."""
+  config = _optim_config(schedule="warmup_cosine", lr=2e-4, warmup_epochs=20.0,
+                         warmup_steps=999)
+  schedule = optim.learning_rate_schedule(config, total_steps=500 * 3, steps_per_epoch=3)
+  assert float(schedule(0)) == 0.0
+  assert float(schedule(30)) == pytest.approx(1e-4, rel=1e-5)  # half way through warmup
+  assert float(schedule(60)) == pytest.approx(2e-4, rel=1e-6)  # warmup ends at epoch 20
+  progress = (780 - 60) / (1500 - 60)
+  assert float(schedule(780)) == pytest.approx(1e-4 * (1 + np.cos(np.pi * progress)),
+                                               rel=1e-5)
+  assert float(schedule(1500)) == pytest.approx(0.0, abs=1e-12)

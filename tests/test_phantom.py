@@ -12,8 +12,9 @@ import pytest
 from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import roc_auc_score
 
-from medbench_jax.data import phantom
-from medbench_jax.data.phantom import FINDINGS, LESION_CLASSES, MASK_CLASSES, generate, render
+from medbench_jax.data.prepare import phantom
+from medbench_jax.data.prepare.phantom import (FINDINGS, LESION_CLASSES, MASK_CLASSES, generate,
+                                               render)
 
 CARDIO, NODULE, EFFUSION, PNEUMOTHORAX = range(4)
 
@@ -213,6 +214,9 @@ def test_generate_is_idempotent_and_rejects_other_parameters(tmp_path):
         generate(tmp_path / "ds", seed=3, **SMALL)
     with pytest.raises(ValueError, match="delete"):
         generate(tmp_path / "ds", seed=2, **{**SMALL, "num_test": 4})
+    assert phantom.generated_params(out) == {"version": phantom.FORMAT_VERSION, "seed": 2,
+                                             **SMALL}
+    assert phantom.generated_params(tmp_path / "nothing_here") is None
 
 
 def test_interrupted_generation_is_redone(tmp_path):

@@ -1,4 +1,4 @@
-"""grain pipelines: determinism, resumption, per-process sharding, eval padding."""
+"""grain pipelines: determinism, resumption, per-process sharding, eval padding, keys."""
 
 import pathlib
 import subprocess
@@ -11,6 +11,7 @@ import pytest
 from medbench_jax.data import pipeline
 
 PP = "random_resized_crop(24, scale=(0.25, 1.0))|flip_lr|rotate(7)"
+KEYS = ("image", "labels")
 
 
 def _source(n=50, size=32):
@@ -34,7 +35,7 @@ def _ids(batch):
 
 @pytest.mark.parametrize("workers", [0, 2])
 def test_same_seed_same_batches_and_resume_is_exact(workers):
-  ds = pipeline.train_dataset(_source(), pp_spec=PP, local_batch_size=8, seed=3,
+  ds = pipeline.train_dataset(_source(), pp_spec=PP, keys=KEYS, local_batch_size=8, seed=3,
                               num_workers=workers)
   full, _ = _take(ds, 8)
   again, _ = _take(ds, 8)
@@ -53,14 +54,15 @@ def test_same_seed_same_batches_and_resume_is_exact(workers):
 
 def test_epochs_cover_the_data_and_reshuffle():
   source = _source(n=48)
-  ds = pipeline.train_dataset(source, pp_spec="", local_batch_size=8, seed=0, num_workers=0)
+  ds = pipeline.train_dataset(source, pp_spec="", keys=KEYS, local_batch_size=8, seed=0,
+                              num_workers=0)
   batches, _ = _take(ds, 12)
   epoch1 = sum((_ids(b) for b in batches[:6]), [])
   epoch2 = sum((_ids(b) for b in batches[6:]), [])
   assert sorted(epoch1) == sorted(epoch2) == list(range(48))
   assert epoch1 != epoch2 and epoch1 != list(range(48))
-  other_seed, _ = _take(pipeline.train_dataset(source, pp_spec="", local_batch_size=8,
-                                               seed=1, num_workers=0), 6)
+  other_seed, _ = _take(pipeline.train_dataset(source, pp_spec="", keys=KEYS,
+                                               local_batch_size=8, seed=1, num_workers=0), 6)
   assert sum((_ids(b) for b in other_seed), []) != epoch1
 
 
@@ -68,7 +70,7 @@ def test_processes_get_disjoint_slices_of_one_global_shuffle():
   source = _source(n=48)
   per_process = []
   for p in range(3):
-    ds = pipeline.train_dataset(source, pp_spec="", local_batch_size=4, seed=0,
+    ds = pipeline.train_dataset(source, pp_spec="", keys=KEYS, local_batch_size=4, seed=0,
                                 num_workers=0, process_index=p, process_count=3)
     batches, _ = _take(ds, 4)
     per_process.append(set(sum((_ids(b) for b in batches), [])))
@@ -81,8 +83,9 @@ def test_eval_sees_every_example_once_with_padding_masked(n, batch, processes):
   source = _source(n=n)
   seen, counts = [], []
   for p in range(processes):
-    ds = pipeline.eval_dataset(source, pp_spec="center_crop(24)", local_batch_size=batch,
-                               num_workers=0, process_index=p, process_count=processes)
+    ds = pipeline.eval_dataset(source, pp_spec="center_crop(24)", keys=KEYS,
+                               local_batch_size=batch, num_workers=0, process_index=p,
+                               process_count=processes)
     batches = list(pipeline.iterate(ds))
     counts.append(len(batches))
     for b in batches:
@@ -90,6 +93,40 @@ def test_eval_sees_every_example_once_with_padding_masked(n, batch, processes):
       seen += [i for i, v in zip(_ids(b), b["valid"]) if v]
   assert len(set(counts)) == 1  # every process runs the same number of eval steps
   assert sorted(seen) == list(range(n))
+
+
+def _segmentation_source(n=16, size=32):
+  """Image channel 0 is 255 x the mask: they must move together through every op."""
+  rng = np.random.default_rng(0)
+  source = []
+  for i in range(n):
+    mask = np.kron(rng.random((size // 8, size // 8, 2)) < 0.5,
+                   np.ones((8, 8, 1))).astype(np.uint8)
+    source.append({"image": (mask[..., :1] * 255).astype(np.uint8), "mask": mask,
+                   "name": f"case{i}".encode()})
+  return source
+
+
+def test_batches_hold_exactly_the_keys_asked_for():
+  source = _segmentation_source()
+  # Ops whose image resampling is exact too (rotate's default is nearest neighbour).
+  ds = pipeline.train_dataset(source, pp_spec="flip_lr|rotate(10)|center_crop(16)",
+                              keys=("image", "mask"), local_batch_size=4, seed=0,
+                              num_workers=0)
+  batches, _ = _take(ds, 4)
+  for batch in batches:
+    assert set(batch) == {"image", "mask"}
+    assert batch["image"].shape == (4, 16, 16, 1) and batch["mask"].shape == (4, 16, 16, 2)
+    assert set(np.unique(batch["mask"])) <= {0, 1}
+    np.testing.assert_array_equal(batch["image"][..., 0] == 255, batch["mask"][..., 0] == 1)
+  ds = pipeline.eval_dataset(source, pp_spec="resize(8, keys=('image',))",
+                             keys=("image", "mask"), local_batch_size=4, num_workers=0)
+  batch = next(iter(ds))
+  assert set(batch) == {"image", "mask", "valid"}
+  assert batch["image"].shape == (4, 8, 8, 1) and batch["mask"].shape == (4, 32, 32, 2)
+  with pytest.raises(KeyError, match=r"no \['labels'\]; they have \['image', 'mask', 'name'\]"):
+    next(iter(pipeline.train_dataset(source, pp_spec="", keys=("image", "labels"),
+                                     local_batch_size=4, seed=0, num_workers=0)))
 
 
 def test_normalize_broadcasts_gray_to_rgb():
@@ -108,7 +145,8 @@ from medbench_jax.data import pipeline
 flags.FLAGS.mark_as_parsed()  # grain reads absl flags
 source = [{"image": np.full((32, 32, 1), i, np.uint8), "labels": np.zeros(2, np.float32)}
           for i in range(50)]
-it = iter(pipeline.train_dataset(source, pp_spec="", local_batch_size=8, seed=0, num_workers=2))
+it = iter(pipeline.train_dataset(source, pp_spec="", keys=("image", "labels"), local_batch_size=8,
+                                 seed=0, num_workers=2))
 next(it)
 print("running", flush=True)
 time.sleep(600)

@@ -6,7 +6,9 @@ import cv2
 import grain
 import numpy as np
 
+from medbench_jax.data import pipeline
 from medbench_jax.data import seg_augment
+from medbench_jax.data import transforms
 
 SIZE = 64
 
@@ -39,13 +41,13 @@ def _misaligned(out):
 
 
 def test_image_mask_and_fov_stay_aligned():
-  augment = seg_augment.SegAugment(SIZE)
+  augment = transforms.parse(f"seg_augment({SIZE})")
   rng = np.random.default_rng(0)
   moved = 0
   for seed in range(60):
     example = _example(rng)
     out = augment(example, np.random.default_rng(seed))
-    assert set(out) == {"image", "mask", "fov"}
+    assert set(out) == {"image", "mask", "fov", "name"} and out["name"] == b"case"
     assert out["image"].shape == (SIZE, SIZE, 3) and out["image"].dtype == np.uint8
     assert out["mask"].shape == (SIZE, SIZE, 2) and out["mask"].dtype == np.uint8
     assert set(np.unique(out["mask"])) <= {0, 1} and set(np.unique(out["fov"])) <= {0, 1}
@@ -80,7 +82,8 @@ def test_a_different_draw_for_the_mask_would_be_caught():
 def test_grain_random_map_is_deterministic_and_picklable():
   rng = np.random.default_rng(2)
   examples = [{k: v for k, v in _example(rng).items() if k != "fov"} for _ in range(8)]
-  augment = pickle.loads(pickle.dumps(seg_augment.SegAugment(SIZE)))
+  augment = pickle.loads(pickle.dumps(pipeline.Augment(f"seg_augment({SIZE})",
+                                                       ("image", "mask"))))
 
   def run():
     ds = grain.MapDataset.source(examples).random_map(augment, seed=7)

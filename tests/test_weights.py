@@ -1,6 +1,8 @@
-"""Checkpoint loading: forward parity with the PyTorch references, head reset, wrappers,
-architecture mismatches and refusal of malicious pickles."""
+"""Checkpoint loading: forward parity with the PyTorch references, head reset and its
+initialisation per architecture, wrappers, architecture mismatches and refusal of
+malicious pickles."""
 
+import logging
 import os
 import pickle
 import uuid
@@ -11,6 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import safetensors.torch
+import scipy.stats
 import timm
 import torch
 import torchvision
@@ -118,6 +121,48 @@ def test_head_reset_unless_keep_head(resnet18_checkpoint):
   np.testing.assert_array_equal(kept["params"]["fc"]["kernel"], state_dict["fc.weight"].T)
   features = weights.load("resnet18", path, num_classes=0)
   assert "fc" not in features["params"]
+
+
+# What the reference study's code draws a fresh head from, per family: N(0, 0.01) for
+# ResNet/DenseNet (its models.py), timm's trunc_normal_(std=.02), cut at absolute +-2, for
+# ConvNeXt (timm), Swin (Microsoft's _init_weights) and ViT (timm); zero bias throughout.
+_NORMAL = scipy.stats.norm(scale=0.01)
+_TRUNC_NORMAL = scipy.stats.truncnorm(-2 / 0.02, 2 / 0.02, scale=0.02)
+HEAD_INITS = [
+    ("resnet18", {}, lambda: timm.create_model("resnet18", num_classes=3), _NORMAL, _TRUNC_NORMAL),
+    ("densenet121", {"block_config": (2, 2, 2, 2)},
+     lambda: torchvision.models.DenseNet(block_config=(2, 2, 2, 2), num_classes=3), _NORMAL,
+     _TRUNC_NORMAL),
+    ("convnext_tiny", {}, lambda: timm.create_model("convnext_tiny", num_classes=3),
+     _TRUNC_NORMAL, _NORMAL),
+    ("vit_small_patch32_224", {"img_size": 64},
+     lambda: timm.create_model("vit_small_patch32_224", img_size=64, num_classes=3),
+     _TRUNC_NORMAL, _NORMAL),
+    (DEMO, {}, lambda: TimmSwin(num_classes=3, **DEMO_ARCH), _TRUNC_NORMAL, _NORMAL),
+]
+
+
+@pytest.mark.parametrize("name,model_kw,build,expected,other", HEAD_INITS,
+                         ids=[c[0] for c in HEAD_INITS])
+def test_fresh_head_follows_the_family_init(tmp_path, caplog, name, model_kw, build, expected,
+                                            other):
+  """The kernel's draws pass a Kolmogorov-Smirnov test against the family's distribution
+  and fail it against the other family's; the log names the init."""
+  torch.save(build().state_dict(), tmp_path / "model.pth")
+  with caplog.at_level(logging.INFO):
+    variables = weights.load(name, str(tmp_path / "model.pth"), num_classes=20, seed=1,
+                             **model_kw)
+  head = variables["params"]
+  for part in models.pretrained_cfg(name)["classifier"].split("/"):
+    head = head[part]
+  kernel = np.asarray(head["kernel"]).ravel()
+  assert np.all(np.asarray(head["bias"]) == 0)
+  fit, misfit = scipy.stats.kstest(kernel, expected.cdf), scipy.stats.kstest(kernel, other.cdf)
+  print(f"{name}: {kernel.size} draws, std {kernel.std():.4f}, KS p {fit.pvalue:.3f} "
+        f"(other family's: {misfit.pvalue:.1e})")
+  assert fit.pvalue > 1e-3 and misfit.pvalue < 1e-6, (fit, misfit)
+  head_init = models.pretrained_cfg(name)["head_init"]
+  assert f"Re-initialised the classifier ({head_init}, seed 1) for 20 classes" in caplog.text
 
 
 def test_keep_head_with_other_class_count_names_the_mismatch(resnet18_checkpoint):

@@ -7,6 +7,9 @@ checkpoint stores, and a resumed run sees exactly the batches it would have seen
 
 Eval: every example exactly once, split across processes, padded to whole batches;
 `valid` marks the real examples so padding never reaches a metric.
+
+Batches hold exactly the example keys a task asks for (`keys`: e.g. image and labels
+for classification, image and mask for segmentation), as numpy arrays.
 """
 
 from __future__ import annotations
@@ -44,31 +47,39 @@ def exit_with_parent(trainer_pid: int, worker_index: int, worker_count: int) -> 
   threading.Thread(target=watch, daemon=True, name="exit-with-parent").start()
 
 
+def _select(example: dict[str, Any], keys: Sequence[str]) -> dict[str, np.ndarray]:
+  missing = [key for key in keys if key not in example]
+  if missing:
+    raise KeyError(f"Examples have no {missing}; they have {sorted(example)}")
+  return {key: np.asarray(example[key]) for key in keys}
+
+
 @dataclasses.dataclass
 class Augment:
-  """Picklable per-example transform run inside grain workers."""
+  """Picklable per-example transform run inside grain workers: the spec, then `keys`."""
   pp_spec: str
+  keys: tuple[str, ...]
 
   def __post_init__(self):
     self._op = transforms.parse(self.pp_spec)
 
   def __getstate__(self):
-    return {"pp_spec": self.pp_spec}
+    return {"pp_spec": self.pp_spec, "keys": self.keys}
 
   def __setstate__(self, state):
     self.__init__(**state)
 
   def __call__(self, example: dict[str, Any], rng: np.random.Generator) -> dict[str, Any]:
-    return {"image": self._op(example["image"], rng),
-            "labels": np.asarray(example["labels"], np.float32)}
+    return _select(self._op(example, rng), self.keys)
 
 
-def train_dataset(source: Sequence[dict], *, pp_spec: str, local_batch_size: int,
-                  seed: int, num_workers: int, process_index: int = 0,
+def train_dataset(source: Sequence[dict], *, pp_spec: str, keys: Sequence[str],
+                  local_batch_size: int, seed: int, num_workers: int, process_index: int = 0,
                   process_count: int = 1) -> grain.IterDataset:
+  """Infinite shuffled, augmented batches of this process's share of `source`."""
   ds = grain.MapDataset.source(source).shuffle(seed=seed)
   ds = ds[process_index::process_count]
-  ds = ds.random_map(Augment(pp_spec), seed=seed + 1)
+  ds = ds.random_map(Augment(pp_spec, tuple(keys)), seed=seed + 1)
   ds = ds.repeat().batch(local_batch_size, drop_remainder=True)
   iter_ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=2, prefetch_buffer_size=4))
   if num_workers > 0:
@@ -87,6 +98,7 @@ class PaddedEvalExample:
   """
   source: Sequence[dict]
   pp_spec: str
+  keys: tuple[str, ...]
   process_index: int
   process_count: int
 
@@ -95,7 +107,7 @@ class PaddedEvalExample:
 
   def __getstate__(self):
     return {k: getattr(self, k) for k in
-            ("source", "pp_spec", "process_index", "process_count")}
+            ("source", "pp_spec", "keys", "process_index", "process_count")}
 
   def __setstate__(self, state):
     self.__init__(**state)
@@ -105,9 +117,8 @@ class PaddedEvalExample:
     valid = index < len(self.source)
     example = self.source[index if valid else 0]
     # Eval ops are deterministic; the generator is only there to satisfy the op API.
-    image = self._op(example["image"], np.random.default_rng(0))
-    return {"image": image, "labels": np.asarray(example["labels"], np.float32),
-            "valid": np.bool_(valid)}
+    out = _select(self._op(example, np.random.default_rng(0)), self.keys)
+    return {**out, "valid": np.bool_(valid)}
 
 
 def eval_batches_per_process(num_examples: int, local_batch_size: int,
@@ -115,12 +126,13 @@ def eval_batches_per_process(num_examples: int, local_batch_size: int,
   return math.ceil(math.ceil(num_examples / process_count) / local_batch_size)
 
 
-def eval_dataset(source: Sequence[dict], *, pp_spec: str, local_batch_size: int,
-                 num_workers: int, process_index: int = 0,
+def eval_dataset(source: Sequence[dict], *, pp_spec: str, keys: Sequence[str],
+                 local_batch_size: int, num_workers: int, process_index: int = 0,
                  process_count: int = 1) -> grain.IterDataset:
+  """Every example of `source` once, over all processes, in padded batches (+ "valid")."""
   num_batches = eval_batches_per_process(len(source), local_batch_size, process_count)
   ds = grain.MapDataset.range(num_batches * local_batch_size).map(
-      PaddedEvalExample(source, pp_spec, process_index, process_count))
+      PaddedEvalExample(source, pp_spec, tuple(keys), process_index, process_count))
   ds = ds.batch(local_batch_size, drop_remainder=True)
   iter_ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=2, prefetch_buffer_size=4))
   if num_workers > 0:

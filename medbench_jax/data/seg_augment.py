@@ -13,13 +13,12 @@ the study's values.
 
 Geometric transforms move the image, the mask and the FOV (where present) with the
 same sampled parameters; masks are resampled by nearest neighbour, so they stay 0/1.
-`SegAugment` is the segmentation counterpart of pipeline.Augment: a picklable
-random-map transform, deterministic given grain's per-example generator.
+A spec uses it as the op `seg_augment(S)` (data/transforms.py), deterministic given
+grain's per-example generator.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import threading
 from typing import Any
 
@@ -53,25 +52,15 @@ def _reseed(transform: A.BasicTransform | A.BaseCompose, rng: np.random.Generato
     _reseed(child, rng)
 
 
-@dataclasses.dataclass
 class SegAugment:
-  """Picklable per-example transform: {image, mask[, fov]} -> the same keys, augmented.
+  """The augmentation as an op: an example -> the same example, image/mask/fov augmented."""
 
-  Other keys (name) are dropped: batches hold arrays only.
-  """
-  size: int
-
-  def __post_init__(self):
+  def __init__(self, size: int):
+    self.size = size
     # A Compose is costly to build (~4 ms) and holds its random state, and grain
     # calls one transform from several threads: one Compose per thread, reseeded
     # from grain's generator for every example.
     self._local = threading.local()
-
-  def __getstate__(self):
-    return {"size": self.size}
-
-  def __setstate__(self, state):
-    self.__init__(**state)
 
   def __call__(self, example: dict[str, Any], rng: np.random.Generator) -> dict[str, Any]:
     compose = getattr(self._local, "compose", None)
@@ -81,4 +70,4 @@ class SegAugment:
     targets = {key: np.asarray(example[key]) for key in ("image", "mask", "fov")
                if key in example}
     out = compose(**targets)
-    return {key: np.ascontiguousarray(out[key]) for key in targets}
+    return {**example, **{key: np.ascontiguousarray(out[key]) for key in targets}}

@@ -1,23 +1,51 @@
-"""Random-access split sources for a run: prepare once, then read ArrayRecords."""
+"""A prepared data set opened for a run: random-access splits and what a run needs to know.
+
+Reads only. A data set is prepared beforehand, once (data/prepare's prepare_dataset,
+which a run's lead process calls before training, or the prepare CLI); opening one
+that is not is an error saying how to prepare it. Importing this module loads
+neither TFDS nor OpenCV, so `validate_dataset_config` checks a config while it is
+parsed.
+
+Every split gets the frontal-only filter and (classification) the label policy;
+the training split then the label-fraction subset, whose identity goes to
+results.json.
+"""
 
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
-import os
 from typing import Any, Sequence
 
-import jax
 import ml_collections
 import numpy as np
-import orbax.checkpoint as ocp
 from absl import logging
-from sklearn import model_selection
 
-from medbench_jax import config_lib
-from medbench_jax.data import builders
-from medbench_jax.data import phantom
+from medbench_jax.data import labels as labels_lib
+from medbench_jax.data import prepare
+from medbench_jax.data import splits as splits_lib
+from medbench_jax.data.prepare import registry
+
+
+@dataclasses.dataclass
+class DatasetInfo:
+  """What a run needs to know about a prepared data set.
+
+  task: "multi-label", "multi-class" (one-hot labels), "binary" or "segmentation".
+  class_names: the label (segmentation: mask channel) names, in stored order.
+  eval_class_names: the labels the publisher evaluates on (CheXpert's five).
+  skipped_examples: examples dropped by skip_bad when it was prepared.
+  """
+  name: str
+  task: str
+  class_names: tuple[str, ...]
+  eval_class_names: tuple[str, ...]
+  channels: int
+  image_size: int
+  has_fov: bool = False
+  skipped_examples: int = 0
+  # split -> sha1 of its example names (prepare/base.split_sha1), for provenance.
+  split_hashes: dict[str, str] = dataclasses.field(default_factory=dict)
 
 
 @dataclasses.dataclass
@@ -43,170 +71,97 @@ class Subset(Sequence):
 
 @dataclasses.dataclass
 class Splits:
+  """The three splits as random-access example sequences, and the data set's info.
+
+  Examples: "image" uint8 (S, S, C); classification: "labels" float32 (K,) after the
+  label policy; segmentation: "mask" uint8 (S, S, K) 0/1 and, where the data set has
+  one, "fov" uint8 (S, S, 1); "name" (bytes) too.
+  """
   train: Sequence[dict]
   validation: Sequence[dict]
   test: Sequence[dict]
-  class_names: tuple[str, ...]
+  info: DatasetInfo
   # Identity of the label-fraction subset: which training examples were used.
   subset: dict[str, Any]
-  # Labels the publisher evaluates on (CheXpert's five), a subset of class_names.
-  eval_class_names: tuple[str, ...] = ()
-  # Examples dropped by --skip_bad / config.dataset.skip_bad when it was prepared.
-  skipped_examples: int = 0
 
 
-# The study's names: U-Ones, U-Zeros, LSR-Ones, LSR-Zeros (Pham et al. 2021).
-UNCERTAIN_POLICIES = ("u_ones", "u_zeros", "lsr_ones", "lsr_zeros")
-# Other processes wait this long for process 0 to generate and prepare the data set.
-_PREPARE_TIMEOUT_S = 24 * 3600
-_LSR_RANGES = {"lsr_ones": (0.55, 0.85), "lsr_zeros": (0.0, 0.3)}
+def _check(condition: bool, key: str, value: Any, allowed: Any) -> None:
+  if not condition:
+    raise ValueError(f"config.{key}={value!r} is not allowed; allowed: {allowed}")
 
 
-def apply_label_policy(raw: np.ndarray, *, uncertain: str, blank: float, seed: int,
-                       smooth: bool) -> np.ndarray:
-  """Raw labels (1, 0, -1 uncertain, NaN blank) -> training targets in [0, 1].
-
-  Uncertain labels become 1 (u_ones), 0 (u_zeros), or with `smooth` a fixed-seed
-  uniform draw in [0.55, 0.85] (lsr_ones) or [0, 0.3] (lsr_zeros); without
-  `smooth` (validation and test, where metrics need hard labels) the LSR policies
-  map like u_ones / u_zeros. Blank ("not mentioned") becomes `blank`.
-  """
-  if uncertain not in UNCERTAIN_POLICIES:
-    raise ValueError(f"config.dataset.uncertain_policy={uncertain!r} is not allowed; "
-                     f"allowed: {UNCERTAIN_POLICIES}")
-  labels = np.array(raw, np.float32)
-  is_uncertain = labels == -1
-  labels[np.isnan(labels)] = blank
-  if smooth and uncertain in _LSR_RANGES:
-    rng = np.random.default_rng(seed)
-    labels[is_uncertain] = rng.uniform(*_LSR_RANGES[uncertain], size=int(is_uncertain.sum()))
-  else:
-    labels[is_uncertain] = 1.0 if uncertain.endswith("ones") else 0.0
-  return labels
+def _is_int(value: Any) -> bool:
+  return isinstance(value, int) and not isinstance(value, bool)
 
 
-def _strata(labels: np.ndarray, max_strata: int) -> np.ndarray | None:
-  """Label combination per example; rare combinations pooled until sklearn can split.
-
-  Returns None when only one stratum would be left (then the subset is random).
-  """
-  _, inverse, counts = np.unique(labels >= 0.5, axis=0, return_inverse=True,
-                                 return_counts=True)
-  inverse = inverse.reshape(-1)
-  threshold = 2
-  while True:
-    rare = counts[inverse] < threshold
-    strata = np.where(rare, -1, inverse)
-    num_strata = len(np.unique(strata))
-    if num_strata == 1:
-      return None
-    # sklearn needs every stratum twice and room for each on both sides of the split.
-    if rare.sum() != 1 and num_strata <= max_strata:
-      return strata
-    threshold *= 2
-
-
-def label_fraction_indices(labels: np.ndarray, fraction: float, seed: int
-                           ) -> tuple[np.ndarray, str]:
-  """A fixed-seed subset of training indices, identical for every model and trial.
-
-  Stratified on the label combination (multi-label rows, one-hot classes) with
-  scikit-learn, rare combinations pooled; random where the labels allow no
-  stratification. Returns sorted indices and the method used.
-  """
-  num = len(labels)
-  count = max(1, int(round(fraction * num)))
-  if count >= num:
-    return np.arange(num), "all"
-  strata = _strata(np.asarray(labels), min(count, num - count))
-  if strata is None:
-    rng = np.random.default_rng(seed)
-    return np.sort(rng.permutation(num)[:count]), "random"
-  chosen, _ = model_selection.train_test_split(
-      np.arange(num), train_size=count, stratify=strata, random_state=seed)
-  return np.sort(chosen), "label_combination"
+def validate_dataset_config(dataset_config: ml_collections.ConfigDict) -> None:
+  """Fails naming the key and its allowed values; cheap (nothing is read or imported)."""
+  d = dataset_config
+  _check(d.name in registry.names(), "dataset.name", d.name, registry.names())
+  _check(_is_int(d.image_size) and d.image_size > 0, "dataset.image_size", d.image_size,
+         "a positive integer")
+  _check(0.0 < d.label_fraction <= 1.0, "dataset.label_fraction", d.label_fraction,
+         "0 < x <= 1")
+  _check(_is_int(d.label_fraction_seed), "dataset.label_fraction_seed",
+         d.label_fraction_seed, "an integer")
+  _check(d.uncertain_policy in labels_lib.UNCERTAIN_POLICIES, "dataset.uncertain_policy",
+         d.uncertain_policy, labels_lib.UNCERTAIN_POLICIES)
+  _check(0.0 <= d.blank_label <= 1.0, "dataset.blank_label", d.blank_label, "0 <= x <= 1")
+  if d.name in prepare.PHANTOM_DATASETS and not d.manual_dir:
+    for key in ("num_train", "num_val", "num_test"):
+      _check(_is_int(d.phantom[key]) and d.phantom[key] >= 0, f"dataset.phantom.{key}",
+             d.phantom[key], "an integer >= 0")
+    _check(_is_int(d.phantom.image_size) and d.phantom.image_size >= 32,
+           "dataset.phantom.image_size", d.phantom.image_size, "an integer >= 32")
 
 
-def manual_dir_for(config: ml_collections.ConfigDict) -> str:
-  if config.dataset.manual_dir:
-    return os.path.expanduser(config.dataset.manual_dir)
-  if config.dataset.name == "phantom_cxr":
-    p = config.dataset.phantom
-    return os.path.join(config_lib.DEFAULT_CACHE, "phantom_cxr",
-                        f"seed{p.seed}_{p.num_train}-{p.num_val}-{p.num_test}_{p.image_size}px"
-                        f"_v{phantom.FORMAT_VERSION}")
-  raise ValueError(f"config.dataset.manual_dir is required for {config.dataset.name!r}: "
-                   "the folder holding the data set as its publisher distributes it.")
-
-
-def data_dir_for(config: ml_collections.ConfigDict) -> str:
-  if config.dataset.data_dir:
-    return os.path.expanduser(config.dataset.data_dir)
-  if config.dataset.name == "phantom_cxr":
-    # Each generated variant is its own data set: keep its prepared copy beside it.
-    return os.path.join(manual_dir_for(config), "prepared")
-  return os.path.join(config_lib.DEFAULT_CACHE, "tfds")
-
-
-def load_splits(config: ml_collections.ConfigDict) -> Splits:
-  """Generates (phantom) and prepares the data set on process 0, then opens it everywhere.
-
-  Every split gets the label policy and the frontal-only filter; the training split
-  then the label-fraction subset, whose identity goes to results.json.
-  """
-  d = config.dataset
-  manual_dir = manual_dir_for(config)
-  data_dir = data_dir_for(config)
-  if d.name == "phantom_cxr":
-    if jax.process_index() == 0:  # generation is idempotent: a finished set is reused
-      p = d.phantom
-      phantom.generate(manual_dir, seed=p.seed, num_train=p.num_train, num_val=p.num_val,
-                       num_test=p.num_test, image_size=p.image_size,
-                       workers=builders.default_workers())
-  options = d.csv.to_dict() if builders.takes_options(d.name) else None
-  if jax.process_index() == 0:
-    builders.prepare(d.name, manual_dir, data_dir, d.image_size, skip_bad=d.skip_bad,
-                     options=options)
-  if jax.process_count() > 1:
-    # A coordination-service barrier, not a device collective: preparing a data set takes
-    # longer than the collectives' connection timeout (30 s with gloo).
-    ocp.multihost.get_barrier_sync_fn()(key="medbench_dataset_prepared",
-                                        timeout_ms=_PREPARE_TIMEOUT_S * 1000)
-  builder = builders.get_builder(d.name, d.image_size, data_dir, options)
+def open_splits(dataset_config: ml_collections.ConfigDict) -> Splits:
+  """Opens the prepared splits of the configured data set (see the module docstring)."""
+  d = dataset_config
+  validate_dataset_config(d)
+  builder = prepare.builder_for(d)
+  if not builder.is_prepared():
+    raise FileNotFoundError(
+        f"Dataset {d.name!r} at {d.image_size}px is not prepared in "
+        f"{prepare.data_dir_for(d)}. Prepare it first: python -m medbench_jax.prepare "
+        f"--dataset={d.name} --manual_dir=DIR --data_dir={prepare.data_dir_for(d)} "
+        f"--image_size={d.image_size} (a training run prepares it on its lead process).")
   meta = builder.info.metadata
+  features = builder.info.features
   class_names = tuple(meta["label_names"])
+  info = DatasetInfo(
+      name=d.name, task=meta["task"], class_names=class_names,
+      eval_class_names=tuple(meta.get("eval_label_names", class_names)),
+      channels=int(features["image"].shape[-1]), image_size=int(features["image"].shape[0]),
+      has_fov="fov" in features, skipped_examples=int(sum(meta.get("skipped", {}).values())),
+      split_hashes=dict(meta.get("split_sha1", {})))
   if d.frontal_only and not meta.get("views_known", True):
     raise ValueError(f"config.dataset.frontal_only needs view positions, which {d.name} "
                      "was prepared without (for MIMIC-CXR: mimic-cxr-2.0.0-metadata.csv).")
-  splits = {}
-  for split in builders.SPLITS:
-    table = builders.label_table(builder, split)
+  opened = {}
+  for split in splits_lib.SPLITS:
+    table = builder.label_table(split)
     keep = np.flatnonzero(table["frontal"]) if d.frontal_only else np.arange(
         len(table["frontal"]))
-    labels = apply_label_policy(table["labels"][keep], uncertain=d.uncertain_policy,
-                                blank=d.blank_label, seed=d.label_fraction_seed,
-                                smooth=split == "train")
-    splits[split] = (builder.as_data_source(split), keep, labels)
+    # Segmentation tables hold class presence (0/1): the policy leaves it as it is.
+    targets = labels_lib.apply_label_policy(
+        table["labels"][keep], uncertain=d.uncertain_policy, blank=d.blank_label,
+        seed=d.label_fraction_seed, smooth=split == "train")
+    opened[split] = (builder.as_data_source(split), keep, targets)
 
-  source, keep, labels = splits["train"]
-  chosen, method = label_fraction_indices(labels, d.label_fraction, d.label_fraction_seed)
-  positives = (labels[chosen] >= 0.5).sum(axis=0)
-  subset = {"label_fraction": float(d.label_fraction), "seed": int(d.label_fraction_seed),
-            "num_examples": len(labels), "num_selected": len(chosen), "method": method,
-            "indices_sha1": _sha1(keep[chosen]),
-            "class_counts": {n: int(c) for n, c in zip(class_names, positives)}}
-  splits["train"] = (source, keep[chosen], labels[chosen])
-  train, validation, test = (Subset(*splits[s]) for s in builders.SPLITS)
-  skipped = int(sum(meta.get("skipped", {}).values()))
-  logging.info("Dataset %s at %dpx: %d train / %d val / %d test examples%s; classes %s; "
-               "label subset %s", d.name, d.image_size, len(train), len(validation),
-               len(test), f" ({skipped} bad example(s) skipped when prepared)" if skipped
-               else "", json.dumps(class_names), json.dumps(subset))
-  return Splits(train=train, validation=validation, test=test, class_names=class_names,
-                subset=subset, eval_class_names=tuple(meta.get("eval_label_names",
-                                                               class_names)),
-                skipped_examples=skipped)
-
-
-def _sha1(indices: np.ndarray) -> str:
-  return hashlib.sha1(np.asarray(indices, np.int64).tobytes()).hexdigest()
+  source, keep, targets = opened["train"]
+  chosen, method = labels_lib.label_fraction_indices(targets, d.label_fraction,
+                                                     d.label_fraction_seed)
+  subset = labels_lib.subset_identity(
+      fraction=d.label_fraction, seed=d.label_fraction_seed, method=method, labels=targets,
+      indices=keep[chosen], chosen=chosen, class_names=class_names)
+  opened["train"] = (source, keep[chosen], targets[chosen])
+  train, validation, test = (
+      Subset(source, indices, None if info.task == "segmentation" else targets)
+      for source, indices, targets in (opened[s] for s in splits_lib.SPLITS))
+  logging.info("Dataset %s (%s) at %dpx: %d train / %d val / %d test examples%s; classes "
+               "%s; label subset %s", d.name, info.task, info.image_size, len(train),
+               len(validation), len(test),
+               f" ({info.skipped_examples} bad example(s) skipped when prepared)"
+               if info.skipped_examples else "", json.dumps(class_names), json.dumps(subset))
+  return Splits(train=train, validation=validation, test=test, info=info, subset=subset)

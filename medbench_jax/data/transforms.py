@@ -1,24 +1,39 @@
 """Small named preprocessing ops, composed per config as a `|`-separated spec string.
 
-Example (the reference study's classification training augmentation):
-  "random_resized_crop(224)|flip_lr|rotate(7)"
+Examples (the reference study's training augmentations):
+  "random_resized_crop(224)|flip_lr|rotate(7)"    classification
+  "seg_augment(224)"                              segmentation
 
-Ops act on one example's uint8 image array (H, W, 1) inside grain workers, with a
+Ops take and return one example (a dict of numpy arrays) inside grain workers, with a
 per-example numpy Generator so augmentation is deterministic and resumable. The
-semantics follow torchvision's transforms, which the reference code uses.
-Normalisation to the pretrained source's mean/std happens on the accelerator.
+geometric ops (random_resized_crop, flip_lr, rotate, resize, center_crop) move the
+image, the mask and the FOV, where the example has them, with the same sampled
+parameters: the image by the op's interpolation, masks by nearest neighbour, so
+they stay 0/1 (the arrays an op moves share their height and width). `keys=(...)`
+restricts an op to some keys, e.g. segmentation evaluation resizes the image only:
+`resize(224, keys=("image",))`. ten_crop stacks crops of the image. The semantics
+follow torchvision's transforms, which the reference code uses. Normalisation to the
+pretrained source's mean/std happens on the accelerator.
 """
 
 from __future__ import annotations
 
 import ast
 import math
-from typing import Callable
+from typing import Any, Callable, Sequence
 
 import cv2
 import numpy as np
 
-Op = Callable[[np.ndarray, np.random.Generator], np.ndarray]
+Example = dict[str, Any]
+Op = Callable[[Example, np.random.Generator], Example]
+# An op's effect on one array, once its random parameters are drawn: (array, is_mask).
+ArrayOp = Callable[[np.ndarray, bool], np.ndarray]
+# Draws an op's random parameters from the image's shape and the generator.
+Draw = Callable[[tuple[int, ...], np.random.Generator], ArrayOp]
+
+SPATIAL_KEYS = ("image", "mask", "fov")
+MASK_KEYS = ("mask", "fov")
 OPS: dict[str, Callable[..., Op]] = {}
 
 
@@ -29,22 +44,41 @@ def register(name: str):
   return wrap
 
 
-def _resize(image: np.ndarray, height: int, width: int) -> np.ndarray:
-  # Area filter when shrinking approximates PIL's antialiased bilinear resize.
-  shrinking = height * width < image.shape[0] * image.shape[1]
-  out = cv2.resize(image, (width, height),
-                   interpolation=cv2.INTER_AREA if shrinking else cv2.INTER_LINEAR)
+def _spatial(draw: Draw, keys: Sequence[str] | None, default: Sequence[str] = SPATIAL_KEYS
+             ) -> Op:
+  """An op that draws its parameters once per example and applies them to every key."""
+  keys = tuple(default if keys is None else keys)
+
+  def op(example, rng):
+    present = [key for key in keys if key in example]
+    if not present:
+      return example
+    apply = draw(np.shape(example[present[0]]), rng)
+    return {**example, **{key: apply(example[key], key in MASK_KEYS) for key in present}}
+
+  return op
+
+
+def _resize(image: np.ndarray, height: int, width: int, nearest: bool = False) -> np.ndarray:
+  if nearest:
+    interpolation = cv2.INTER_NEAREST
+  else:
+    # Area filter when shrinking approximates PIL's antialiased bilinear resize.
+    shrinking = height * width < image.shape[0] * image.shape[1]
+    interpolation = cv2.INTER_AREA if shrinking else cv2.INTER_LINEAR
+  out = cv2.resize(image, (width, height), interpolation=interpolation)
   return out.reshape(height, width, image.shape[-1])
 
 
 @register("random_resized_crop")
 def random_resized_crop(size: int, scale: tuple[float, float] = (0.08, 1.0),
-                        ratio: tuple[float, float] = (3 / 4, 4 / 3)) -> Op:
+                        ratio: tuple[float, float] = (3 / 4, 4 / 3),
+                        keys: Sequence[str] | None = None) -> Op:
   """torchvision.transforms.RandomResizedCrop: same sampling of area and aspect."""
   log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
 
-  def op(image, rng):
-    height, width = image.shape[:2]
+  def draw(shape, rng):
+    height, width = shape[:2]
     area = height * width
     for _ in range(10):
       target_area = area * rng.uniform(*scale)
@@ -64,44 +98,54 @@ def random_resized_crop(size: int, scale: tuple[float, float] = (0.08, 1.0),
       else:
         w, h = width, height
       top, left = (height - h) // 2, (width - w) // 2
-    return _resize(image[top:top + h, left:left + w], size, size)
+    return lambda a, nearest: _resize(a[top:top + h, left:left + w], size, size, nearest)
 
-  return op
+  return _spatial(draw, keys)
 
 
 @register("flip_lr")
-def flip_lr(p: float = 0.5) -> Op:
-  def op(image, rng):
-    return image[:, ::-1] if rng.uniform() < p else image
-  return op
+def flip_lr(p: float = 0.5, keys: Sequence[str] | None = None) -> Op:
+  def draw(shape, rng):
+    del shape
+    flip = rng.uniform() < p
+    return lambda a, nearest: a[:, ::-1] if flip else a
+  return _spatial(draw, keys)
 
 
 @register("rotate")
-def rotate(degrees: float, interpolation: str = "nearest") -> Op:
+def rotate(degrees: float, interpolation: str = "nearest",
+           keys: Sequence[str] | None = None) -> Op:
   """torchvision.transforms.RandomRotation(degrees): uniform angle, zero fill."""
   flags = {"nearest": cv2.INTER_NEAREST, "bilinear": cv2.INTER_LINEAR}[interpolation]
 
-  def op(image, rng):
+  def draw(shape, rng):
     angle = rng.uniform(-degrees, degrees)
-    height, width = image.shape[:2]
+    height, width = shape[:2]
     matrix = cv2.getRotationMatrix2D(((width - 1) / 2, (height - 1) / 2), angle, 1.0)
-    out = cv2.warpAffine(image, matrix, (width, height), flags=flags,
-                         borderMode=cv2.BORDER_CONSTANT, borderValue=0)
-    return out.reshape(image.shape)
 
-  return op
+    def apply(a, nearest):
+      out = cv2.warpAffine(a, matrix, (width, height),
+                           flags=cv2.INTER_NEAREST if nearest else flags,
+                           borderMode=cv2.BORDER_CONSTANT, borderValue=0)
+      return out.reshape(a.shape)
+
+    return apply
+
+  return _spatial(draw, keys)
 
 
 @register("resize")
-def resize(size: int) -> Op:
+def resize(size: int, keys: Sequence[str] | None = None) -> Op:
   """torchvision.transforms.Resize(int): the shorter side becomes `size`."""
-  def op(image, rng):
+  def draw(shape, rng):
     del rng
-    height, width = image.shape[:2]
+    height, width = shape[:2]
     if height <= width:
-      return _resize(image, size, int(size * width / height))
-    return _resize(image, int(size * height / width), size)
-  return op
+      target = (size, int(size * width / height))
+    else:
+      target = (int(size * height / width), size)
+    return lambda a, nearest: _resize(a, *target, nearest)
+  return _spatial(draw, keys)
 
 
 def _crop_box(height: int, width: int, size: int) -> tuple[int, int]:
@@ -110,31 +154,46 @@ def _crop_box(height: int, width: int, size: int) -> tuple[int, int]:
 
 
 @register("center_crop")
-def center_crop(size: int) -> Op:
-  def op(image, rng):
+def center_crop(size: int, keys: Sequence[str] | None = None) -> Op:
+  def draw(shape, rng):
     del rng
-    top, left = _crop_box(*image.shape[:2], size)
-    return image[top:top + size, left:left + size]
-  return op
+    top, left = _crop_box(*shape[:2], size)
+    return lambda a, nearest: a[top:top + size, left:left + size]
+  return _spatial(draw, keys)
 
 
 @register("ten_crop")
-def ten_crop(size: int) -> Op:
+def ten_crop(size: int, keys: Sequence[str] | None = None) -> Op:
   """torchvision.transforms.TenCrop: 4 corners + centre, then the same of the mirror.
 
-  Returns a (10, size, size, C) stack; predictions are averaged over axis 1 of a batch.
+  Makes the image a (10, size, size, C) stack; predictions are averaged over axis 1
+  of a batch.
   """
-  def op(image, rng):
+  def draw(shape, rng):
     del rng
-    height, width = image.shape[:2]
+    height, width = shape[:2]
     top, left = _crop_box(height, width, size)
     boxes = [(0, 0), (0, width - size), (height - size, 0),
              (height - size, width - size), (top, left)]
-    crops = [image[t:t + size, l:l + size] for t, l in boxes]
-    mirrored = image[:, ::-1]
-    crops += [mirrored[t:t + size, l:l + size] for t, l in boxes]
-    return np.stack(crops)
-  return op
+
+    def apply(a, nearest):
+      del nearest
+      crops = [a[t:t + size, l:l + size] for t, l in boxes]
+      mirrored = a[:, ::-1]
+      crops += [mirrored[t:t + size, l:l + size] for t, l in boxes]
+      return np.stack(crops)
+
+    return apply
+
+  return _spatial(draw, keys, default=("image",))
+
+
+@register("seg_augment")
+def seg_augment(size: int) -> Op:
+  """The study's segmentation training augmentation (data/seg_augment.py)."""
+  # albumentations takes seconds to import: only the specs that use it pay for it.
+  from medbench_jax.data import seg_augment as study  # pylint: disable=g-import-not-at-top
+  return study.SegAugment(size)
 
 
 def _parse_op(text: str) -> Op:
@@ -147,8 +206,11 @@ def _parse_op(text: str) -> Op:
     raise ValueError(f"Unknown preprocessing op {text.strip()!r}; available: {sorted(OPS)}")
   if not isinstance(node, ast.Call):
     return OPS[name]()
-  args = [ast.literal_eval(a) for a in node.args]
-  kwargs = {k.arg: ast.literal_eval(k.value) for k in node.keywords}
+  try:
+    args = [ast.literal_eval(a) for a in node.args]
+    kwargs = {k.arg: ast.literal_eval(k.value) for k in node.keywords}
+  except ValueError as e:
+    raise ValueError(f"Bad arguments for preprocessing op {text.strip()!r}: {e}") from None
   try:
     return OPS[name](*args, **kwargs)
   except TypeError as e:
@@ -159,9 +221,10 @@ def parse(spec: str) -> Op:
   """Builds one op from a `|`-separated spec (an empty spec is the identity)."""
   ops = [_parse_op(part) for part in spec.split("|") if part.strip()]
 
-  def composed(image, rng):
+  def composed(example, rng):
     for op in ops:
-      image = op(image, rng)
-    return np.ascontiguousarray(image)
+      example = op(example, rng)
+    return {key: np.ascontiguousarray(value) if key in SPATIAL_KEYS else value
+            for key, value in example.items()}
 
   return composed

@@ -1,7 +1,9 @@
-"""Pieces shared by the model files: classifier head, stochastic depth, PyTorch-key conversion."""
+"""Pieces shared by the model files: classifier head and its initialisation, stochastic depth,
+PyTorch-key conversion."""
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from typing import Any, Callable, Iterable, Mapping
 
@@ -11,26 +13,56 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
-# The reference study re-initialises the classifier this way before fine-tuning.
-head_kernel_init = nn.initializers.normal(stddev=0.01)
-head_bias_init = nn.initializers.zeros
-
 Dtype = Any
 
 
-def classifier(num_classes: int, dtype: Dtype, name: str) -> nn.Dense:
-  """The Dense head every model ends with, so head init lives in one place."""
+@dataclasses.dataclass(frozen=True)
+class HeadInit:
+  """How a fresh classifier is drawn: the kernel from a zero-mean normal with `std`, cut at
+  +-`bound` (an absolute value, as timm's trunc_normal_(a, b) takes it; None: uncut), the
+  bias zero. Each family registers its own (registry config `head_init`), and `str()` is
+  what weights.load logs when it re-initialises a head."""
+  std: float
+  bound: float | None = None
+
+  def kernel_init(self) -> Callable[..., jnp.ndarray]:
+    if self.bound is None:
+      return nn.initializers.normal(stddev=self.std)
+    # Flax's bounds are in units of the (untruncated) std, timm's in absolute value.
+    return nn.initializers.truncated_normal(self.std, lower=-self.bound / self.std,
+                                            upper=self.bound / self.std)
+
+  def __str__(self) -> str:
+    if self.bound is None:
+      return f"normal std {self.std:g}, zero bias"
+    return f"truncated normal std {self.std:g} cut at +-{self.bound:g}, zero bias"
+
+
+# ResNet and DenseNet heads as the reference study re-initialises them before fine-tuning
+# (its models.py: weight.normal_(0, 0.01), bias.zero_()).
+NORMAL_HEAD = HeadInit(std=0.01)
+# timm's Linear init, trunc_normal_(std=.02) with its default bounds a=-2, b=2 (absolute, so
+# 100 std: a normal in all but name), zero bias. The study's ConvNeXt heads start from it
+# (timm.create_model), its Swin heads too (Microsoft's Swin, _init_weights), and ViT heads
+# in timm, with which the lab's transformer benchmark (jlianglab/BenchmarkTransformers)
+# builds its ViTs; the study's own code builds none.
+TRUNC_NORMAL_HEAD = HeadInit(std=0.02, bound=2.0)
+
+
+def classifier(num_classes: int, dtype: Dtype, name: str, head_init: HeadInit) -> nn.Dense:
+  """The Dense head every model ends with, initialised as its family's `head_init`."""
   return nn.Dense(num_classes, dtype=dtype, param_dtype=jnp.float32,
-                  kernel_init=head_kernel_init, bias_init=head_bias_init, name=name)
+                  kernel_init=head_init.kernel_init(), bias_init=nn.initializers.zeros,
+                  name=name)
 
 
-def pool_and_classify(x: jnp.ndarray, num_classes: int, dtype: Dtype,
-                      name: str) -> jnp.ndarray:
+def pool_and_classify(x: jnp.ndarray, num_classes: int, dtype: Dtype, name: str,
+                      head_init: HeadInit) -> jnp.ndarray:
   """Global average pool of NHWC features, then the head unless num_classes == 0 (timm's
   convention for feature extraction). Outputs float32 so losses never see bf16 logits."""
   x = jnp.mean(x, axis=(1, 2))
   if num_classes:
-    x = classifier(num_classes, dtype, name)(x)
+    x = classifier(num_classes, dtype, name, head_init)(x)
   return x.astype(jnp.float32)
 
 

@@ -84,12 +84,13 @@ class NormHead(nn.Module):
   """timm's NormMlpClassifierHead without hidden layer: pool, LayerNorm, `fc`."""
   num_classes: int
   dtype: Any = jnp.float32
+  head_init: common.HeadInit = common.TRUNC_NORMAL_HEAD
 
   @nn.compact
   def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
     x = _layer_norm(self.dtype, "norm")(jnp.mean(x, axis=(1, 2)))
     if self.num_classes:
-      x = common.classifier(self.num_classes, self.dtype, "fc")(x)
+      x = common.classifier(self.num_classes, self.dtype, "fc", self.head_init)(x)
     return x.astype(jnp.float32)
 
 
@@ -106,6 +107,7 @@ class ConvNeXt(nn.Module):
   mlp_ratio: float = 4.0
   ls_init_value: float | None = 1e-6
   drop_path_rate: float = 0.0
+  head_init: common.HeadInit = common.TRUNC_NORMAL_HEAD
   dtype: Any = jnp.float32
 
   @nn.compact
@@ -124,7 +126,7 @@ class ConvNeXt(nn.Module):
       stages.append(x)
     if feature_maps:
       return stages
-    return NormHead(self.num_classes, self.dtype, name="head")(x)
+    return NormHead(self.num_classes, self.dtype, self.head_init, name="head")(x)
 
 
 def _official_to_timm(key: str) -> str:
@@ -152,7 +154,7 @@ def convert_timm(state_dict: Mapping[str, np.ndarray],
 
 
 _CFG = dict(converter=convert_timm, first_conv="stem_0", classifier="head/fc",
-            crop_pct=0.875, interpolation="bicubic")
+            head_init=common.TRUNC_NORMAL_HEAD, crop_pct=0.875, interpolation="bicubic")
 
 
 def _register(name: str, depths: Sequence[int], dims: Sequence[int]) -> None:

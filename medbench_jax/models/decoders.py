@@ -24,6 +24,7 @@ fresh; a whole segmentation checkpoint must fit everything but the heads.
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import math
 from typing import Any, Callable, Mapping, Sequence
 
@@ -153,6 +154,9 @@ class SegmentationModel(nn.Module):
   num_classes: int
   dtype: Dtype = jnp.float32
 
+  # What weights.load logs when it re-initialises the head (`head_conv`'s initialiser).
+  head_init = "xavier uniform, zero bias (segmentation_models_pytorch's initialize_head)"
+
   @property
   def img_size(self) -> int | Sequence[int] | None:
     """The fixed input size of encoders that have one (Swin, ViT), else None."""
@@ -192,22 +196,27 @@ def smp_converter(encoder: str, split: Callable[[Mapping[str, Any]], tuple[dict,
   keyword arguments, e.g. Swin's img_size, and resizes what it resizes for classification),
   the rest through the generic layout conversion. Any other state dict is taken to be a
   checkpoint of the encoder alone and returned in the encoder's own layout; weights.load
-  places it under `encoder`.
+  places it under `encoder`. Keyword `options` of the checkpoint's format (how SimMIM's
+  Swin tables are resized) go to the encoder's converter.
   """
+  encoder_converter = registry.converter(encoder)
+
   def convert(state_dict: Mapping[str, np.ndarray],
-              model_kw: Mapping[str, Any] | None = None) -> dict[str, dict]:
+              model_kw: Mapping[str, Any] | None = None, **options: Any) -> dict[str, dict]:
     encoder_kw = split(model_kw or {})[1]
-    encoder_converter = registry.converter(encoder)
     if not any(k.startswith(SMP_PARTS) for k in state_dict):
-      return encoder_converter(state_dict, encoder_kw)
+      return encoder_converter(state_dict, encoder_kw, **options)
     prefix = ENCODER + "."
     variables = common.convert_torch_state_dict(
         {k: v for k, v in state_dict.items() if not k.startswith(prefix)})
     encoder_state = {_smp_encoder_key(k): v for k, v in state_dict.items()
                      if k.startswith(prefix)}
-    for collection, tree in encoder_converter(encoder_state, encoder_kw).items():
+    for collection, tree in encoder_converter(encoder_state, encoder_kw, **options).items():
       variables.setdefault(collection, {})[ENCODER] = tree
     return variables
+  # weights.load checks the options a checkpoint format needs (SimMIM's table_interpolation)
+  # against the converter's signature: they are the encoder's.
+  convert.__signature__ = inspect.signature(encoder_converter)
   return convert
 
 
@@ -222,7 +231,10 @@ def register(name: str, encoder: str, model_cls: type[SegmentationModel],
   entry inherits the encoder's pretrained config (mean, std, input size, ...).
   """
   encoder_cfg = registry.pretrained_cfg(encoder)
-  inherited = {k: v for k, v in encoder_cfg.items() if k not in ("first_conv", "classifier")}
+  # The encoder's classifier and its head_init are not used: the segmentation head is drawn
+  # as smp draws it (SegmentationModel.head_init).
+  inherited = {k: v for k, v in encoder_cfg.items()
+               if k not in ("first_conv", "classifier", "head_init")}
   split = lambda kw: split_kwargs(model_cls, kw)
 
   @registry.register(name, converter=smp_converter(encoder, split),

@@ -1,4 +1,4 @@
-"""DenseNet-BC as torchvision and timm build it (`densenet121/169/201`).
+"""DenseNet-BC as torchvision and timm build it (`densenet121/161/169/201`).
 
 Parameter paths mirror the PyTorch keys (features/conv0, features/denseblock1/denselayer1/
 norm1, features/transition1/conv, features/norm5, classifier), so `convert_timm` is the
@@ -120,6 +120,7 @@ class DenseNet(nn.Module):
   growth_rate: int = 32
   block_config: Sequence[int] = (6, 12, 24, 16)
   bn_size: int = 4
+  head_init: common.HeadInit = common.NORMAL_HEAD
   dtype: Any = jnp.float32
 
   @nn.compact
@@ -132,7 +133,8 @@ class DenseNet(nn.Module):
                     name="features")(x.astype(self.dtype), train, smp_features)
     if feature_maps or smp_features:
       return maps
-    return common.pool_and_classify(maps[-1], self.num_classes, self.dtype, "classifier")
+    return common.pool_and_classify(maps[-1], self.num_classes, self.dtype, "classifier",
+                                    self.head_init)
 
 
 def convert_timm(state_dict: Mapping[str, np.ndarray],
@@ -144,7 +146,8 @@ def convert_timm(state_dict: Mapping[str, np.ndarray],
 
 def _register(name: str, growth_rate: int, block_config: Sequence[int]) -> None:
   @registry.register(name, converter=convert_timm, first_conv="features/conv0",
-                   classifier="classifier", interpolation="bicubic")
+                   classifier="classifier", head_init=common.NORMAL_HEAD,
+                   interpolation="bicubic")
   def factory(num_classes: int, **kw: Any) -> DenseNet:
     return DenseNet(num_classes=num_classes,
                     **{"growth_rate": growth_rate, "block_config": block_config, **kw})
@@ -152,5 +155,7 @@ def _register(name: str, growth_rate: int, block_config: Sequence[int]) -> None:
 
 
 _register("densenet121", 32, (6, 12, 24, 16))
+# Growth 48: its stem's 2k = 96 channels are torchvision's num_init_features=96.
+_register("densenet161", 48, (6, 12, 36, 24))
 _register("densenet169", 32, (6, 12, 32, 32))
 _register("densenet201", 32, (6, 12, 48, 32))

@@ -48,7 +48,9 @@ def register(name: str, *, converter: Converter, first_conv: str, classifier: st
 
   `converter` maps a PyTorch state dict of this architecture to Flax variables; the other
   arguments form the pretrained config returned by `pretrained_cfg` (defaults: ImageNet
-  mean/std, 224x224x3 input).
+  mean/std, 224x224x3 input). A `head_init` entry (models.common.HeadInit) is how the
+  family's classifier is drawn: `create` hands it to the factory, so a fresh head always
+  follows the registered config.
   """
   def decorator(factory: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
     if name in _REGISTRY:
@@ -73,7 +75,10 @@ def create(name: str, num_classes: int, **kw: Any) -> nn.Module:
 
   `kw` overrides architecture fields (e.g. `dtype=jnp.bfloat16`, Swin's `img_size`).
   """
-  return _entry(name).factory(num_classes=num_classes, **kw)
+  entry = _entry(name)
+  if "head_init" in entry.cfg:
+    kw = {"head_init": entry.cfg["head_init"], **kw}
+  return entry.factory(num_classes=num_classes, **kw)
 
 
 def list_models() -> list[str]:
@@ -83,7 +88,8 @@ def list_models() -> list[str]:
 
 def pretrained_cfg(name: str) -> dict[str, Any]:
   """Copy of the config of `name`: mean, std, input_size (H, W, C), crop_pct,
-  interpolation, first_conv and classifier (Flax parameter paths)."""
+  interpolation, first_conv and classifier (Flax parameter paths), head_init where the
+  family registers one."""
   return dict(_entry(name).cfg)
 
 

@@ -104,6 +104,7 @@ class ResNet(_Layers):
   num_classes: int = 1000
   width_multiplier: int = 1
   width_per_group: int = 64
+  head_init: common.HeadInit = common.NORMAL_HEAD
 
   @nn.compact
   def __call__(self, x: jnp.ndarray, train: bool = False, feature_maps: bool = False,
@@ -129,7 +130,7 @@ class ResNet(_Layers):
       return [stem, *maps]
     if feature_maps:
       return maps
-    return common.pool_and_classify(x, self.num_classes, self.dtype, "fc")
+    return common.pool_and_classify(x, self.num_classes, self.dtype, "fc", self.head_init)
 
 
 # Separius/SimCLRv2-Pytorch keys -> torchvision's. Its blocks are Sequentials of
@@ -177,7 +178,7 @@ _SIMCLR_CFG = dict(mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0), interpolation="bic
 def _register(name: str, block: type[nn.Module], stage_sizes: Sequence[int],
               cfg: Mapping[str, Any] | None = None, **arch: Any) -> None:
   @registry.register(name, converter=convert_timm, first_conv="conv1", classifier="fc",
-                   **(cfg or {}))
+                   head_init=common.NORMAL_HEAD, **(cfg or {}))
   def factory(num_classes: int, **kw: Any) -> ResNet:
     return ResNet(num_classes=num_classes,
                   **{"block": block, "stage_sizes": stage_sizes, **arch, **kw})

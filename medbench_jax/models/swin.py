@@ -7,7 +7,8 @@ and the shifted-window attention mask are constants recomputed here with numpy a
 time, never loaded. As in timm with strict_img_size, the input must be `img_size`: window
 sizes (and so the bias-table shapes) are fixed per stage from that resolution. Loading a
 checkpoint into another img_size or window_size resizes its bias tables as timm's
-checkpoint filter does (`resize_relative_position_bias_table`).
+checkpoint filter does (`resize_relative_position_bias_table`), or, for SimMIM checkpoints,
+as SimMIM's fine-tuning loader does (same offsets, cubic spline instead of linear).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from typing import Any, Mapping, Sequence
 import flax.linen as nn
 import jax.numpy as jnp
 import numpy as np
+from scipy import interpolate
 
 from medbench_jax.models import common
 from medbench_jax.models import registry
@@ -216,6 +218,7 @@ class SwinTransformer(nn.Module):
   window_size: int | Sequence[int] = 7
   mlp_ratio: float = 4.0
   drop_path_rate: float = 0.1
+  head_init: common.HeadInit = common.TRUNC_NORMAL_HEAD
   dtype: Any = jnp.float32
 
   @nn.compact
@@ -239,7 +242,7 @@ class SwinTransformer(nn.Module):
     if feature_maps:
       return stages
     x = _layer_norm(self.dtype, "norm")(x)
-    return common.pool_and_classify(x, self.num_classes, self.dtype, "head")
+    return common.pool_and_classify(x, self.num_classes, self.dtype, "head", self.head_init)
 
 
 def _stretched_offsets(src: int, dst: int) -> np.ndarray:
@@ -258,41 +261,61 @@ def _stretched_offsets(src: int, dst: int) -> np.ndarray:
   return np.concatenate([-positive[::-1], [0.0], positive])
 
 
-def _interpolation_matrix(src: int, dst: int) -> np.ndarray:
-  """(dst, src) weights of linear interpolation from the stretched source offsets to the
-  integer target offsets, holding the end values beyond the ends (as timm's interpolator)."""
+TABLE_INTERPOLATIONS = ("linear", "cubic")
+
+
+def _interpolation_matrix(src: int, dst: int, interpolation: str) -> np.ndarray:
+  """(dst, src) weights of interpolation from the stretched source offsets to the integer
+  target offsets, holding the end values beyond the ends (as timm's interpolator and
+  FITPACK's evaluation, which clamps to the knot range, do). "linear" is timm's default;
+  "cubic" the interpolating cubic spline (not-a-knot) that scipy's interp2d fitted for
+  SimMIM/BEiT, one axis at a time as that tensor-product spline allows."""
   offsets = _stretched_offsets(src, dst)
   targets = np.arange(-(dst // 2), dst // 2 + 1, dtype=np.float64)
-  return np.stack([np.interp(targets, offsets, basis) for basis in np.eye(src)], axis=1)
+  if interpolation == "linear":
+    return np.stack([np.interp(targets, offsets, basis) for basis in np.eye(src)], axis=1)
+  if src < 4:
+    raise ValueError(f"A cubic spline needs 4 or more offsets; a relative position table of "
+                     f"{src} per axis (window {(src + 1) // 2}) has fewer.")
+  spline = interpolate.make_interp_spline(offsets, np.eye(src), k=3)
+  return spline(np.clip(targets, offsets[0], offsets[-1]))
 
 
-def resize_relative_position_bias_table(table: np.ndarray, window: Pair) -> np.ndarray:
+def resize_relative_position_bias_table(table: np.ndarray, window: Pair,
+                                        interpolation: str = "linear") -> np.ndarray:
   """((2S-1)^2, heads) bias table of a square window -> ((2Wh-1)(2Ww-1), heads) for `window`.
 
-  timm's `resize_rel_pos_bias_table` (its Swin checkpoint filter), not a plain bicubic
-  resize: per head, the source offsets are stretched geometrically over the target range
-  and sampled bilinearly. Tables that are not square, or already fit, are returned as is.
+  Not a plain bicubic resize: per head, the source offsets are stretched geometrically over
+  the target range and sampled there, "linear"ly as timm's `resize_rel_pos_bias_table` (its
+  Swin checkpoint filter) does, or with a "cubic" spline as SimMIM's fine-tuning loader
+  (`remap_pretrained_keys_swin`, scipy's interp2d) does. Tables that are not square, or
+  already fit, are returned as is.
   """
+  if interpolation not in TABLE_INTERPOLATIONS:
+    raise ValueError(f"interpolation={interpolation!r}; expected one of {TABLE_INTERPOLATIONS}.")
   rows, heads = table.shape
   side = math.isqrt(rows)
   dst = (2 * window[0] - 1, 2 * window[1] - 1)
   if side * side != rows or rows == dst[0] * dst[1]:
     return table
   grid = np.asarray(table, np.float64).T.reshape(heads, side, side)
-  resized = np.einsum("ys,hst,xt->yxh", _interpolation_matrix(side, dst[0]), grid,
-                      _interpolation_matrix(side, dst[1]))
+  resized = np.einsum("ys,hst,xt->yxh", _interpolation_matrix(side, dst[0], interpolation),
+                      grid, _interpolation_matrix(side, dst[1], interpolation))
   return resized.reshape(-1, heads).astype(table.dtype)
 
 
 def convert_timm(state_dict: Mapping[str, np.ndarray], model_kw: Mapping[str, Any] | None = None,
-                 *, arch: Mapping[str, Any] | None = None) -> dict[str, dict]:
+                 *, arch: Mapping[str, Any] | None = None,
+                 table_interpolation: str = "linear") -> dict[str, dict]:
   """timm or original Microsoft Swin state dict -> {'params'} of
   `SwinTransformer(**arch, **model_kw)`.
 
   Microsoft's checkpoints (and the reference study's, which use Microsoft's model) downsample
   at the end of each stage (layers.i.downsample -> layers.{i+1}.downsample) and name the head
   `head` rather than timm's `head.fc`; their relative_position_index and attn_mask buffers
-  are dropped. Bias tables made for other windows are resized to the model's.
+  are dropped. Bias tables made for other windows are resized to the model's with
+  `table_interpolation` (`resize_relative_position_bias_table`; the checkpoint's format
+  chooses it: "cubic" for SimMIM's).
   """
   model = SwinTransformer(**{**(arch or {}), **(model_kw or {})})
   windows = stage_windows(model.img_size, model.patch_size, model.window_size, len(model.depths))
@@ -308,7 +331,8 @@ def convert_timm(state_dict: Mapping[str, np.ndarray], model_kw: Mapping[str, An
     stage = re.match(r"layers\.(\d+)\.blocks\.\d+\.attn\.relative_position_bias_table$", key)
     if stage is None or int(stage.group(1)) >= len(windows):
       return value
-    return resize_relative_position_bias_table(np.asarray(value), windows[int(stage.group(1))])
+    return resize_relative_position_bias_table(np.asarray(value), windows[int(stage.group(1))],
+                                               table_interpolation)
 
   renamed = {rename(k): v for k, v in state_dict.items()}
   return common.convert_torch_state_dict(
@@ -320,7 +344,8 @@ def _register(name: str, crop_pct: float = 0.9, **arch: Any) -> None:
   size = _pair(arch.get("img_size", 224))
 
   @registry.register(name, converter=functools.partial(convert_timm, arch=arch),
-                   first_conv="patch_embed/proj", classifier="head", input_size=(*size, 3),
+                   first_conv="patch_embed/proj", classifier="head",
+                   head_init=common.TRUNC_NORMAL_HEAD, input_size=(*size, 3),
                    crop_pct=crop_pct, interpolation="bicubic")
   def factory(num_classes: int, **kw: Any) -> SwinTransformer:
     return SwinTransformer(num_classes=num_classes, **{**arch, **kw})

@@ -107,6 +107,7 @@ class VisionTransformer(nn.Module):
   mlp_ratio: float = 4.0
   global_pool: str = "token"
   drop_path_rate: float = 0.0
+  head_init: common.HeadInit = common.TRUNC_NORMAL_HEAD
   dtype: Any = jnp.float32
 
   @nn.compact
@@ -147,7 +148,7 @@ class VisionTransformer(nn.Module):
     else:
       x = _layer_norm(self.dtype, "norm")(x)[:, 0]
     if self.num_classes:
-      x = common.classifier(self.num_classes, self.dtype, "head")(x)
+      x = common.classifier(self.num_classes, self.dtype, "head", self.head_init)(x)
     return x.astype(jnp.float32)
 
 
@@ -182,9 +183,11 @@ def convert_timm(state_dict: Mapping[str, np.ndarray],
   `default_img_size`, over the checkpoint's patch size) differs from the checkpoint's,
   pos_embed is resized to it (`resample_pos_embed`). `global_pool` changes nothing here:
   a "token" checkpoint has norm.*, an "avg" one fc_norm.*, and loading one into the other
-  head is reported as missing/unexpected keys by weights.load, never guessed. Keys of
-  self-supervised releases beyond timm's (MAE's decoder_*/mask_token, MoCo v3/DINO
-  prefixes) are not handled here but by weights.formats; DINO's backbone keys are timm's.
+  head is reported as missing/unexpected keys by weights.load, never guessed (MAE
+  pretraining checkpoints aside, which go into an "avg" model as MAE's fine-tuning takes
+  them: fc_norm fresh, norm unused; weights.formats). Keys of self-supervised releases
+  beyond timm's (MAE's decoder_*/mask_token, MoCo v3/DINO prefixes, SimMIM's q/v biases)
+  are not handled here but by weights.formats; DINO's backbone keys are timm's.
   """
   model_kw = model_kw or {}
   state_dict = dict(state_dict)
@@ -198,7 +201,8 @@ def convert_timm(state_dict: Mapping[str, np.ndarray],
 
 # timm's default tags of these names (augreg / orig in21k, Google's JAX training) normalise
 # with mean = std = 0.5; DINO, MAE and MoCo v3 weights use ImageNet's mean/std instead.
-_CFG = dict(mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5), crop_pct=0.9, interpolation="bicubic")
+_CFG = dict(mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5), crop_pct=0.9, interpolation="bicubic",
+            head_init=common.TRUNC_NORMAL_HEAD)
 
 
 def _register(name: str, **arch: Any) -> None:

@@ -3,11 +3,12 @@
 Reading never executes code from the file (.pth through a restricted unpickler, BYOL's
 Haiku .pkl likewise, .safetensors, .npz without pickles). What the file holds is found by
 key signature (weights/formats.py: the study's own checkpoints, MoCo, SwAV, PyContrast,
-DINO, MoCo v3, MAE, BYOL, plain state dicts) and normalised to the backbone's state dict,
-with everything stripped or dropped logged. Merging is by flattened parameter path into
-freshly initialised variables, as big_vision does: every tensor must fit except the
-classifier, which is re-initialised unless `keep_head`; anything else that does not fit is
-an error naming the keys and shapes on both sides.
+DINO, MoCo v3, MAE, SimMIM, BYOL, RadImageNet, plain state dicts) and normalised to the
+backbone's state dict, with everything stripped or dropped logged. Merging is by flattened
+parameter path into freshly initialised variables, as big_vision does: every tensor must
+fit except the classifier, which is re-initialised (as its family registers: `head_init`)
+unless `keep_head`, and what the format's fine-tuning recipe starts anew; anything else
+that does not fit is an error naming the keys and shapes on both sides.
 
 Segmentation models (`unet_<encoder>`, `upernet_<encoder>`; models/decoders.py) load the
 same sources. A checkpoint of the encoder alone (any classification checkpoint, run or
@@ -28,7 +29,9 @@ Sources `load` accepts (also as --config.model.init):
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import os
+import re
 import zipfile
 from typing import Any, Callable, Mapping
 
@@ -129,7 +132,14 @@ def _read_variables(name: str, path: str, model_kw: Mapping[str, Any]
     return flat, None, "converted", path
   normalised = read_state_dict(path)
   _log_normalised(normalised, path)
-  flat = _flatten(models.converter(name)(normalised.state_dict, model_kw))
+  convert = models.converter(name)
+  options = normalised.converter_kw
+  accepted = inspect.signature(convert).parameters
+  if any(option not in accepted for option in options):
+    raise ValueError(f"{path}: {normalised.format} checkpoints are converted with {options}, "
+                     f"which the converter of {name} does not take; is it a checkpoint of "
+                     "this architecture?")
+  flat = _flatten(convert(normalised.state_dict, model_kw, **options))
   return flat, normalised, normalised.format, path
 
 
@@ -178,11 +188,14 @@ def load(name: str, path: str, num_classes: int, keep_head: bool = False, seed: 
   initialised from `path` (any source in the module docstring).
 
   The classifier (the pretrained config's `classifier` path, and its `auxiliary_heads`) is
-  dropped from the checkpoint and keeps its fresh initialisation (`seed` drives it) unless
-  `keep_head`, in which case it is loaded and must match `num_classes`. Segmentation models
-  also take checkpoints of their encoder alone (module docstring). `in_chans=1` sums
-  the first conv's RGB kernels for grayscale input. Raises ValueError listing missing keys,
-  unexpected keys and shape mismatches (with shapes) otherwise.
+  dropped from the checkpoint and keeps its fresh initialisation (the family's registered
+  `head_init`: normal std 0.01 for ResNet/DenseNet, truncated normal std 0.02 for
+  ConvNeXt/ViT/Swin, zero bias; segmentation heads as segmentation_models_pytorch draws
+  them; `seed` drives it) unless `keep_head`, in which case it is loaded and must match
+  `num_classes`. Segmentation models also take checkpoints of their encoder alone (module
+  docstring). `in_chans=1` sums the first conv's RGB kernels for grayscale input. Raises
+  ValueError listing missing keys, unexpected keys and shape mismatches (with shapes)
+  otherwise.
   """
   return load_with_report(name, path, num_classes, keep_head, seed, in_chans, **model_kw)[0]
 
@@ -209,9 +222,16 @@ def load_with_report(name: str, path: str, num_classes: int, keep_head: bool = F
   shapes_of = lambda module: jax.eval_shape(lambda r: _flatten(module.init(r, dummy)), rng)
   fresh = shapes_of(model)
 
-  dropped, starts_fresh = _set_aside(loaded, model, cfg, keep_head, encoder_only, shapes_of,
-                                     fresh)
-  missing = [k for k in fresh if k not in loaded and not starts_fresh(k)]
+  dropped, may_start_fresh = _set_aside(loaded, model, cfg, keep_head, encoder_only,
+                                        shapes_of, fresh)
+  # What the format's fine-tuning recipe starts anew or leaves unused (MAE's global pool).
+  recipe = formats.get(normalised.format) if normalised else None
+  fresh_ok, unused_ok = (recipe.start_fresh, recipe.unused) if recipe else ((), ())
+  recipe_fresh = [k for k in fresh if k not in loaded and _matches(fresh_ok, k)]
+  dropped.update({k: (loaded.pop(k).shape, f"not used by this model ({fmt} fine-tuning)")
+                  for k in sorted(loaded) if k not in fresh and _matches(unused_ok, k)})
+  missing = [k for k in fresh if k not in loaded and k not in recipe_fresh
+             and not may_start_fresh(k)]
   unexpected = [k for k in loaded if k not in fresh]
   mismatched = [k for k in loaded if k in fresh and loaded[k].shape != fresh[k].shape]
   if missing or unexpected or mismatched:
@@ -252,10 +272,30 @@ def load_with_report(name: str, path: str, num_classes: int, keep_head: bool = F
   for reason in sorted({reason for _, reason in dropped.values()}):
     logging.info("Dropped from the checkpoint (%s): %s", reason, ", ".join(
         f"{k} {shape}" for k, (shape, r) in dropped.items() if r == reason))
-  if reinit:
-    logging.info("Freshly initialised (the model's initialisers, seed %d; %d classes): %s",
-                 seed, num_classes, ", ".join(f"{k} {fresh[k].shape}" for k in reinit))
+  if recipe_fresh:
+    logging.info("Freshly initialised (not in the checkpoint, as %s fine-tuning starts them): "
+                 "%s", fmt, ", ".join(f"{k} {fresh[k].shape}" for k in recipe_fresh))
+  heads = _head_paths(cfg)
+  reinit_head = [k for k in reinit if k not in recipe_fresh and _under_any(k, heads)]
+  if reinit_head:
+    logging.info("Re-initialised the classifier (%s, seed %d) for %d classes: %s",
+                 getattr(model, "head_init", "the model's own init"), seed, num_classes,
+                 ", ".join(f"{k} {fresh[k].shape}" for k in reinit_head))
+  reinit_rest = [k for k in reinit if k not in recipe_fresh and k not in reinit_head]
+  if reinit_rest:
+    logging.info("Freshly initialised (not in an encoder checkpoint; the model's "
+                 "initialisers, seed %d): %s", seed,
+                 ", ".join(f"{k} {fresh[k].shape}" for k in reinit_rest))
   return traverse_util.unflatten_dict(variables, sep="/"), report
+
+
+def _head_paths(cfg: Mapping[str, Any]) -> list[str]:
+  """The classifier and any auxiliary heads (UperNet's deep supervision) of a model."""
+  return [cfg["classifier"], *cfg.get("auxiliary_heads", ())]
+
+
+def _under_any(key: str, paths: list[str]) -> bool:
+  return any(_under(key, path) for path in paths)
 
 
 def _set_aside(loaded: dict[str, Any], model: Any, cfg: Mapping[str, Any], keep_head: bool,
@@ -267,12 +307,12 @@ def _set_aside(loaded: dict[str, Any], model: Any, cfg: Mapping[str, Any], keep_
   the encoder's classifier and final norm. Returns (dropped key -> (shape, reason), whether a
   model variable may start fresh instead of coming from the checkpoint).
   `shapes_of(module)` is the flat variable shapes of a module at the model's input size."""
-  heads = [cfg["classifier"], *cfg.get("auxiliary_heads", ())]
-  in_head = lambda k: any(_under(k, h) for h in heads)
+  heads = _head_paths(cfg)
+  in_head = lambda k: _under_any(k, heads)
   # Auxiliary heads are training aids: one the checkpoint lacks starts fresh even with
   # keep_head (smp has none); the classifier must be there to be kept.
   absent = [h for h in cfg.get("auxiliary_heads", ()) if not any(_under(k, h) for k in loaded)]
-  kept = lambda k: keep_head and in_head(k) and not any(_under(k, h) for h in absent)
+  kept = lambda k: keep_head and in_head(k) and not _under_any(k, absent)
   if encoder_only:
     path = cfg["encoder_path"]
     # The encoder built as a classifier has these beyond what the decoder reads.
@@ -284,6 +324,10 @@ def _set_aside(loaded: dict[str, Any], model: Any, cfg: Mapping[str, Any], keep_
   dropped = {} if keep_head else {k: (loaded.pop(k).shape, "classifier (keep_head=False)")
                                   for k in sorted(loaded) if in_head(k)}
   return dropped, lambda k: in_head(k) and not kept(k)
+
+
+def _matches(patterns: tuple[str, ...], key: str) -> bool:
+  return any(re.search(p, key) for p in patterns)
 
 
 def _flatten(variables: Mapping[str, Any]) -> dict[str, Any]:

@@ -13,8 +13,9 @@ are read as numpy arrays in `persistent_load`. What torch 2.x writes (from pickl
   (`torch.uint16`, ...) for dtypes without a legacy storage class;
   `_rebuild_parameter(tensor, requires_grad, hooks)` for nn.Parameter.
 Training checkpoints add plain data around the state dict (optimizer and scheduler state,
-`argparse.Namespace` arguments in DINO/MAE, numpy scalars): the Namespace becomes an inert
-record and numpy values are rebuilt through `numpy_global`, never with object dtypes.
+`argparse.Namespace` arguments in DINO/MAE, the yacs `CfgNode` config of Swin/SimMIM, with
+a `set` inside, numpy scalars): the Namespace and the CfgNode become inert records and
+numpy values are rebuilt through `numpy_global`, never with object dtypes.
 
 Files written with torch < 1.6 (or `_use_new_zipfile_serialization=False`; MoCo, PCL and
 SwAV published such files) are a sequence of pickles instead: magic number, protocol
@@ -110,6 +111,12 @@ class Namespace:
     return f"Namespace({vars(self)})"
 
 
+class ConfigNode(dict):
+  """Inert stand-in for yacs.config.CfgNode, the `config` entry of Microsoft's Swin and
+  SimMIM training checkpoints: a dict of its entries; its flags (__immutable__, ...) become
+  attributes, as unpickling a dict subclass restores them."""
+
+
 class _PendingTensor:
   """A tensor of a legacy-format file whose storage data follows the pickle."""
 
@@ -149,6 +156,10 @@ class _RestrictedUnpickler(pickle.Unpickler):
         ("torch._utils", "_rebuild_parameter"): _rebuild_parameter,
         ("torch.storage", "UntypedStorage"): _StorageType("UntypedStorage", np.dtype(np.uint8)),
         ("argparse", "Namespace"): Namespace,
+        ("yacs.config", "CfgNode"): ConfigNode,
+        # Protocol 2 spells the module of builtins the Python 2 way.
+        ("builtins", "set"): set,
+        ("__builtin__", "set"): set,
     }
     if (module, name) in allowed:
       return allowed[module, name]

@@ -3,11 +3,12 @@
 import ml_collections
 
 from medbench_jax import config_lib
+from medbench_jax import recipes
 
 
 def get_config(arg=None):
   args = config_lib.parse_arg(arg, model="swin_demo_patch4_window4_128", epochs=2, workers=0)
-  config = config_lib.classification_config(None, paper_model="", demo_model=args.model)
+  config = recipes.classification_config(None, paper_model="", demo_model=args.model)
   config.dataset.phantom.update(num_train=96, num_val=40, num_test=40, image_size=96)
   config.dataset.image_size = 72
   config.input.batch_size = 16

@@ -1,0 +1,117 @@
+"""Process start-up and coordination, shared by every entry point.
+
+`start()` keeps TensorFlow (there only for TFDS and TensorBoard writers) off the
+accelerators, quietens libraries' INFO chatter, and joins a multi-process run;
+`is_lead()` picks the process that writes shared files; `barrier(name)` waits for
+all processes on the coordination service (not a device collective, whose timeout
+is far shorter than, say, preparing a data set).
+"""
+
+from __future__ import annotations
+
+import logging as py_logging
+import signal
+
+import jax
+from absl import logging
+
+# How long processes wait at a barrier for the others (data preparation is the longest).
+BARRIER_TIMEOUT_S = 24 * 3600
+# Exit status of a run that was preempted after saving its state (EX_TEMPFAIL: run the
+# same command again to resume). The sweep runner reads it as "resumable".
+EXIT_PREEMPTED = 75
+
+_preemption_signal: str | None = None
+
+
+class Preempted(Exception):
+  """Raised at a step boundary after the state was saved because SIGTERM/SIGINT came."""
+
+
+class _QuietLibraries(py_logging.Filter):
+  """Keeps the run's own progress readable: libraries' INFO chatter is dropped."""
+  _LIBRARIES = ("/orbax/", "/tensorflow_datasets/", "/grain/", "/jax/", "/clu/")
+
+  def filter(self, record: py_logging.LogRecord) -> bool:
+    return (record.levelno >= py_logging.WARNING or
+            not any(lib in record.pathname for lib in self._LIBRARIES))
+
+
+def keep_tensorflow_off_accelerators() -> None:
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  tf.config.set_visible_devices([], "GPU")
+
+
+def start(*, coordinator_address: str | None = None, num_processes: int | None = None,
+          process_id: int | None = None, multiprocess: bool = False,
+          compilation_cache_dir: str = "") -> None:
+  """Prepares this process; joins a multi-process run when asked to.
+
+  coordinator_address (+ num_processes, process_id): processes started by hand, e.g. over
+  loopback; multiprocess: TPU pods and SLURM, where jax.distributed finds the rest itself.
+  compilation_cache_dir: JAX's persistent compilation cache ("" = off), so a second run of
+  the same model and shapes skips most of the compilation.
+  """
+  logging.get_absl_handler().addFilter(_QuietLibraries())
+  keep_tensorflow_off_accelerators()
+  if compilation_cache_dir:
+    jax.config.update("jax_compilation_cache_dir", compilation_cache_dir)
+  if coordinator_address:
+    # Collectives between CPU processes (simulated multi-host runs); GPUs/TPUs ignore it.
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.distributed.initialize(coordinator_address, num_processes, process_id)
+  elif multiprocess:
+    jax.distributed.initialize()
+
+
+def stop() -> None:
+  """Leaves a multi-process run together with the others.
+
+  Process 0 hosts the coordination service: a process that finds it gone before its own
+  shutdown aborts.
+  """
+  if jax.process_count() > 1:
+    jax.distributed.shutdown()
+
+
+def is_lead() -> bool:
+  """Whether this process writes the files all processes share (results, configs)."""
+  return jax.process_index() == 0
+
+
+def barrier(name: str, timeout_s: float = BARRIER_TIMEOUT_S) -> None:
+  """Blocks until every process has reached the barrier `name` (no-op for one process)."""
+  if jax.process_count() == 1:
+    return
+  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+  ocp.multihost.get_barrier_sync_fn()(key=f"medbench_{name}", timeout_ms=int(timeout_s * 1000))
+
+
+def _on_signal(signum, frame) -> None:
+  del frame
+  global _preemption_signal
+  name = signal.Signals(signum).name
+  if _preemption_signal == name == "SIGINT":
+    raise KeyboardInterrupt  # a second Ctrl-C: stop now, without saving
+  _preemption_signal = name
+  logging.warning("%s received: saving a checkpoint at the next step boundary, then "
+                  "exiting with status %d (rerun the command to resume).", name,
+                  EXIT_PREEMPTED)
+
+
+def watch_for_preemption() -> None:
+  """SIGTERM (what TPU and SLURM preemption send) and SIGINT make the training loop save
+  and stop at its next step boundary. In a multi-process run jax.distributed's preemption
+  service catches SIGTERM and agrees on the step with every process."""
+  global _preemption_signal
+  _preemption_signal = None
+  signal.signal(signal.SIGTERM, _on_signal)
+  signal.signal(signal.SIGINT, _on_signal)
+
+
+def preemption_requested(step: int) -> bool:
+  """Whether to save and stop after `step` (every process gets the same answer)."""
+  if jax.process_count() > 1:
+    import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+    return ocp.multihost.reached_preemption(step)
+  return _preemption_signal is not None

@@ -1,0 +1,224 @@
+"""Semantic segmentation: per-class binary masks (classes may overlap, e.g. a clavicle over
+a lung), sigmoid outputs with Dice and/or BCE losses, or mutually exclusive classes with
+softmax cross-entropy + Dice.
+
+The reference study's protocol: Dice loss `1 - (2·Σ(y·p) + 1) / (Σy + Σp + 1)` over the
+flattened batch with sigmoid outputs (BCE for DRIVE); test metrics on the predictions
+thresholded at 0.5: `dice`, the Dice of the whole test set pooled over all pixels (its
+`dice`), and `mean_dice`, the mean over images of each image's Dice, an image whose
+prediction and mask are both empty scoring 1.0 (its `mean_dice_coef`); IoU the same two
+ways. Predictions are made on the full image at the model's input size and resized back
+to the stored mask resolution before scoring; where the data set has a field of view
+(DRIVE), only pixels inside it count.
+
+Validation loss (early stopping) is the mean over images of each image's loss, so it does
+not depend on how the split is batched or over how many devices.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Callable, Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from medbench_jax.tasks import base
+
+LOSSES = ("dice", "bce", "bce_dice", "softmax_ce_dice")
+# Data sets whose reference loss is BCE rather than Dice (thin vessels: Dice's gradient is
+# dominated by the few positive pixels).
+_BCE_DATASETS = ("drive",)
+# The auxiliary head's loss weight when a model returns (main, auxiliary) logits
+# (mmsegmentation's UperNet configs).
+AUX_WEIGHT = 0.4
+_SMOOTH = 1.0
+_COUNTS = ("intersection", "prediction_sum", "target_sum")
+
+
+def dice_loss(probs: jnp.ndarray, targets: jnp.ndarray, axes: tuple[int, ...] | None = None
+              ) -> jnp.ndarray:
+  """The study's smoothed Dice loss, summed over `axes` (None: everything)."""
+  intersection = jnp.sum(targets * probs, axis=axes)
+  return 1.0 - (2.0 * intersection + _SMOOTH) / (
+      jnp.sum(targets, axis=axes) + jnp.sum(probs, axis=axes) + _SMOOTH)
+
+
+def _with_background(masks: jnp.ndarray) -> jnp.ndarray:
+  """(..., K) 0/1 masks -> (..., K + 1) one-hot with background first; where masks
+  overlap the first listed class wins."""
+  labels = jnp.where(masks.any(axis=-1), jnp.argmax(masks, axis=-1) + 1, 0)
+  return jax.nn.one_hot(labels, masks.shape[-1] + 1, dtype=jnp.float32)
+
+
+def resolve_loss(name: str, dataset: str) -> str:
+  if name == "auto":
+    return "bce" if dataset in _BCE_DATASETS else "dice"
+  if name not in LOSSES:
+    raise ValueError(f"config.segmentation.loss={name!r} is not allowed; allowed: "
+                     f"('auto', {', '.join(map(repr, LOSSES))})")
+  return name
+
+
+class Segmentation(base.Task):
+  """A segmentation head over the data set's mask classes; headline metric pooled Dice."""
+
+  name = "segmentation"
+  metric = "dice"
+  num_eval_images = 8
+
+  def __init__(self, config, info):
+    super().__init__(config, info)
+    self.loss_name = resolve_loss(config.segmentation.loss, info.name)
+    self.softmax = self.loss_name == "softmax_ce_dice"
+    self.keys = ("image", "mask") + (("fov",) if info.has_fov else ())
+
+  @property
+  def num_outputs(self) -> int:
+    return len(self.class_names) + int(self.softmax)
+
+  def pp_train(self) -> str:
+    return self.config.input.pp_train
+
+  def pp_eval(self, test: bool) -> str:
+    del test  # the full image, at the model's input size; masks stay as stored
+    return self.config.input.pp_eval
+
+  # ------------------------------------------------------------ losses
+  def _loss_terms(self, logits: jnp.ndarray, masks: jnp.ndarray,
+                  axes: tuple[int, ...] | None) -> jnp.ndarray:
+    """The configured loss over `axes` (None: the whole batch; (1, 2, 3): per image)."""
+    logits = logits.astype(jnp.float32)
+    masks = masks.astype(jnp.float32)
+    if self.softmax:
+      targets = _with_background(masks)
+      ce = optax.softmax_cross_entropy(logits, targets).mean(
+          axis=None if axes is None else axes[:-1])
+      probs = jax.nn.softmax(logits)[..., 1:]
+      class_axes = (0, 1, 2) if axes is None else axes[:-1]
+      dice = dice_loss(probs, targets[..., 1:], class_axes).mean(axis=-1)
+      return ce + dice
+    probs = jax.nn.sigmoid(logits)
+    total = 0.0
+    if "bce" in self.loss_name:
+      total += optax.sigmoid_binary_cross_entropy(logits, masks).mean(axis=axes)
+    if "dice" in self.loss_name:
+      total += dice_loss(probs, masks, axes)
+    return total
+
+  def loss(self, outputs: Any, batch: Mapping[str, jnp.ndarray]) -> jnp.ndarray:
+    if isinstance(outputs, (tuple, list)):  # (main, auxiliary) logits
+      main, aux = outputs
+      return (self._loss_terms(main, batch["mask"], None)
+              + AUX_WEIGHT * self._loss_terms(aux, batch["mask"], None))
+    return self._loss_terms(outputs, batch["mask"], None)
+
+  # ------------------------------------------------------------ evaluation
+  def make_predict(self, apply_fn: Callable, normalize: base.Normalize
+                   ) -> Callable[[dict, dict], tuple[jnp.ndarray, jnp.ndarray]]:
+    """(variables, batch) -> (logits, 0/1 predictions (N, S, S, K)) at the masks' size."""
+
+    def predict(variables: dict, batch: dict) -> tuple[jnp.ndarray, jnp.ndarray]:
+      logits = apply_fn(variables, normalize(batch["image"]), train=False)
+      logits = logits.astype(jnp.float32)
+      size = batch["mask"].shape[1:3]
+      if logits.shape[1:3] != size:
+        logits = jax.image.resize(logits, logits.shape[:1] + size + logits.shape[3:],
+                                  "bilinear")
+      if self.softmax:
+        winner = jnp.argmax(logits, axis=-1)
+        predicted = jax.nn.one_hot(winner, logits.shape[-1], dtype=jnp.float32)[..., 1:]
+      else:
+        predicted = (jax.nn.sigmoid(logits) > 0.5).astype(jnp.float32)
+      return logits, predicted
+
+    return predict
+
+  def make_eval_step(self, apply_fn: Callable, normalize: base.Normalize) -> base.EvalStep:
+    """Per image and class: pixel counts of intersection, prediction and mask (inside the
+    field of view where there is one), and the image's loss."""
+    predict = self.make_predict(apply_fn, normalize)
+
+    def eval_step(variables: dict, batch: dict) -> dict:
+      logits, predicted = predict(variables, batch)
+      masks = (batch["mask"] > 0).astype(jnp.float32)
+      inside = (batch["fov"] > 0).astype(jnp.float32) if "fov" in batch else 1.0
+      counts = {"intersection": predicted * masks * inside,
+                "prediction_sum": predicted * inside, "target_sum": masks * inside}
+      out = {k: v.sum(axis=(1, 2)).astype(jnp.int32) for k, v in counts.items()}
+      out["loss"] = self._loss_terms(logits, masks, (1, 2, 3))
+      return out
+
+    return eval_step
+
+  def metrics(self, predictions: Mapping[str, np.ndarray]) -> dict[str, float]:
+    counts = {k: np.asarray(predictions[k], np.int64) for k in _COUNTS}
+    result = overlap_metrics(**counts)
+    for c, name in enumerate(self.class_names):
+      per_class = overlap_metrics(**{k: v[:, c:c + 1] for k, v in counts.items()})
+      result.update({f"{k}/{name}": v for k, v in per_class.items()})
+    result["loss"] = float(np.mean(predictions["loss"]))
+    return result
+
+  def test_predictions(self, predictions: Mapping[str, np.ndarray]) -> dict[str, Any]:
+    return {**{k: np.asarray(predictions[k], np.int64) for k in _COUNTS},
+            "class_names": np.array(self.class_names)}
+
+  def input_images(self, batch: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    images = batch["image"][:16]
+    return {"train/augmented_inputs": base.image_grid(
+        overlay(images, batch["mask"][:16], np.zeros_like(batch["mask"][:16])))[None]}
+
+  def eval_images(self, batch: Mapping[str, np.ndarray], predicted: np.ndarray
+                  ) -> dict[str, np.ndarray]:
+    """Validation overlays: ground truth in green, prediction in red, overlap yellow."""
+    images = batch["image"]
+    size = batch["mask"].shape[1:3]
+    if images.shape[1:3] != size:  # show the image at the masks' resolution
+      images = np.asarray(jax.image.resize(images.astype(np.float32),
+                                           images.shape[:1] + size + images.shape[3:],
+                                           "linear")).round().astype(np.uint8)
+    return {"val/overlays": base.image_grid(
+        overlay(images, batch["mask"], predicted), columns=4)[None]}
+
+
+def _ratio(numerator: np.ndarray, denominator: np.ndarray) -> np.ndarray:
+  """numerator / denominator, 1.0 where both are empty (the study's empty_score)."""
+  with np.errstate(invalid="ignore", divide="ignore"):
+    return np.where(denominator == 0, 1.0, numerator / np.maximum(denominator, 1))
+
+
+def overlap_metrics(intersection: np.ndarray, prediction_sum: np.ndarray,
+                    target_sum: np.ndarray) -> dict[str, float]:
+  """dice / iou pooled over all images and the given classes, and their means over images
+  (each image pooled over the classes). Inputs: (N, K) pixel counts."""
+  i, p, t = (np.asarray(x, np.float64) for x in (intersection, prediction_sum, target_sum))
+  if not len(i):
+    return {k: math.nan for k in ("dice", "mean_dice", "iou", "mean_iou")}
+  total = {k: v.sum() for k, v in (("i", i), ("p", p), ("t", t))}
+  image = {k: v.sum(axis=1) for k, v in (("i", i), ("p", p), ("t", t))}
+  return {
+      "dice": float(_ratio(2 * total["i"], total["p"] + total["t"])),
+      "mean_dice": float(np.mean(_ratio(2 * image["i"], image["p"] + image["t"]))),
+      "iou": float(_ratio(total["i"], total["p"] + total["t"] - total["i"])),
+      "mean_iou": float(np.mean(_ratio(image["i"], image["p"] + image["t"] - image["i"]))),
+  }
+
+
+_GREEN, _RED = np.array([0, 255, 0], np.float32), np.array([255, 0, 0], np.float32)
+
+
+def overlay(images: np.ndarray, masks: np.ndarray, predicted: np.ndarray) -> np.ndarray:
+  """(N, H, W, C) uint8 images with the union over classes of masks (green) and
+  predictions (red) blended in: RGB (N, H, W, 3) uint8."""
+  gray = np.asarray(images, np.float32)
+  rgb = np.broadcast_to(gray.mean(axis=-1, keepdims=True) if gray.shape[-1] != 3 else gray,
+                        gray.shape[:3] + (3,))
+  truth = (np.asarray(masks) > 0).any(axis=-1, keepdims=True)
+  guess = (np.asarray(predicted) > 0).any(axis=-1, keepdims=True)
+  tint = truth * _GREEN + guess * _RED
+  shown = truth | guess
+  out = np.where(shown, 0.55 * rgb + 0.45 * np.minimum(tint, 255), rgb)
+  return out.round().astype(np.uint8)

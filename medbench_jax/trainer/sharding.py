@@ -1,0 +1,105 @@
+"""Device mesh and the shardings of batches and training state.
+
+The mesh has two axes: `data` and `fsdp` (config.mesh.fsdp devices per group; 1 by
+default). Batches are split over both. Parameters and optimizer state are replicated,
+except where the fully-sharded data-parallel rules (config.mesh.fsdp_rules: regexes over
+the "/"-joined parameter path, first match wins) shard a tensor over `fsdp`; tensors
+smaller than config.mesh.fsdp_min_size elements stay replicated, so a small model is
+replicated whatever the rules say and ViT-L / Swin-L / ConvNeXt-L kernels are sharded.
+XLA inserts the all-gathers and reduce-scatters. Arrays are global `jax.Array`s
+assembled from each process's local part of the batch.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any, Sequence
+
+import jax
+import ml_collections
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from medbench_jax import config_lib
+
+DATA, FSDP = "data", "fsdp"
+# Tactics a rule may name: shard the largest dimension divisible by the fsdp size, or not.
+TACTICS = ("largest", "replicate")
+
+
+def validate(config: ml_collections.ConfigDict) -> None:
+  """config.mesh, against the devices of this run."""
+  fsdp = config.mesh.fsdp
+  config_lib.check(isinstance(fsdp, int) and fsdp >= 1 and jax.device_count() % fsdp == 0,
+                   "mesh.fsdp", fsdp, f"a divisor of the {jax.device_count()} devices")
+  for pattern, tactic in config.mesh.fsdp_rules:
+    config_lib.check(tactic in TACTICS, "mesh.fsdp_rules", (pattern, tactic),
+                     f"(regex, tactic) pairs with tactic in {TACTICS}")
+    try:
+      re.compile(pattern)
+    except re.error as e:
+      raise ValueError(f"config.mesh.fsdp_rules: bad regex {pattern!r}: {e}") from None
+
+
+def make_mesh(fsdp: int = 1) -> Mesh:
+  # Auto axes: XLA propagates the shardings through the model, so model code stays free
+  # of sharding annotations.
+  return jax.make_mesh((jax.device_count() // fsdp, fsdp), (DATA, FSDP),
+                       axis_types=(jax.sharding.AxisType.Auto,) * 2)
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+  return NamedSharding(mesh, P((DATA, FSDP)))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+  return NamedSharding(mesh, P())
+
+
+def _path(key_path) -> str:
+  parts = []
+  for k in key_path:
+    for attr in ("key", "name", "idx"):
+      if hasattr(k, attr):
+        parts.append(str(getattr(k, attr)))
+        break
+  return "/".join(parts)
+
+
+def spec_for(path: str, shape: Sequence[int], fsdp: int,
+             rules: Sequence[tuple[str, str]], min_size: int) -> P:
+  """The PartitionSpec of one state tensor under the fsdp rules."""
+  if fsdp == 1 or int(np.prod(shape, dtype=np.int64)) < min_size:
+    return P()
+  tactic = next((t for pattern, t in rules if re.search(pattern, path)), "replicate")
+  divisible = [d for d in range(len(shape)) if shape[d] % fsdp == 0]
+  if tactic == "replicate" or not divisible:
+    return P()
+  axis = max(divisible, key=lambda d: (shape[d], d))  # ties: the later (output) axis
+  return P(*([None] * axis), FSDP)
+
+
+def state_shardings(state: Any, mesh: Mesh, config: ml_collections.ConfigDict) -> Any:
+  """NamedShardings for every leaf of the train state (params, optimizer state, ...)."""
+  fsdp = mesh.shape[FSDP]
+  rules = [tuple(r) for r in config.mesh.fsdp_rules]
+
+  def sharding_of(key_path, leaf):
+    shape = getattr(leaf, "shape", ())
+    return NamedSharding(mesh, spec_for(_path(key_path), shape, fsdp, rules,
+                                        config.mesh.fsdp_min_size))
+
+  return jax.tree_util.tree_map_with_path(sharding_of, state)
+
+
+def check_batch_size(global_batch_size: int, name: str) -> None:
+  if global_batch_size % jax.device_count():
+    raise ValueError(
+        f"config.{name}={global_batch_size} must be divisible by the number of devices "
+        f"({jax.device_count()}).")
+
+
+def to_global(local_batch: dict[str, np.ndarray], sharding: NamedSharding) -> dict[str, Any]:
+  """Assembles this process's part of a batch into global arrays sharded over the mesh."""
+  return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, x),
+                      local_batch)

@@ -1,0 +1,204 @@
+"""A run: `config.num_trials` trials of (train with early stopping -> best checkpoint ->
+test), then results.json.
+
+Reads top to bottom, one banner per stage. A run is resumable at every level: a
+finished workdir prints its results, a finished trial is skipped, an unfinished trial
+restores model, optimizer, schedule, early-stopping state and the exact position of
+the data iterator from its latest checkpoint.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import time
+
+import jax
+import ml_collections
+import numpy as np
+from absl import logging
+from clu import metric_writers
+from etils import epath
+
+from medbench_jax import config_lib
+from medbench_jax import paths
+from medbench_jax import runtime
+from medbench_jax import tasks
+from medbench_jax.data import pipeline
+from medbench_jax.data import sources
+from medbench_jax.data import transforms
+from medbench_jax.trainer import checkpoints as checkpoints_lib
+from medbench_jax.trainer import evaluation
+from medbench_jax.trainer import loop
+from medbench_jax.trainer import optim
+from medbench_jax.trainer import results as results_lib
+from medbench_jax.trainer import sharding
+from medbench_jax.trainer import state as state_lib
+
+
+def input_size(config: ml_collections.ConfigDict, task: tasks.Task, channels: int) -> int:
+  """The side of the images the model sees: what the eval preprocessing makes."""
+  blank = {"image": np.zeros((config.dataset.image_size,) * 2 + (channels,), np.uint8)}
+  return transforms.parse(task.pp_eval(test=False))(blank, np.random.default_rng(0))[
+      "image"].shape[0]
+
+
+def run_trial(config: ml_collections.ConfigDict, workdir: epath.Path, trial: int,
+              splits: sources.Splits, task: tasks.Task, mesh: jax.sharding.Mesh) -> dict:
+  seed = config.seed + trial
+  trial_dir = workdir / f"trial_{trial}"
+  result_path = trial_dir / "result.json"
+  if result_path.exists():
+    logging.info("Trial %d already finished: %s", trial, result_path)
+    return paths.read_json(result_path)
+  start = time.perf_counter()
+  trial_dir.mkdir(parents=True, exist_ok=True)
+  writer = metric_writers.create_default_writer(workdir / "tb" / f"trial_{trial}",
+                                                just_logging=not runtime.is_lead())
+
+  # ---------------------------------------------------------------- input
+  batch_size = config.input.batch_size
+  sharding.check_batch_size(batch_size, "input.batch_size")
+  sharding.check_batch_size(config.input.eval_batch_size, "input.eval_batch_size")
+  process = dict(process_index=jax.process_index(), process_count=jax.process_count())
+  train_iter = iter(pipeline.train_dataset(
+      splits.train, pp_spec=task.pp_train(), keys=task.keys,
+      local_batch_size=batch_size // jax.process_count(), seed=seed,
+      num_workers=config.input.num_workers, **process))
+  eval_ds = functools.partial(
+      pipeline.eval_dataset, keys=task.keys, num_workers=config.input.num_workers,
+      local_batch_size=config.input.eval_batch_size // jax.process_count(), **process)
+  steps_per_epoch = len(splits.train) // batch_size
+  if steps_per_epoch == 0:
+    raise ValueError(f"config.input.batch_size={batch_size} exceeds the {len(splits.train)} "
+                     "training examples.")
+  total_steps = config.train.num_epochs * steps_per_epoch
+  if config.train.max_steps:
+    total_steps = min(total_steps, config.train.max_steps)
+  schedule = loop.Schedule(total_steps=total_steps, steps_per_epoch=steps_per_epoch,
+                           eval_every=config.train.eval_every_steps or steps_per_epoch,
+                           log_every=config.train.log_every_steps, batch_size=batch_size)
+
+  # ---------------------------------------------------------------- model
+  size = input_size(config, task, splits.info.channels)
+  model = state_lib.create_model(config, task.num_outputs)
+  variables = state_lib.init_variables(config, model, task.num_outputs, size, seed)
+  replicated = sharding.replicated(mesh)
+  data_sharding = sharding.batch_sharding(mesh)
+  state = state_lib.create_state(
+      model, variables, optim.make_optimizer(config.optim, total_steps, steps_per_epoch))
+  state_sharding = sharding.state_shardings(state, mesh, config)
+  state = jax.device_put(state, state_sharding)
+  num_params = sum(x.size for x in jax.tree.leaves(state.params))
+  if mesh.shape[sharding.FSDP] > 1:
+    specs = [s.spec for s in jax.tree.leaves(state_sharding.params)]
+    logging.info("FSDP over groups of %d devices: %d of %d parameter tensors sharded",
+                 mesh.shape[sharding.FSDP], sum(spec != sharding.P() for spec in specs),
+                 len(specs))
+  logging.info("Model %s: %.2fM parameters, input %dpx, %d outputs (%s)", config.model.name,
+               num_params / 1e6, size, task.num_outputs, task.name)
+
+  # ---------------------------------------------------------------- steps
+  normalize = functools.partial(pipeline.normalize,
+                                **config_lib.normalization(config))
+  step_fn = jax.jit(
+      functools.partial(state_lib.train_step, loss_fn=task.loss, normalize=normalize,
+                        dropout_rng=jax.random.key(seed + 10_000)),
+      in_shardings=(state_sharding, data_sharding), out_shardings=(state_sharding, replicated),
+      donate_argnums=(0,))
+  # The variables keep the state's shardings; batches come sharded over the mesh.
+  eval_step = jax.jit(task.make_eval_step(model.apply, normalize), out_shardings=data_sharding)
+
+  def evaluate(state: state_lib.TrainState, test: bool) -> dict[str, np.ndarray]:
+    split = splits.test if test else splits.validation
+    return evaluation.predict(eval_step, state_lib.model_variables(state),
+                              eval_ds(split, pp_spec=task.pp_eval(test)), data_sharding)
+
+  shown = evaluation.first_examples(splits.validation, task.pp_eval(test=False), task.keys,
+                                    task.num_eval_images)
+  predict_shown = jax.jit(task.make_predict(model.apply, normalize)) if shown else None
+
+  def validate(state: state_lib.TrainState, step: int) -> dict[str, float]:
+    if shown:
+      _, predicted = predict_shown(state_lib.model_variables(state), shown)
+      writer.write_images(step, task.eval_images(shown, np.asarray(predicted)))
+    return task.metrics(evaluate(state, test=False))
+
+  # ---------------------------------------------------------------- resume
+  ckpt = checkpoints_lib.Checkpoints(trial_dir / "ckpt")
+  progress = checkpoints_lib.initial_progress(optim.ReduceLROnPlateau(
+      factor=config.optim.plateau_factor, patience=config.train.patience // 2).state_dict())
+  restored = ckpt.restore_latest(state, train_iter)
+  if restored:
+    state, progress = restored
+    logging.info("Resuming trial %d from step %d (checkpoint %s)", trial, progress["step"],
+                 ckpt.latest.directory)
+  else:
+    logging.info("Trial %d: starting from step 0 (seed %d)", trial, seed)
+
+  # ---------------------------------------------------------------- train
+  state, progress, speed = loop.fit(
+      config=config, task=task, state=state, progress=progress, schedule=schedule,
+      step_fn=step_fn, validate=validate,
+      train_iter=train_iter, to_global=functools.partial(sharding.to_global,
+                                                         sharding=data_sharding),
+      ckpt=ckpt, writer=writer, label=f"trial {trial}",
+      tb_dir=os.fspath(workdir / "tb" / f"trial_{trial}"))
+  if hasattr(train_iter, "close"):
+    train_iter.close()
+
+  # ---------------------------------------------------------------- test
+  predictions = evaluate(ckpt.restore_best(state), test=True)
+  test = task.metrics(predictions)
+  writer.write_scalars(progress["step"], {f"test/{k}": v for k, v in test.items()})
+  writer.flush()
+  logging.info("[trial %d] test (best step %d, %s): %s", trial, progress["best_step"],
+               task.pp_eval(test=True), task.describe(test, per_class=True))
+  record = results_lib.trial_record(
+      seed=seed, best_step=progress["best_step"], best_val_loss=progress["best_val_loss"],
+      test_metrics=test, cost={"wall_s": round(time.perf_counter() - start, 1),
+                               "first_step_s": speed.first_step_s,
+                               "train_images_per_s": speed.images_per_s()})
+  if runtime.is_lead():
+    # Written before result.json, which marks the trial finished.
+    with open(trial_dir / "test_predictions.npz", "wb") as f:
+      np.savez_compressed(f, **task.test_predictions(predictions))
+    paths.write_json(result_path, record)
+  ckpt.close()
+  return record
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
+  """Runs all trials of `config` in `workdir` (data already prepared); returns results.json."""
+  start = time.perf_counter()
+  # orbax's storage layer requires absolute paths; users type relative ones.
+  workdir = epath.Path(os.path.abspath(workdir))
+  results_path = workdir / "results.json"
+  if results_path.exists():
+    results = paths.read_json(results_path)
+    logging.info("%s is finished; not retraining. Test %s: %s", workdir, results["metric"],
+                 results["summary"])
+    return results
+  workdir.mkdir(parents=True, exist_ok=True)
+  resolved = config_lib.to_dict(config)
+  if runtime.is_lead():
+    paths.write_json(workdir / "config.json", resolved)
+  logging.info("Devices: %d (%s) over %d process(es)", jax.device_count(),
+               jax.devices()[0].platform, jax.process_count())
+
+  splits = sources.open_splits(config.dataset)
+  task = tasks.for_dataset(config, splits.info)
+  mesh = sharding.make_mesh(config.mesh.fsdp)
+  trials = [run_trial(config, workdir, trial, splits, task, mesh)
+            for trial in range(config.num_trials)]
+
+  results = results_lib.assemble(
+      task_fields=task.results_fields(), config=resolved, trials=trials, subset=splits.subset,
+      skipped_examples=splits.info.skipped_examples,
+      provenance=results_lib.provenance(resolved, splits.info.split_hashes),
+      wall_s=time.perf_counter() - start)
+  if runtime.is_lead():
+    paths.write_json(results_path, results)
+  logging.info("Test %s over %d trial(s): %s", results["metric"], len(trials),
+               results["summary"])
+  return results

@@ -1,0 +1,107 @@
+"""trainer/sharding.py: the data x fsdp mesh, FSDP rules, and what they do to a real train
+state on 8 simulated devices; FSDP training equals replicated training; checkpoints move
+between device counts."""
+
+import re
+import signal
+
+import jax
+import numpy as np
+import pytest
+from jax.sharding import PartitionSpec as P
+
+from medbench_jax import config_lib, models
+from medbench_jax.trainer import optim, sharding, state as state_lib
+from tests import test_trainer
+
+RULES = config_lib.default_config().mesh.fsdp_rules
+
+
+def test_spec_picks_the_largest_divisible_axis_and_respects_size_and_rules():
+  assert sharding.spec_for("params/fc/kernel", (768, 14), 4, RULES, 0) == P("fsdp")
+  assert sharding.spec_for("params/fc/kernel", (3, 3, 64, 256), 4, RULES, 0) == P(
+      None, None, None, "fsdp")
+  assert sharding.spec_for("params/fc/kernel", (3, 5), 4, RULES, 0) == P()  # indivisible
+  assert sharding.spec_for("params/fc/bias", (768,), 4, RULES, 0) == P()  # rule: replicate
+  assert sharding.spec_for("params/fc/kernel", (768, 14), 4, RULES, 10**6) == P()  # small
+  assert sharding.spec_for("params/fc/kernel", (768, 14), 1, RULES, 0) == P()  # no fsdp
+
+
+def test_bad_mesh_configs_name_the_key():
+  config = config_lib.default_config()
+  config.mesh.fsdp = 3
+  with pytest.raises(ValueError, match=re.escape("config.mesh.fsdp=3") + ".*8 devices"):
+    sharding.validate(config)
+  config.mesh.fsdp = 2
+  config.mesh.fsdp_rules = (("kernel$", "scatter"),)
+  with pytest.raises(ValueError, match="config.mesh.fsdp_rules"):
+    sharding.validate(config)
+
+
+def test_train_state_is_really_sharded_over_fsdp():
+  config = config_lib.default_config()
+  config.mesh.fsdp = 4
+  config.mesh.fsdp_min_size = 4096
+  mesh = sharding.make_mesh(4)
+  assert dict(mesh.shape) == {"data": 2, "fsdp": 4}
+  model = models.create("resnet18", 14)
+  variables = jax.jit(model.init)(jax.random.key(0), np.zeros((1, 32, 32, 3), np.float32))
+  state = state_lib.create_state(model, variables, optim.make_optimizer(config.optim, 10))
+  shardings = sharding.state_shardings(state, mesh, config)
+  state = jax.device_put(state, shardings)
+
+  kernel = state.params["layer4_1"]["conv2"]["kernel"]  # (3, 3, 512, 512)
+  assert {s.data.shape for s in kernel.addressable_shards} == {(3, 3, 512, 128)}
+  moments = [x for x in jax.tree.leaves(state.opt_state) if getattr(x, "shape", ()) ==
+             (3, 3, 512, 512)]
+  # Adam's mu and nu of layer4's three 512x512 kernels, sharded like the kernels.
+  assert len(moments) == 6
+  for m in moments:
+    assert {s.data.shape for s in m.addressable_shards} == {(3, 3, 512, 128)}
+  stem = state.params["conv1"]["kernel"]  # (7, 7, 3, 64): 9408 elements, sharded
+  assert {s.data.shape for s in stem.addressable_shards} == {(7, 7, 3, 16)}
+  bias = state.params["fc"]["bias"]  # small: replicated
+  assert {s.data.shape for s in bias.addressable_shards} == {(14,)}
+  bn_var = state.batch_stats["bn1"]["var"]
+  assert {s.data.shape for s in bn_var.addressable_shards} == {(64,)}
+
+
+def _losses(workdir):
+  return test_trainer._scalars(workdir / "tb" / "trial_0", "train/loss")
+
+
+def test_fsdp_training_equals_replicated_training(tmp_path, phantom_dir):
+  config = f"--config={test_trainer.TINY}"
+  steps = "--config.train.max_steps=5"
+  test_trainer._main(tmp_path / "dp", phantom_dir, config, steps, devices=8)
+  out = test_trainer._main(tmp_path / "fsdp", phantom_dir, config, steps,
+                           "--config.mesh.fsdp=8", "--config.mesh.fsdp_min_size=256",
+                           devices=8)
+  sharded = re.search(r"FSDP over groups of 8 devices: (\d+) of (\d+) parameter tensors", out)
+  assert sharded and int(sharded.group(1)) > 0, out[-3000:]
+  replicated, fsdp = _losses(tmp_path / "dp"), _losses(tmp_path / "fsdp")
+  assert len(replicated) == 5 and len(set(replicated)) == 5
+  np.testing.assert_allclose(fsdp, replicated, rtol=1e-4)
+
+
+def test_checkpoint_from_8_fsdp_devices_resumes_on_1(tmp_path, phantom_dir):
+  """Preempted on 8 devices with FSDP, resumed on 1 replicated device: the losses after the
+  resume are those of a run that used 1 device throughout."""
+  config = f"--config={test_trainer.TINY}:epochs=4"
+  test_trainer._main(tmp_path / "one", phantom_dir, config, devices=1)
+  proc = test_trainer._main(tmp_path / "moved", phantom_dir, config, "--config.mesh.fsdp=8",
+                            "--config.mesh.fsdp_min_size=256", devices=8, wait=False)
+  log = []
+  for line in proc.stdout:
+    log.append(line)
+    if re.search(r"step 6/24", line):
+      proc.send_signal(signal.SIGTERM)
+  proc.wait(timeout=300)
+  assert proc.returncode == 75, "".join(log)[-3000:]  # runtime.EXIT_PREEMPTED
+  saved = re.search(r"preempted: state saved at step (\d+)", "".join(log))
+  assert saved, "".join(log)[-3000:]
+  out = test_trainer._main(tmp_path / "moved", phantom_dir, config, devices=1)
+  step = int(saved.group(1))
+  assert f"Resuming trial 0 from step {step}" in out
+  reference = _losses(tmp_path / "one")
+  np.testing.assert_allclose(_losses(tmp_path / "moved")[step:], reference[step:], rtol=1e-4)

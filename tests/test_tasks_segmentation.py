@@ -1,0 +1,191 @@
+"""tasks/segmentation.py: Dice/IoU and the losses against the reference study's own
+functions (re-implemented here from their definitions), numpy, scikit-learn and PyTorch."""
+
+import types
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+from sklearn.metrics import f1_score, jaccard_score
+
+from medbench_jax import config_lib
+from medbench_jax.tasks import segmentation
+
+
+# The study's utils.py, as published (BenchmarkTransferLearning): pooled Dice of two
+# arrays thresholded at 0.5, 1.0 when both are empty; and its mean over images.
+def study_dice(im1, im2, empty_score=1.0):
+  im1 = np.asarray(im1 > 0.5).astype(bool)
+  im2 = np.asarray(im2 > 0.5).astype(bool)
+  im_sum = im1.sum() + im2.sum()
+  if im_sum == 0:
+    return empty_score
+  return 2.0 * np.logical_and(im1, im2).sum() / im_sum
+
+
+def study_mean_dice_coef(y_true, y_pred):
+  return sum(study_dice(y_true[i], y_pred[i]) for i in range(y_true.shape[0])) / len(y_true)
+
+
+def study_dice_loss(y_true, y_pred, smooth=1.0):
+  y_true_f, y_pred_f = torch.flatten(y_true), torch.flatten(y_pred)
+  intersection = torch.sum(y_true_f * y_pred_f)
+  return 1.0 - ((2.0 * intersection + smooth) / (torch.sum(y_true_f) + torch.sum(y_pred_f)
+                                                 + smooth))
+
+
+def _task(classes=("lungs",), loss="auto", name="phantom", fov=False):
+  config = config_lib.default_config()
+  config.segmentation.loss = loss
+  info = types.SimpleNamespace(name=name, task="segmentation", class_names=classes,
+                               eval_class_names=classes, has_fov=fov)
+  return segmentation.Segmentation(config, info)
+
+
+def _masks(seed=0, n=12, size=16, k=1):
+  """Blobs of random size, with an empty mask and an empty prediction among them."""
+  rng = np.random.default_rng(seed)
+  truth = np.zeros((n, size, size, k), np.uint8)
+  pred = np.zeros_like(truth)
+  for i in range(n):
+    for c in range(k):
+      r0, c0 = rng.integers(0, size // 2, 2)
+      truth[i, r0:r0 + rng.integers(2, size // 2), c0:c0 + rng.integers(2, size // 2), c] = 1
+      pred[i, r0 + 1:r0 + rng.integers(2, size // 2), c0:c0 + rng.integers(2, size // 2), c] = 1
+  truth[0] = 0  # empty mask, empty prediction: Dice 1.0
+  pred[0] = 0
+  truth[1] = 0  # empty mask, a false positive: Dice 0.0
+  pred[2] = 0  # missed completely: Dice 0.0
+  return truth, pred
+
+
+def _counts(truth, pred):
+  t, p = truth.astype(np.int64), pred.astype(np.int64)
+  return {"intersection": (t * p).sum(axis=(1, 2)), "prediction_sum": p.sum(axis=(1, 2)),
+          "target_sum": t.sum(axis=(1, 2))}
+
+
+@pytest.mark.parametrize("k", [1, 3])
+def test_dice_and_mean_dice_reproduce_the_studys_functions(k):
+  truth, pred = _masks(k=k)
+  got = segmentation.overlap_metrics(**_counts(truth, pred))
+  assert got["dice"] == pytest.approx(study_dice(pred, truth), abs=1e-12)
+  assert got["mean_dice"] == pytest.approx(study_mean_dice_coef(truth > 0.5, pred > 0.5),
+                                           abs=1e-12)
+  # Dice is the F1 score of the pixels; IoU their Jaccard index (scikit-learn).
+  assert got["dice"] == pytest.approx(f1_score(truth.ravel(), pred.ravel()), abs=1e-12)
+  assert got["iou"] == pytest.approx(jaccard_score(truth.ravel(), pred.ravel()), abs=1e-12)
+  per_image = [jaccard_score(t.ravel(), p.ravel(), zero_division=1.0)
+               for t, p in zip(truth, pred)]
+  assert got["mean_iou"] == pytest.approx(np.mean(per_image), abs=1e-12)
+  assert 0.1 < got["dice"] < 0.95  # a partial overlap, not a degenerate case
+
+
+def test_metrics_per_class_and_the_loss():
+  truth, pred = _masks(seed=1, k=2)
+  task = _task(classes=("left", "right"))
+  counts = _counts(truth, pred)
+  result = task.metrics({**counts, "loss": np.array([0.5, 0.25])})
+  for c, name in enumerate(("left", "right")):
+    assert result[f"dice/{name}"] == pytest.approx(study_dice(pred[..., c], truth[..., c]))
+    assert result[f"mean_dice/{name}"] == pytest.approx(
+        study_mean_dice_coef(truth[..., c:c + 1], pred[..., c:c + 1]))
+  assert result["loss"] == 0.375 and result["dice"] == pytest.approx(study_dice(pred, truth))
+
+
+def test_empty_test_set_and_all_empty_masks():
+  empty = {k: np.zeros((0, 1), np.int64) for k in ("intersection", "prediction_sum",
+                                                    "target_sum")}
+  assert all(np.isnan(v) for v in segmentation.overlap_metrics(**empty).values())
+  zeros = {k: np.zeros((3, 1), np.int64) for k in empty}
+  assert segmentation.overlap_metrics(**zeros) == {"dice": 1.0, "mean_dice": 1.0, "iou": 1.0,
+                                                   "mean_iou": 1.0}
+
+
+def test_dice_loss_is_the_studys_over_the_flattened_batch():
+  rng = np.random.default_rng(2)
+  logits = rng.normal(size=(4, 8, 8, 1)).astype(np.float32)
+  masks = (rng.random((4, 8, 8, 1)) < 0.3).astype(np.float32)
+  expected = study_dice_loss(torch.tensor(masks), torch.sigmoid(torch.tensor(logits)))
+  got = _task(loss="dice").loss(jnp.asarray(logits), {"mask": jnp.asarray(masks)})
+  assert float(got) == pytest.approx(float(expected), abs=1e-6)
+  # Per image (validation): each image's own Dice loss.
+  per_image = _task(loss="dice")._loss_terms(jnp.asarray(logits), jnp.asarray(masks),
+                                             (1, 2, 3))
+  for i in range(4):
+    assert float(per_image[i]) == pytest.approx(float(study_dice_loss(
+        torch.tensor(masks[i]), torch.sigmoid(torch.tensor(logits[i])))), abs=1e-6)
+
+
+def test_bce_and_bce_dice_and_auxiliary_head():
+  rng = np.random.default_rng(3)
+  logits = rng.normal(size=(2, 8, 8, 1)).astype(np.float32)
+  aux = rng.normal(size=(2, 8, 8, 1)).astype(np.float32)
+  masks = (rng.random((2, 8, 8, 1)) < 0.3).astype(np.float32)
+  bce = torch.nn.functional.binary_cross_entropy(torch.sigmoid(torch.tensor(logits)),
+                                                 torch.tensor(masks))
+  dice = study_dice_loss(torch.tensor(masks), torch.sigmoid(torch.tensor(logits)))
+  batch = {"mask": jnp.asarray(masks)}
+  assert float(_task(name="drive").loss(jnp.asarray(logits), batch)) == pytest.approx(
+      float(bce), abs=1e-5)  # DRIVE's reference loss is BCE
+  assert float(_task(loss="bce_dice").loss(jnp.asarray(logits), batch)) == pytest.approx(
+      float(bce + dice), abs=1e-5)
+  main_only = float(_task(loss="dice").loss(jnp.asarray(logits), batch))
+  aux_only = float(_task(loss="dice").loss(jnp.asarray(aux), batch))
+  both = float(_task(loss="dice").loss((jnp.asarray(logits), jnp.asarray(aux)), batch))
+  assert both == pytest.approx(main_only + segmentation.AUX_WEIGHT * aux_only, abs=1e-6)
+  with pytest.raises(ValueError, match="segmentation.loss='focal'"):
+    _task(loss="focal")
+
+
+def test_softmax_mode_has_a_background_class():
+  task = _task(classes=("left", "right"), loss="softmax_ce_dice")
+  assert task.num_outputs == 3
+  masks = np.zeros((1, 2, 2, 2), np.float32)
+  masks[0, 0, 0, 0] = masks[0, 1, 1, 1] = 1
+  masks[0, 0, 1] = 1  # overlap: the first class wins
+  onehot = np.asarray(segmentation._with_background(jnp.asarray(masks)))
+  np.testing.assert_array_equal(onehot.argmax(-1), [[[1, 1], [0, 2]]])
+  logits = np.log(np.clip(onehot, 1e-3, 1)).astype(np.float32)
+  ce = torch.nn.functional.cross_entropy(torch.tensor(logits).permute(0, 3, 1, 2),
+                                         torch.tensor(onehot.argmax(-1)))
+  probs = torch.softmax(torch.tensor(logits), -1)[..., 1:]
+  dice = np.mean([float(study_dice_loss(torch.tensor(onehot[..., c + 1]), probs[..., c]))
+                  for c in range(2)])
+  assert float(task.loss(jnp.asarray(logits), {"mask": jnp.asarray(masks)})) == pytest.approx(
+      float(ce) + dice, abs=1e-5)
+
+
+def test_eval_step_resizes_to_the_mask_and_counts_inside_the_field_of_view():
+  task = _task(fov=True)
+  assert task.keys == ("image", "mask", "fov")
+  rng = np.random.default_rng(4)
+  small = rng.normal(size=(3, 8, 8, 1)).astype(np.float32)  # the model's output size
+  masks = (rng.random((3, 16, 16, 1)) < 0.4).astype(np.uint8)
+  fov = np.zeros((3, 16, 16, 1), np.uint8)
+  fov[:, 2:14, 3:15] = 1
+  apply_fn = lambda variables, images, train: jnp.asarray(small)
+  step = jax.jit(task.make_eval_step(apply_fn, lambda x: x.astype(jnp.float32)))
+  out = step({}, {"image": np.zeros((3, 8, 8, 1), np.uint8), "mask": masks, "fov": fov})
+
+  upsampled = np.asarray(jax.image.resize(small, (3, 16, 16, 1), "bilinear"))
+  predicted = (1 / (1 + np.exp(-upsampled)) > 0.5) * fov
+  truth = masks * fov
+  np.testing.assert_array_equal(out["intersection"], (predicted * truth).sum(axis=(1, 2)))
+  np.testing.assert_array_equal(out["prediction_sum"], predicted.sum(axis=(1, 2)))
+  np.testing.assert_array_equal(out["target_sum"], truth.sum(axis=(1, 2)))
+  assert out["loss"].shape == (3,) and np.all(np.asarray(out["loss"]) > 0)
+  assert out["prediction_sum"].sum() < (1 / (1 + np.exp(-upsampled)) > 0.5).sum()
+
+
+def test_overlays_show_truth_green_and_prediction_red():
+  images = np.full((1, 4, 4, 1), 100, np.uint8)
+  truth = np.zeros((1, 4, 4, 1), np.uint8)
+  pred = np.zeros_like(truth)
+  truth[0, 0, 0] = pred[0, 3, 3] = 1
+  out = segmentation.overlay(images, truth, pred)
+  assert out.shape == (1, 4, 4, 3)
+  assert out[0, 0, 0, 1] > out[0, 0, 0, 0] and out[0, 3, 3, 0] > out[0, 3, 3, 1]
+  np.testing.assert_array_equal(out[0, 1, 1], [100, 100, 100])

@@ -1,0 +1,228 @@
+"""End to end: config -> phantom data -> grain -> sharded jit loop -> orbax -> results.
+
+In-process runs use the 8 simulated devices from conftest; the kill/resume and the
+1-vs-8-device checks run `python -m medbench_jax.main` as users do.
+"""
+
+import json
+import os
+import pathlib
+import re
+import signal
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from sklearn.metrics import roc_auc_score
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+TINY = "tests/configs/tiny.py"
+
+
+def _load_tiny(arg=""):
+  sys.path.insert(0, str(REPO / "tests" / "configs"))
+  try:
+    import tiny  # pylint: disable=g-import-not-at-top
+  finally:
+    sys.path.pop(0)
+  return tiny.get_config(arg or None)
+
+
+def _run_module(module, *args, devices=1, wait=True):
+  """`python -m module args` as a user runs it; its output, or the process (wait=False)."""
+  env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+             PYTHONUNBUFFERED="1", PYTHONPATH=str(REPO))
+  proc = subprocess.Popen([sys.executable, "-m", module, *args], cwd=REPO, env=env,
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+  if not wait:
+    return proc
+  out, _ = proc.communicate(timeout=1200)
+  assert proc.returncode == 0, out[-4000:]
+  return out
+
+
+def _main(workdir, phantom_dir, config, *extra, devices=1, wait=True):
+  return _run_module("medbench_jax.main", config, f"--workdir={workdir}",
+                     f"--config.dataset.manual_dir={phantom_dir}", *extra, devices=devices,
+                     wait=wait)
+
+
+def _scalars(event_dir, tag):
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  values = {}
+  for path in pathlib.Path(event_dir).glob("events.out.tfevents.*"):
+    for event in tf.compat.v1.train.summary_iterator(str(path)):
+      for v in event.summary.value:
+        if v.tag == tag:
+          values[event.step] = float(tf.make_ndarray(v.tensor))
+  return [values[k] for k in sorted(values)]
+
+
+def _prepared_tiny(phantom_dir):
+  from medbench_jax.data import prepare  # pylint: disable=g-import-not-at-top
+  config = _load_tiny()
+  config.dataset.manual_dir = str(phantom_dir)
+  prepare.prepare_dataset(config.dataset)
+  return config
+
+
+def test_run_writes_results_checkpoints_and_tensorboard(tmp_path, phantom_dir):
+  from medbench_jax.trainer import trials  # pylint: disable=g-import-not-at-top
+  config = _prepared_tiny(phantom_dir)
+  results = trials.train_and_evaluate(config, str(tmp_path))
+
+  on_disk = json.loads((tmp_path / "results.json").read_text())
+  assert on_disk == json.loads(json.dumps(results))
+  assert on_disk["task"] == "classification" and on_disk["metric"] == "mean_auc"
+  assert on_disk["dataset"] == "phantom_cxr" and on_disk["init"] == "random"
+  assert on_disk["label_fraction"] == 1.0
+  (trial,) = on_disk["trials"]
+  assert trial["seed"] == 0 and trial["best_step"] > 0
+  assert set(trial["test"]) >= {"mean_auc", "auc/Cardiomegaly", "auc/Pneumothorax", "loss",
+                                "accuracy"}
+  assert on_disk["summary"]["n"] == 1 and on_disk["summary"]["mean"] == pytest.approx(
+      trial["test"]["mean_auc"])
+  assert on_disk["class_names"] == on_disk["eval_class_names"] == [
+      "Cardiomegaly", "Nodule", "Effusion", "Pneumothorax"]
+  # Provenance and cost of the run and of the trial.
+  provenance, cost = on_disk["provenance"], on_disk["cost"]
+  assert provenance["devices"] == {"platform": "cpu", "kind": "cpu", "count": 8,
+                                   "processes": 1}
+  assert len(provenance["config_sha256"]) == 64 and provenance["weights_sha256"] is None
+  assert cost["wall_s"] > 0 and cost["first_step_s"] > 0 and cost["peak_rss_mb"] > 100
+  assert cost["train_images_per_s"] > 0 and trial["cost"]["first_step_s"] > 0
+  # The test predictions are saved: the metric recomputes from them.
+  with np.load(tmp_path / "trial_0" / "test_predictions.npz") as saved:
+    assert list(saved["class_names"]) == on_disk["class_names"]
+    assert saved["probs"].shape == saved["labels"].shape == (40, 4)
+    aucs = [roc_auc_score(saved["labels"][:, c], saved["probs"][:, c]) for c in range(4)]
+  assert trial["test"]["mean_auc"] == pytest.approx(np.mean(aucs), abs=1e-9)
+  assert json.loads((tmp_path / "config.json").read_text())["model"]["name"] == \
+      "swin_demo_patch4_window4_128"
+  assert list((tmp_path / "trial_0" / "ckpt" / "latest").iterdir())
+  assert list((tmp_path / "trial_0" / "ckpt" / "best").iterdir())
+  tb = tmp_path / "tb" / "trial_0"
+  losses = _scalars(tb, "train/loss")
+  assert len(losses) == 12 and all(np.isfinite(losses))  # 2 epochs x 6 steps
+  for tag in ("train/lr", "val/loss", "val/mean_auc", "perf/images_per_s",
+              "perf/input_wait_fraction", "perf/step_time_s", "test/mean_auc"):
+    assert _scalars(tb, tag), tag
+
+  # A finished workdir is reported, not retrained.
+  mtime = (tmp_path / "results.json").stat().st_mtime_ns
+  assert trials.train_and_evaluate(config, str(tmp_path)) == results
+  assert (tmp_path / "results.json").stat().st_mtime_ns == mtime
+
+
+def test_test_metrics_equal_sklearn_on_gathered_ten_crop_predictions(phantom_dir, tmp_path):
+  """Prediction gathering over 8 devices with padding, ten-crop averaging, then AUC."""
+  # pylint: disable=g-import-not-at-top
+  import functools
+  import jax
+  from medbench_jax import models, tasks
+  from medbench_jax.data import pipeline, sources, transforms
+  from medbench_jax.trainer import evaluation, sharding
+  # pylint: enable=g-import-not-at-top
+  config = _prepared_tiny(phantom_dir)
+  splits = sources.open_splits(config.dataset)
+  task = tasks.for_dataset(config, splits.info)
+  model = models.create("resnet18", 4)
+  variables = model.init(jax.random.key(0), np.zeros((1, 64, 64, 3), np.float32))
+  mean, std = (0.5,) * 3, (0.25,) * 3
+  mesh = sharding.make_mesh()
+  eval_step = jax.jit(task.make_eval_step(
+      model.apply, functools.partial(pipeline.normalize, mean=mean, std=std)))
+  ds = pipeline.eval_dataset(splits.test, pp_spec="resize(72)|ten_crop(64)", keys=task.keys,
+                             local_batch_size=16, num_workers=0)
+  got = evaluation.predict(eval_step, variables, ds, sharding.batch_sharding(mesh))
+  assert len(got["probs"]) == len(splits.test) == 40  # 48 slots, 8 of them padding
+
+  # Reference: one image at a time, unsharded, ten crops averaged after the sigmoid.
+  labels, probs = [], []
+  crop = transforms.parse("resize(72)|ten_crop(64)")
+  for i in range(len(splits.test)):
+    ex = splits.test[i]
+    x = pipeline.normalize(crop(ex, None)["image"], mean, std)
+    p = jax.nn.sigmoid(model.apply(variables, x)).mean(axis=0)
+    labels.append(ex["labels"])
+    probs.append(np.asarray(p))
+  labels, probs = np.array(labels), np.array(probs)
+  # One process: gathered predictions come back in source order, padding removed.
+  np.testing.assert_array_equal(got["labels"], labels)
+  np.testing.assert_allclose(got["probs"], probs, atol=1e-5)
+  result = task.metrics(got)
+  for c, name in enumerate(splits.info.class_names):
+    if 0 < labels[:, c].sum() < len(labels):
+      assert abs(result[f"auc/{name}"] - roc_auc_score(labels[:, c], probs[:, c])) <= 1e-6
+
+
+def test_sigkill_then_rerun_resumes_and_ends_identically(tmp_path, phantom_dir):
+  config = f"--config={TINY}:epochs=4,workers=2"
+  _main(tmp_path / "reference", phantom_dir, config)
+  reference = json.loads((tmp_path / "reference" / "results.json").read_text())
+
+  proc = _main(tmp_path / "killed", phantom_dir, config, wait=False)
+  log = []
+  for line in proc.stdout:
+    log.append(line)
+    if re.search(r"step 14/24", line):
+      proc.send_signal(signal.SIGKILL)
+      break
+  proc.wait(timeout=60)
+  assert proc.returncode == -signal.SIGKILL, "".join(log)[-3000:]
+  assert not (tmp_path / "killed" / "results.json").exists()
+
+  out = _main(tmp_path / "killed", phantom_dir, config)
+  resumed_from = re.search(r"Resuming trial 0 from step (\d+)", out)
+  assert resumed_from and int(resumed_from.group(1)) in (8, 12), out[-3000:]
+  resumed = json.loads((tmp_path / "killed" / "results.json").read_text())
+  assert resumed["trials"] == reference["trials"]
+
+
+def test_eight_devices_give_the_one_device_losses(tmp_path, phantom_dir):
+  config = f"--config={TINY}"
+  losses = {}
+  for devices in (1, 8):
+    workdir = tmp_path / f"d{devices}"
+    out = _main(workdir, phantom_dir, config, "--config.train.max_steps=5", devices=devices)
+    assert f"Devices: {devices} (cpu)" in out
+    losses[devices] = _scalars(workdir / "tb" / "trial_0", "train/loss")
+  assert len(losses[1]) == 5
+  np.testing.assert_allclose(losses[8], losses[1], rtol=1e-4)
+  assert len(set(losses[1])) == 5  # the losses change step to step: a real comparison
+
+
+def _free_port() -> int:
+  import socket  # pylint: disable=g-import-not-at-top
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_two_processes_over_loopback_match_one_process(tmp_path, phantom_dir):
+  """Multi-host: two processes with 2 devices each (jax.distributed, gloo collectives over
+  127.0.0.1) train on the same global batches as one process with 4 devices.
+
+  Each process reads every other example of the shuffled order, so a global batch holds
+  the single process's examples; random augmentation is seeded per process-local index,
+  so it is replaced by a deterministic resize to compare losses.
+  """
+  config, steps = f"--config={TINY}", "--config.train.max_steps=5"
+  deterministic = "--config.input.pp_train=resize(64)"
+  single = tmp_path / "single"
+  _main(single, phantom_dir, config, steps, deterministic, devices=4)
+  multi = tmp_path / "multi"
+  address = f"--coordinator_address=127.0.0.1:{_free_port()}"
+  procs = [_main(multi, phantom_dir, config, steps, deterministic, address, "--num_processes=2",
+                 f"--process_id={i}", devices=2, wait=False) for i in range(2)]
+  outs = [p.communicate(timeout=600)[0] for p in procs]
+  for p, out in zip(procs, outs):
+    assert p.returncode == 0, out[-4000:]
+  assert "Devices: 4 (cpu)" in outs[0]
+  np.testing.assert_allclose(_scalars(multi / "tb" / "trial_0", "train/loss"),
+                             _scalars(single / "tb" / "trial_0", "train/loss"), rtol=1e-4)
+  results = [json.loads((d / "results.json").read_text()) for d in (single, multi)]
+  np.testing.assert_allclose(results[1]["trials"][0]["test"]["mean_auc"],
+                             results[0]["trials"][0]["test"]["mean_auc"], rtol=1e-5)
