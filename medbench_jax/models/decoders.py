@@ -100,16 +100,32 @@ def _nearest_indices(in_size: int, out_size: int) -> np.ndarray:
                     in_size - 1)
 
 
+def _along(x: jnp.ndarray, axis: int, matrix: np.ndarray) -> jnp.ndarray:
+  """out[..., o, ...] = sum_i matrix[o, i] x[..., i, ...] along `axis`. A matmul rather than
+  a gather: XLA differentiates gathers into scatters, slow on CPU (a train step's 2x
+  bilinear upsampling runs 2.5x faster this way, 2x nearest as a repeat 40x)."""
+  y = jnp.tensordot(x, jnp.asarray(matrix.T, x.dtype), axes=([axis], [0]))
+  return jnp.moveaxis(y, -1, axis)
+
+
+def _nearest_axis(x: jnp.ndarray, axis: int, out_size: int) -> jnp.ndarray:
+  in_size = x.shape[axis]
+  indices = _nearest_indices(in_size, out_size)
+  factor = out_size // in_size
+  if out_size == factor * in_size and np.array_equal(indices, np.arange(out_size) // factor):
+    return jnp.repeat(x, factor, axis=axis)  # broadcast and reshape: the 2x of smp's U-Net
+  return _along(x, axis, np.eye(in_size)[indices])
+
+
 def resize_nearest(x: jnp.ndarray, size: Size) -> jnp.ndarray:
   """NHWC `F.interpolate(x, size, mode='nearest')`; 2x upsampling repeats each pixel."""
   if tuple(x.shape[1:3]) == tuple(size):
     return x
-  x = jnp.take(x, _nearest_indices(x.shape[1], size[0]), axis=1)
-  return jnp.take(x, _nearest_indices(x.shape[2], size[1]), axis=2)
+  return _nearest_axis(_nearest_axis(x, 1, size[0]), 2, size[1])
 
 
-def _linear_axis(x: jnp.ndarray, axis: int, out_size: int, align_corners: bool) -> jnp.ndarray:
-  in_size = x.shape[axis]
+def _linear_matrix(in_size: int, out_size: int, align_corners: bool) -> np.ndarray:
+  """(out, in) weights of PyTorch's linear interpolation along one axis."""
   dst = np.arange(out_size, dtype=np.float64)
   if align_corners:
     src = dst * ((in_size - 1) / (out_size - 1) if out_size > 1 else 0.0)
@@ -117,11 +133,11 @@ def _linear_axis(x: jnp.ndarray, axis: int, out_size: int, align_corners: bool) 
     src = np.maximum((dst + 0.5) * (in_size / out_size) - 0.5, 0.0)
   low = np.minimum(np.floor(src).astype(np.int64), in_size - 1)
   high = np.minimum(low + 1, in_size - 1)
-  shape = [1] * x.ndim
-  shape[axis] = out_size
-  weight = jnp.asarray((src - low).reshape(shape), x.dtype)
-  return (jnp.take(x, low, axis=axis) * (1 - weight)
-          + jnp.take(x, high, axis=axis) * weight)
+  weight = src - low
+  matrix = np.zeros((out_size, in_size))
+  np.add.at(matrix, (dst.astype(np.int64), low), 1 - weight)
+  np.add.at(matrix, (dst.astype(np.int64), high), weight)
+  return matrix
 
 
 def resize_bilinear(x: jnp.ndarray, size: Size, align_corners: bool) -> jnp.ndarray:
@@ -129,8 +145,8 @@ def resize_bilinear(x: jnp.ndarray, size: Size, align_corners: bool) -> jnp.ndar
   when shrinking, edges clamped, corners aligned or half-pixel centres, as PyTorch does."""
   if tuple(x.shape[1:3]) == tuple(size):
     return x
-  x = _linear_axis(x, 1, size[0], align_corners)
-  return _linear_axis(x, 2, size[1], align_corners)
+  x = _along(x, 1, _linear_matrix(x.shape[1], size[0], align_corners))
+  return _along(x, 2, _linear_matrix(x.shape[2], size[1], align_corners))
 
 
 def adaptive_avg_pool(x: jnp.ndarray, size: int) -> jnp.ndarray:
