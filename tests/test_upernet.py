@@ -14,8 +14,9 @@ import torch.nn.functional as F
 from flax import traverse_util
 
 from medbench_jax import models, weights
-from medbench_jax.models import upernet
+from medbench_jax.models import swin, upernet
 from tests import parity
+from tests import publishers
 from tests.test_models import _init as _random_variables
 
 K = 3
@@ -177,6 +178,37 @@ def test_convnext_encoder_checkpoint_drops_head_and_final_norm(tmp_path):
   for key in encoder:
     np.testing.assert_array_equal(flat[key], classifier[key.replace("/encoder", "", 1)])
   assert set(report.reinitialised) == set(flat) - encoder
+
+
+def test_simmim_swin_checkpoint_fills_the_encoder_as_for_classification(tmp_path):
+  """A SimMIM pretraining checkpoint (window 3 at 96 px, under 'model' beside SimMIM's own
+  decoder.*) is read as SimMIM, not as an smp state dict, and its encoder converted as for
+  classification, bias tables resized with SimMIM's cubic spline (test_formats checks that
+  against SimMIM's loader)."""
+  torch.manual_seed(0)
+  arch = {k: v for k, v in SWIN_DEMO.items() if k != "window_size"}
+  pretrained = timm.models.swin_transformer.SwinTransformer(
+      num_classes=0, img_size=96, window_size=3, **arch)
+  ckpt, _ = publishers.simmim_swin(pretrained)
+  path = tmp_path / "simmim_pretrain__swin_demo__img96_window3.pth"
+  with publishers.fake_modules(publishers.YACS):
+    torch.save(ckpt, path)
+  variables, report = weights.load_with_report("upernet_swin_demo_patch4_window4_96",
+                                               str(path), K)
+  assert report.format == "simmim"
+  classifier = _flat(weights.load("swin_demo_patch4_window4_96", str(path), 0))
+  flat = _flat(variables)
+  encoder = {k for k in flat if k.split("/")[1] == "encoder"}
+  assert {k.replace("/encoder", "", 1) for k in encoder} == {
+      k for k in classifier if not k.startswith(("params/norm/", "params/head/"))}
+  for key in encoder:
+    np.testing.assert_array_equal(flat[key], classifier[key.replace("/encoder", "", 1)])
+  # timm's linear resize would give other tables: the comparison above tells them apart.
+  table = "layers.2.blocks.1.attn.relative_position_bias_table"
+  linear = swin.resize_relative_position_bias_table(
+      ckpt["model"][f"encoder.{table}"].numpy(), (4, 4), "linear")
+  ours = flat["params/encoder/layers_2/blocks_1/attn/relative_position_bias_table"]
+  assert np.abs(linear - np.asarray(ours)).max() > 1e-2
 
 
 def test_bf16_compute_keeps_float32_logits():
