@@ -47,6 +47,7 @@ PARITY = [
     pytest.param("unet_resnet34", "resnet34", 64, marks=pytest.mark.slow),
     pytest.param("unet_resnet101", "resnet101", 64, marks=pytest.mark.slow),
     pytest.param("unet_resnet152", "resnet152", 64, marks=pytest.mark.slow),
+    pytest.param("unet_densenet161", "densenet161", 64, marks=pytest.mark.slow),
     pytest.param("unet_densenet169", "densenet169", 64, marks=pytest.mark.slow),
     pytest.param("unet_densenet201", "densenet201", 64, marks=pytest.mark.slow),
     pytest.param("unet_densenet121", "densenet121", 224, marks=pytest.mark.slow),
@@ -74,8 +75,8 @@ def test_forward_parity_with_smp(tmp_path, name, encoder, size):
 def test_registered_for_every_encoder_of_each_family():
   names = set(models.list_models())
   for encoder in ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152", "densenet121",
-                  "densenet169", "densenet201", "convnext_tiny", "convnext_small",
-                  "convnext_base", "convnext_large"):
+                  "densenet161", "densenet169", "densenet201", "convnext_tiny",
+                  "convnext_small", "convnext_base", "convnext_large"):
     assert f"unet_{encoder}" in names
     cfg = models.pretrained_cfg(f"unet_{encoder}")
     assert cfg["encoder"] == encoder and cfg["mean"] == models.pretrained_cfg(encoder)["mean"]
