@@ -52,6 +52,22 @@ def calibrate_batch_norm(model: torch.nn.Module, size: int, residual_gamma: Call
   return model.eval()
 
 
+def trained_like(model: torch.nn.Module) -> torch.nn.Module:
+  """Replaces degenerate initial values with trained-like ones so a parity test exercises
+  every block and every affine conversion: layer scales (ConvNeXt's gamma, 1e-6 at init,
+  which silences every block) in [0.1, 0.5], norm weights in [0.5, 1.5], biases N(0, 0.05).
+  BatchNorm layers are then best set by calibrate_batch_norm."""
+  with torch.no_grad():
+    for key, param in model.named_parameters():
+      if key.endswith("gamma"):
+        param.uniform_(0.1, 0.5)
+      elif key.endswith("weight") and param.ndim == 1:
+        param.uniform_(0.5, 1.5)
+      elif key.endswith("bias"):
+        param.normal_(0, 0.05)
+  return model
+
+
 def save_formats(model: torch.nn.Module, directory: pathlib.Path) -> list[str]:
   """The reference's state dict as .pth (torch.save) and .safetensors: the two ways timm
   and torchvision publish weights."""
@@ -65,12 +81,18 @@ def to_nhwc(x: torch.Tensor) -> jnp.ndarray:
   return jnp.asarray(x.numpy().transpose(0, 2, 3, 1))
 
 
+def reference_outputs(reference: torch.nn.Module, x: torch.Tensor) -> np.ndarray:
+  """The eval-mode reference's outputs, segmentation logits NCHW -> NHWC as ours are."""
+  with torch.no_grad():
+    out = reference.eval()(x).numpy()
+  return out.transpose(0, 2, 3, 1) if out.ndim == 4 else out
+
+
 def forward_max_diff(name: str, reference: torch.nn.Module, path: str, x: torch.Tensor,
                      num_classes: int, **model_kw: Any) -> float:
   """Max |logit difference| (pooled features when num_classes == 0) between the eval-mode
   reference and `name` loaded from `path` through weights.load."""
-  with torch.no_grad():
-    expected = reference.eval()(x).numpy()
+  expected = reference_outputs(reference, x)
   variables = weights.load(name, path, num_classes=num_classes, keep_head=True, **model_kw)
   model = models.create(name, num_classes, **model_kw)
   actual = np.asarray(jax.jit(model.apply)(variables, to_nhwc(x)))
@@ -93,7 +115,8 @@ def sgd_steps_max_rel_diff(name: str, reference: torch.nn.Module, directory: pat
                            float64: bool = False, **model_kw: Any) -> tuple[float, float]:
   """Fine-tunes both models for `steps` identical SGD-with-momentum steps on one batch
   (train mode: BatchNorm uses and updates batch statistics) with the study's multi-label
-  BCE loss, then compares every converted torch tensor with its Flax counterpart.
+  BCE loss (per pixel for segmentation models), then compares every converted torch tensor
+  with its Flax counterpart.
 
   Returns (max relative difference of the tensors, relative difference of the updates
   ||delta_flax - delta_torch|| / ||delta_torch|| over all tensors): the first is what the
@@ -112,8 +135,11 @@ def sgd_steps_max_rel_diff(name: str, reference: torch.nn.Module, directory: pat
   path = directory / "before.pth"
   torch.save(reference.state_dict(), path)
   before = {k: v.numpy().copy() for k, v in reference.state_dict().items()}
+  with torch.no_grad():
+    output_shape = tuple(reference(x).shape)
   targets = torch.from_numpy(
-      np.random.default_rng(0).integers(0, 2, (x.shape[0], num_classes)).astype(np.float32))
+      np.random.default_rng(0).integers(0, 2, output_shape).astype(np.float32))
+  flax_targets = to_nhwc(targets) if targets.ndim == 4 else jnp.asarray(targets.numpy())
 
   reference.train()
   optimizer = torch.optim.SGD(reference.parameters(), lr=lr, momentum=0.9)
@@ -133,7 +159,7 @@ def sgd_steps_max_rel_diff(name: str, reference: torch.nn.Module, directory: pat
     def loss_fn(params):
       logits, updates = model.apply({"params": params, **state}, to_nhwc(x), train=True,
                                     mutable=list(state))
-      loss = optax.sigmoid_binary_cross_entropy(logits, jnp.asarray(targets.numpy())).mean()
+      loss = optax.sigmoid_binary_cross_entropy(logits, flax_targets).mean()
       return loss, updates
     grads, updates = jax.grad(loss_fn, has_aux=True)(params)
     param_updates, opt_state = tx.update(grads, opt_state, params)

@@ -1,5 +1,5 @@
 """weights/sources.py, the init sources besides checkpoint files: timm:NAME.TAG from the
-Hugging Face hub cache, run:WORKDIR (an earlier run's best orbax checkpoint, as train.py
+Hugging Face hub cache, run:WORKDIR (an earlier run's best orbax checkpoint, as the trainer
 writes it)."""
 
 import json
@@ -14,7 +14,8 @@ import safetensors.torch
 import timm
 import torch
 
-from medbench_jax import models, train, weights
+from medbench_jax import models, weights
+from medbench_jax.trainer import state as trainer_state
 from tests import parity
 
 K = 3
@@ -55,9 +56,9 @@ def test_timm_offline_without_cache_says_what_to_download(tmp_path, monkeypatch)
 
 
 def _save_trial(workdir, trial: int, variables: dict, best_val_loss: float) -> None:
-  """A trial directory as train.run_trial leaves it: best checkpoint + result.json."""
+  """A trial directory as trainer.trials leaves it: best checkpoint + result.json."""
   trial_dir = workdir / f"trial_{trial}"
-  state = train.TrainState.create(
+  state = trainer_state.TrainState.create(
       apply_fn=None, params=variables["params"], batch_stats=variables["batch_stats"],
       tx=optax.adam(1e-3))
   manager = ocp.CheckpointManager(trial_dir / "ckpt" / "best",

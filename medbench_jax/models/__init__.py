@@ -11,3 +11,5 @@ registry itself imports none of them.
 from medbench_jax.models.registry import (IMAGENET_MEAN, IMAGENET_STD, Converter, converter,
                                           create, list_models, pretrained_cfg, register)
 from medbench_jax.models import convnext, densenet, resnet, swin, vit  # noqa: F401  (register)
+# Segmentation models, registered for the encoders above: unet_<encoder>, upernet_<encoder>.
+from medbench_jax.models import unet, upernet  # noqa: F401  (register)

@@ -11,6 +11,11 @@ changes memory, not results, and has no counterpart here.
 (concatenated features before their transitions) and the final norm5 + ReLU: timm's
 `features_only=True, out_indices=(1, 2, 3, 4)`. timm's index 0, the stride-2 stem output,
 is left out so every CNN here offers the same four strides.
+
+`smp_features=True` returns instead the five maps segmentation_models_pytorch's DenseNet
+encoder gives a U-Net decoder (and the reference study's U-Nets use): the stem after
+norm0 + ReLU (stride 2), dense blocks 1-3 after their transition's norm + ReLU, and norm5
+without ReLU.
 """
 
 from __future__ import annotations
@@ -71,27 +76,31 @@ class DenseBlock(nn.Module):
 
 
 class Transition(nn.Module):
-  """BN-ReLU-1x1 conv halving the channels, 2x2 average pool."""
+  """BN-ReLU-1x1 conv halving the channels, 2x2 average pool. Returns the BN-ReLU output
+  (segmentation_models_pytorch's skip feature) too."""
   dtype: Any = jnp.float32
 
   @nn.compact
-  def __call__(self, x: jnp.ndarray, train: bool) -> jnp.ndarray:
-    x = _norm_relu(x, train, self.dtype, "norm")
-    x = _conv(x.shape[-1] // 2, 1, 1, self.dtype, "conv")(x)
-    return nn.avg_pool(x, (2, 2), (2, 2))
+  def __call__(self, x: jnp.ndarray, train: bool) -> tuple[jnp.ndarray, jnp.ndarray]:
+    skip = _norm_relu(x, train, self.dtype, "norm")
+    x = _conv(x.shape[-1] // 2, 1, 1, self.dtype, "conv")(skip)
+    return skip, nn.avg_pool(x, (2, 2), (2, 2))
 
 
 class Features(nn.Module):
-  """torchvision's `features` Sequential; returns the outputs at strides 4, 8, 16, 32."""
+  """torchvision's `features` Sequential; returns the outputs at strides 4, 8, 16, 32, or
+  with `smp_features` segmentation_models_pytorch's five maps (module docstring)."""
   growth_rate: int
   block_config: Sequence[int]
   bn_size: int = 4
   dtype: Any = jnp.float32
 
   @nn.compact
-  def __call__(self, x: jnp.ndarray, train: bool) -> list[jnp.ndarray]:
+  def __call__(self, x: jnp.ndarray, train: bool, smp_features: bool = False
+               ) -> list[jnp.ndarray]:
     x = _conv(2 * self.growth_rate, 7, 2, self.dtype, "conv0")(x)
     x = _norm_relu(x, train, self.dtype, "norm0")
+    smp_maps = [x]
     x = nn.max_pool(x, (3, 3), (2, 2), padding=((1, 1), (1, 1)))  # -inf padding, as torch
     maps = []
     for i, num_layers in enumerate(self.block_config):
@@ -99,9 +108,10 @@ class Features(nn.Module):
                      name=f"denseblock{i + 1}")(x, train)
       if i < len(self.block_config) - 1:
         maps.append(x)
-        x = Transition(self.dtype, name=f"transition{i + 1}")(x, train)
-    maps.append(_norm_relu(x, train, self.dtype, "norm5"))
-    return maps
+        skip, x = Transition(self.dtype, name=f"transition{i + 1}")(x, train)
+        smp_maps.append(skip)
+    x = common.BatchNorm(use_running_average=not train, dtype=self.dtype, name="norm5")(x)
+    return [*smp_maps, x] if smp_features else [*maps, nn.relu(x)]
 
 
 class DenseNet(nn.Module):
@@ -114,13 +124,14 @@ class DenseNet(nn.Module):
   dtype: Any = jnp.float32
 
   @nn.compact
-  def __call__(self, x: jnp.ndarray, train: bool = False,
-               feature_maps: bool = False) -> jnp.ndarray | list[jnp.ndarray]:
+  def __call__(self, x: jnp.ndarray, train: bool = False, feature_maps: bool = False,
+               smp_features: bool = False) -> jnp.ndarray | list[jnp.ndarray]:
     """Logits (pooled features if num_classes == 0), or with `feature_maps` the NHWC maps at
-    strides 4, 8, 16, 32 (see the module docstring)."""
+    strides 4, 8, 16, 32, or with `smp_features` the five maps at strides 2 to 32 (see the
+    module docstring)."""
     maps = Features(self.growth_rate, self.block_config, self.bn_size, self.dtype,
-                    name="features")(x.astype(self.dtype), train)
-    if feature_maps:
+                    name="features")(x.astype(self.dtype), train, smp_features)
+    if feature_maps or smp_features:
       return maps
     return common.pool_and_classify(maps[-1], self.num_classes, self.dtype, "classifier",
                                     self.head_init)

@@ -18,7 +18,9 @@ Two ways of widening share the code:
     PyTorch checkpoints.
 
 `feature_maps=True` returns the outputs of layer1..layer4 (strides 4, 8, 16, 32), timm's
-`features_only=True, out_indices=(1, 2, 3, 4)`.
+`features_only=True, out_indices=(1, 2, 3, 4)`. `smp_features=True` returns the stem's
+output (after its ReLU, before the max pool; stride 2) first and then those four: the maps
+segmentation_models_pytorch's ResNet encoder gives a U-Net decoder.
 """
 
 from __future__ import annotations
@@ -105,13 +107,15 @@ class ResNet(_Layers):
   head_init: common.HeadInit = common.NORMAL_HEAD
 
   @nn.compact
-  def __call__(self, x: jnp.ndarray, train: bool = False,
-               feature_maps: bool = False) -> jnp.ndarray | list[jnp.ndarray]:
+  def __call__(self, x: jnp.ndarray, train: bool = False, feature_maps: bool = False,
+               smp_features: bool = False) -> jnp.ndarray | list[jnp.ndarray]:
     """Logits (pooled features if num_classes == 0), or with `feature_maps` the NHWC outputs
-    of the four stages at strides 4, 8, 16, 32."""
+    of the four stages at strides 4, 8, 16, 32 (with `smp_features`, the stride-2 stem output
+    before them)."""
     width = 64 * self.width_multiplier
     x = x.astype(self.dtype)
     x = nn.relu(self.bn(train, "bn1")(self.conv(width, 7, 2, "conv1")(x)))
+    stem = x
     # Flax pads max_pool with -inf, as PyTorch does.
     x = nn.max_pool(x, (3, 3), (2, 2), padding=((1, 1), (1, 1)))
     maps = []
@@ -122,6 +126,8 @@ class ResNet(_Layers):
                        width_per_group=self.width_per_group, dtype=self.dtype,
                        name=f"layer{i + 1}_{j}")(x, train)
       maps.append(x)
+    if smp_features:
+      return [stem, *maps]
     if feature_maps:
       return maps
     return common.pool_and_classify(x, self.num_classes, self.dtype, "fc", self.head_init)

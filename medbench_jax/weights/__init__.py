@@ -10,6 +10,14 @@ fit except the classifier, which is re-initialised (as its family registers: `he
 unless `keep_head`, and what the format's fine-tuning recipe starts anew; anything else
 that does not fit is an error naming the keys and shapes on both sides.
 
+Segmentation models (`unet_<encoder>`, `upernet_<encoder>`; models/decoders.py) load the
+same sources. A checkpoint of the encoder alone (any classification checkpoint, run or
+convert folder of that architecture) fills the `encoder` sub-tree, with the encoder's
+classifier and final norm dropped, and the decoder and heads start fresh; a whole
+segmentation checkpoint (segmentation_models_pytorch's Unet/UPerNet, or a run of this
+project) must fit everything but the heads. The registry's `encoder`, `encoder_path` and
+`auxiliary_heads` entries drive this; nothing depends on model names.
+
 Sources `load` accepts (also as --config.model.init):
   PATH             a checkpoint file, format detected
   FORMAT:PATH      a checkpoint file in the named format (formats.names(), e.g. dino_student)
@@ -25,7 +33,7 @@ import inspect
 import os
 import re
 import zipfile
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import jax
 import jax.numpy as jnp
@@ -118,7 +126,7 @@ def _read_variables(name: str, path: str, model_kw: Mapping[str, Any]
       raise ValueError(f"{path} is a directory but not one written by medbench_jax.convert "
                        f"(no {sources.CONVERTED_INFO}).")
     flat, info = sources.read_converted(path)
-    if info["model"] != name:
+    if info["model"] not in (name, models.pretrained_cfg(name).get("encoder")):
       raise ValueError(f"{path} holds {info['model']} weights (converted from "
                        f"{info.get('source')}), not {name}.")
     return flat, None, "converted", path
@@ -148,6 +156,20 @@ def _sum_input_channels(loaded: dict[str, Any], first_conv: str, in_chans: int) 
   logging.info("Summed the RGB kernels of %s for 1-channel input", key)
 
 
+def _under(key: str, path: str) -> bool:
+  """Whether the flat variable `key` ('params/encoder/conv1/kernel') lies in the sub-tree
+  `path` ('encoder') of any collection."""
+  return key.split("/", 1)[1].startswith(path + "/")
+
+
+def _place_encoder(loaded: dict[str, Any], encoder_path: str) -> tuple[dict[str, Any], bool]:
+  """A segmentation model's variables from a checkpoint: (variables, whether they hold the
+  encoder alone). Trees of the encoder by itself move under `encoder_path`."""
+  if not any(_under(k, encoder_path) for k in loaded):
+    loaded = {k.replace("/", f"/{encoder_path}/", 1): v for k, v in loaded.items()}
+  return loaded, all(_under(k, encoder_path) for k in loaded)
+
+
 def _ordered(keys: list[str]) -> list[str]:
   """Parameters before batch statistics: they tell the architecture apart more readably."""
   return sorted(keys, key=lambda k: (not k.startswith("params/"), k))
@@ -165,12 +187,15 @@ def load(name: str, path: str, num_classes: int, keep_head: bool = False, seed: 
   """Variables ({'params', ['batch_stats']}) of `models.create(name, num_classes, **model_kw)`
   initialised from `path` (any source in the module docstring).
 
-  The classifier (the pretrained config's `classifier` path) is dropped from the checkpoint
-  and keeps its fresh initialisation (the family's registered `head_init`: normal std 0.01
-  for ResNet/DenseNet, truncated normal std 0.02 for ConvNeXt/ViT/Swin, zero bias; `seed`
-  drives it) unless `keep_head`, in which case it is loaded and must match `num_classes`.
-  `in_chans=1` sums the first conv's RGB kernels for grayscale input. Raises ValueError
-  listing missing keys, unexpected keys and shape mismatches (with shapes) otherwise.
+  The classifier (the pretrained config's `classifier` path, and its `auxiliary_heads`) is
+  dropped from the checkpoint and keeps its fresh initialisation (the family's registered
+  `head_init`: normal std 0.01 for ResNet/DenseNet, truncated normal std 0.02 for
+  ConvNeXt/ViT/Swin, zero bias; segmentation heads as segmentation_models_pytorch draws
+  them; `seed` drives it) unless `keep_head`, in which case it is loaded and must match
+  `num_classes`. Segmentation models also take checkpoints of their encoder alone (module
+  docstring). `in_chans=1` sums the first conv's RGB kernels for grayscale input. Raises
+  ValueError listing missing keys, unexpected keys and shape mismatches (with shapes)
+  otherwise.
   """
   return load_with_report(name, path, num_classes, keep_head, seed, in_chans, **model_kw)[0]
 
@@ -182,27 +207,31 @@ def load_with_report(name: str, path: str, num_classes: int, keep_head: bool = F
   model = models.create(name, num_classes, **model_kw)
   cfg = models.pretrained_cfg(name)
   loaded, normalised, fmt, source = _read_variables(name, path, model_kw)
+  encoder_only = False
+  if "encoder_path" in cfg:
+    loaded, encoder_only = _place_encoder(loaded, cfg["encoder_path"])
   if in_chans != cfg["input_size"][2]:
     _sum_input_channels(loaded, cfg["first_conv"], in_chans)
 
-  # Models with a fixed input size (Swin) declare it; the others accept the default one.
-  img_size = getattr(model, "img_size", cfg["input_size"][:2])
+  # Models with a fixed input size (Swin, ViT) declare it; the others accept the default one.
+  img_size = getattr(model, "img_size", None) or cfg["input_size"][:2]
   img_size = (img_size, img_size) if isinstance(img_size, int) else tuple(img_size)
   dummy = jnp.zeros((1, *img_size, in_chans), jnp.float32)
   init = lambda rng: _flatten(model.init(rng, dummy))
-  fresh = jax.eval_shape(init, jax.random.PRNGKey(seed))
+  rng = jax.random.PRNGKey(seed)
+  shapes_of = lambda module: jax.eval_shape(lambda r: _flatten(module.init(r, dummy)), rng)
+  fresh = shapes_of(model)
 
-  head = f"params/{cfg['classifier']}/"
-  dropped_head = {} if keep_head else {
-      k: loaded.pop(k).shape for k in sorted(loaded) if k.startswith(head)}
+  dropped, may_start_fresh = _set_aside(loaded, model, cfg, keep_head, encoder_only,
+                                        shapes_of, fresh)
   # What the format's fine-tuning recipe starts anew or leaves unused (MAE's global pool).
   recipe = formats.get(normalised.format) if normalised else None
   fresh_ok, unused_ok = (recipe.start_fresh, recipe.unused) if recipe else ((), ())
-  start_fresh = [k for k in fresh if k not in loaded and _matches(fresh_ok, k)]
-  unused = {k: loaded.pop(k).shape for k in sorted(loaded)
-            if k not in fresh and _matches(unused_ok, k)}
-  missing = [k for k in fresh if k not in loaded and k not in start_fresh
-             and (keep_head or not k.startswith(head))]
+  recipe_fresh = [k for k in fresh if k not in loaded and _matches(fresh_ok, k)]
+  dropped.update({k: (loaded.pop(k).shape, f"not used by this model ({fmt} fine-tuning)")
+                  for k in sorted(loaded) if k not in fresh and _matches(unused_ok, k)})
+  missing = [k for k in fresh if k not in loaded and k not in recipe_fresh
+             and not may_start_fresh(k)]
   unexpected = [k for k in loaded if k not in fresh]
   mismatched = [k for k in loaded if k in fresh and loaded[k].shape != fresh[k].shape]
   if missing or unexpected or mismatched:
@@ -227,34 +256,74 @@ def load_with_report(name: str, path: str, num_classes: int, keep_head: bool = F
   reinit = sorted(k for k in fresh if k not in loaded)
   # Only the re-initialised leaves leave the jitted init: XLA prunes the random draws of
   # all others, which on CPU would cost more than everything else here.
-  variables = jax.jit(lambda rng: {k: v for k, v in init(rng).items() if k in reinit})(
-      jax.random.PRNGKey(seed))
+  variables = jax.jit(lambda rng: {k: v for k, v in init(rng).items() if k in reinit})(rng)
   variables.update((k, jnp.asarray(v, fresh[k].dtype)) for k, v in loaded.items())
   report = LoadReport(
       source=source, format=fmt, num_loaded=sum(int(np.size(v)) for v in loaded.values()),
-      dropped={**(normalised.dropped if normalised else {}), **unused, **dropped_head},
+      dropped={**(normalised.dropped if normalised else {}),
+               **{k: shape for k, (shape, _) in dropped.items()}},
       dropped_reason={**{k: "not part of the backbone" for k in
                          (normalised.dropped if normalised else {})},
-                      **{k: f"not used by this model ({fmt} fine-tuning)" for k in unused},
-                      **{k: "classifier (keep_head=False)" for k in dropped_head}},
+                      **{k: reason for k, (_, reason) in dropped.items()}},
       reinitialised={k: tuple(fresh[k].shape) for k in reinit}, normalised=normalised)
-  logging.info("Loaded %d tensors (%d values) of %s from %s.", len(loaded),
-               report.num_loaded, name, source)
-  if dropped_head:
-    logging.info("Dropped from the checkpoint (classifier): %s",
-                 ", ".join(f"{k} {shape}" for k, shape in dropped_head.items()))
-  if unused:
-    logging.info("Dropped from the checkpoint (unused by this model, as %s fine-tuning "
-                 "does): %s", fmt, ", ".join(f"{k} {s}" for k, s in unused.items()))
-  if start_fresh:
+  logging.info("Loaded %d tensors (%d values) of %s from %s%s.", len(loaded),
+               report.num_loaded, name, source,
+               f" into its encoder ({cfg['encoder']})" if encoder_only else "")
+  for reason in sorted({reason for _, reason in dropped.values()}):
+    logging.info("Dropped from the checkpoint (%s): %s", reason, ", ".join(
+        f"{k} {shape}" for k, (shape, r) in dropped.items() if r == reason))
+  if recipe_fresh:
     logging.info("Freshly initialised (not in the checkpoint, as %s fine-tuning starts them): "
-                 "%s", fmt, ", ".join(f"{k} {fresh[k].shape}" for k in start_fresh))
-  reinit_head = [k for k in reinit if k not in start_fresh]
+                 "%s", fmt, ", ".join(f"{k} {fresh[k].shape}" for k in recipe_fresh))
+  heads = _head_paths(cfg)
+  reinit_head = [k for k in reinit if k not in recipe_fresh and _under_any(k, heads)]
   if reinit_head:
     logging.info("Re-initialised the classifier (%s, seed %d) for %d classes: %s",
                  getattr(model, "head_init", "the model's own init"), seed, num_classes,
                  ", ".join(f"{k} {fresh[k].shape}" for k in reinit_head))
+  reinit_rest = [k for k in reinit if k not in recipe_fresh and k not in reinit_head]
+  if reinit_rest:
+    logging.info("Freshly initialised (not in an encoder checkpoint; the model's "
+                 "initialisers, seed %d): %s", seed,
+                 ", ".join(f"{k} {fresh[k].shape}" for k in reinit_rest))
   return traverse_util.unflatten_dict(variables, sep="/"), report
+
+
+def _head_paths(cfg: Mapping[str, Any]) -> list[str]:
+  """The classifier and any auxiliary heads (UperNet's deep supervision) of a model."""
+  return [cfg["classifier"], *cfg.get("auxiliary_heads", ())]
+
+
+def _under_any(key: str, paths: list[str]) -> bool:
+  return any(_under(key, path) for path in paths)
+
+
+def _set_aside(loaded: dict[str, Any], model: Any, cfg: Mapping[str, Any], keep_head: bool,
+               encoder_only: bool, shapes_of: Callable[[Any], Mapping[str, Any]],
+               fresh: Mapping[str, Any]
+               ) -> tuple[dict[str, tuple[tuple[int, ...], str]], Callable[[str], bool]]:
+  """Takes out of `loaded` what the model does not use: the heads (the classifier and any
+  `auxiliary_heads`) unless keep_head, and for a segmentation model given its encoder alone,
+  the encoder's classifier and final norm. Returns (dropped key -> (shape, reason), whether a
+  model variable may start fresh instead of coming from the checkpoint).
+  `shapes_of(module)` is the flat variable shapes of a module at the model's input size."""
+  heads = _head_paths(cfg)
+  in_head = lambda k: _under_any(k, heads)
+  # Auxiliary heads are training aids: one the checkpoint lacks starts fresh even with
+  # keep_head (smp has none); the classifier must be there to be kept.
+  absent = [h for h in cfg.get("auxiliary_heads", ()) if not any(_under(k, h) for k in loaded)]
+  kept = lambda k: keep_head and in_head(k) and not _under_any(k, absent)
+  if encoder_only:
+    path = cfg["encoder_path"]
+    # The encoder built as a classifier has these beyond what the decoder reads.
+    classifier = getattr(model, path).clone(parent=None, num_classes=1)
+    unused = {k.replace("/", f"/{path}/", 1) for k in shapes_of(classifier)} - set(fresh)
+    reason = f"{cfg['encoder']}'s classifier or final norm, which the decoder does not use"
+    return ({k: (loaded.pop(k).shape, reason) for k in sorted(loaded) if k in unused},
+            lambda k: not _under(k, path) and not kept(k))
+  dropped = {} if keep_head else {k: (loaded.pop(k).shape, "classifier (keep_head=False)")
+                                  for k in sorted(loaded) if in_head(k)}
+  return dropped, lambda k: in_head(k) and not kept(k)
 
 
 def _matches(patterns: tuple[str, ...], key: str) -> bool:

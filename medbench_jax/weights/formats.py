@@ -243,6 +243,11 @@ FORMATS: tuple[Format, ...] = (
            wrappers=("model",), prefixes=(), drop=(r"^decoder_", r"^mask_token$"),
            start_fresh=(r"^params/fc_norm/",), unused=(r"^params/norm/",),
            signature=_any_key(r"^(decoder_|mask_token$)")),
+    # Unet/UPerNet state dicts; smp's optional classification head (aux_params) has no
+    # counterpart in models/unet.py and models/upernet.py.
+    Format("smp", "qubvel-org/segmentation_models.pytorch (encoder., decoder., "
+           "segmentation_head. keys)", drop=(r"^classification_head\.",),
+           signature=_any_key(r"^(module\.)?(decoder|segmentation_head)\.")),
     Format("radimagenet", "BMEII-AI/RadImageNet PyTorch weights (ResNet-50, DenseNet-121: "
            "the state dict of a `backbone` nn.Sequential of torchvision's children)",
            rename=_RADIMAGENET_RENAMES, signature=_any_key(r"^(module\.)?backbone\.\d+\.")),
