@@ -12,7 +12,8 @@ import pytest
 import torch
 import torchvision
 
-from medbench_jax import config_lib, convert, models, train, weights
+from medbench_jax import config_lib, convert, models, weights
+from medbench_jax.trainer import state
 from tests import parity
 from tests.publishers import moco
 
@@ -49,7 +50,7 @@ def test_cli_writes_what_runs_load(tmp_path, moco_checkpoint):
   direct = weights.load("resnet18", src, num_classes=7, seed=1)
   config = config_lib.default_config()
   config.model.name, config.model.init = "resnet18", str(dst)
-  via_dir = train.init_variables(config, models.create("resnet18", 7), 7, 32, seed=1)
+  via_dir = state.init_variables(config, models.create("resnet18", 7), 7, 32, seed=1)
   jax.tree.map(np.testing.assert_array_equal, via_dir, direct)
   with pytest.raises(ValueError, match="holds resnet18 weights"):
     weights.load("resnet34", str(dst), num_classes=7)
