@@ -1,6 +1,8 @@
 r"""Benchmarks that print figures (JSON lines), never pass/fail.
 
   python -m medbench_jax.bench input --config=configs/swin.py [--steps=N]
+  python -m medbench_jax.bench soak --config=configs/swin.py --workdir=DIR \
+      [--steps=5000] [--eval_every=50] [--sample_every=5] [--warmup_steps=N]
 
 `input`: images/s of the training input pipeline (pipeline.train_dataset over the
 prepared data set of the config: for the default config the phantom set, generated
@@ -13,6 +15,16 @@ arrays). Ours ships uint8 one-channel crops (normalisation and the
 RGB broadcast run on the accelerator); the reference ships float32 RGB tensors:
 each is measured as the training loop consumes it.
 
+`soak`: a long run of `python -m medbench_jax.main` (`--steps` steps, evaluating and
+checkpointing every `--eval_every`, no early stopping), watched from outside through
+/proc (Linux) every `--sample_every` seconds: resident memory of the trainer and of
+it with its worker processes, its open files, its child processes, the size of the
+trial's checkpoint folder. It prints the figures after warm-up (`--warmup_steps`,
+default a tenth of the run) and at the end of training, and writes every sample to
+DIR/soak_samples.jsonl. A loop that leaks shows as memory, files or processes growing
+with the step count; checkpoint retention as a folder that stays the size of one
+`latest` and one `best`.
+
 The `train` benchmark is not implemented.
 """
 
@@ -23,7 +35,10 @@ import contextlib
 import itertools
 import json
 import multiprocessing
+import os
 import pathlib
+import re
+import subprocess
 import sys
 import time
 from typing import Any, Callable, Iterator, Sequence
@@ -43,8 +58,13 @@ _WARMUP = flags.DEFINE_integer(
     "warmup", 5, "Batches before timing starts (worker start-up is not throughput).")
 _TORCH = flags.DEFINE_bool("torch_reference", True,
                            "Also measure the PyTorch reference pipeline.")
+_WORKDIR = flags.DEFINE_string("workdir", None, "soak: the run's workdir (must not exist).")
+_EVAL_EVERY = flags.DEFINE_integer("eval_every", 50, "soak: steps between evaluations.")
+_SAMPLE_EVERY = flags.DEFINE_float("sample_every", 5.0, "soak: seconds between samples.")
+_WARMUP_STEPS = flags.DEFINE_integer(
+    "warmup_steps", None, "soak: steps before the first figures (default: a tenth of --steps).")
 
-BENCHMARKS = ("input",)
+BENCHMARKS = ("input", "soak")
 
 
 def images_per_s(batches: Iterator[Any], *, steps: int, warmup: int, batch_size: int) -> float:
@@ -134,13 +154,142 @@ def bench_input(config, config_name: str, *, steps: int, warmup: int,
   return results
 
 
+# ---------------------------------------------------------------- soak
+
+
+def _proc_status_kb(pid: int, field: str) -> int:
+  with open(f"/proc/{pid}/status") as f:
+    for line in f:
+      if line.startswith(field + ":"):
+        return int(line.split()[1])
+  return 0
+
+
+def _descendants(pid: int) -> list[int]:
+  """Every process below `pid` (children, grandchildren, ...), from /proc."""
+  children: dict[int, list[int]] = {}
+  for entry in os.listdir("/proc"):
+    if not entry.isdigit():
+      continue
+    try:
+      with open(f"/proc/{entry}/stat") as f:
+        # The command name, in parentheses, may hold spaces: fields follow its ')'.
+        ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+    except (OSError, IndexError, ValueError):
+      continue  # ended meanwhile
+    children.setdefault(ppid, []).append(int(entry))
+  found, pending = [], [pid]
+  while pending:
+    for child in children.get(pending.pop(), []):
+      found.append(child)
+      pending.append(child)
+  return found
+
+
+def _folder_bytes(path: str) -> int:
+  total = 0
+  for root, _, files in os.walk(path):
+    for name in files:
+      try:
+        total += os.lstat(os.path.join(root, name)).st_size
+      except OSError:
+        pass  # deleted meanwhile (retention)
+  return total
+
+
+def soak_sample(pid: int, ckpt_dir: str) -> dict[str, Any]:
+  """One look at a running trainer from outside (memory in MiB, folder in bytes)."""
+  family = _descendants(pid)
+  rss = {}
+  for p in [pid, *family]:
+    try:
+      rss[p] = _proc_status_kb(p, "VmRSS") / 1024
+    except OSError:
+      rss[p] = 0.0
+  folders = {kind: sorted(os.listdir(os.path.join(ckpt_dir, kind)))
+             if os.path.isdir(os.path.join(ckpt_dir, kind)) else []
+             for kind in ("latest", "best")}
+  return {"rss_mb": round(rss[pid], 1), "rss_with_children_mb": round(sum(rss.values()), 1),
+          "open_files": len(os.listdir(f"/proc/{pid}/fd")),
+          "child_processes": len(family), "ckpt_bytes": _folder_bytes(ckpt_dir),
+          "ckpt_entries": sum(len(v) for v in folders.values())}
+
+
+def bench_soak(config_file: str, workdir: str, *, steps: int, eval_every: int,
+               warmup: int, sample_every_s: float) -> dict[str, Any]:
+  """Runs main for `steps` steps in a child process, sampling it (module docstring)."""
+  if os.path.exists(workdir):
+    raise app.UsageError(f"--workdir={workdir} exists: the soak needs a fresh run.")
+  os.makedirs(workdir)
+  overrides = {"train.max_steps": steps, "train.num_epochs": steps,
+               "train.eval_every_steps": eval_every, "train.patience": steps,
+               "train.log_every_steps": min(eval_every, 50)}
+  command = [sys.executable, "-u", "-m", "medbench_jax.main", f"--config={config_file}",
+             f"--workdir={workdir}", *(f"--config.{k}={v}" for k, v in overrides.items())]
+  log_path = os.path.join(workdir, "soak_main.log")
+  ckpt_dir = os.path.join(workdir, "trial_0", "ckpt")
+  samples: list[dict[str, Any]] = []
+  start = time.perf_counter()
+  with open(log_path, "w") as log, open(log_path) as reader:
+    proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
+    step, training = 0, True
+    with open(os.path.join(workdir, "soak_samples.jsonl"), "w") as out:
+      while proc.poll() is None:
+        time.sleep(sample_every_s)
+        for line in reader.readlines():
+          if found := re.search(r"\] step (\d+)/\d+ ", line):
+            step = int(found.group(1))
+          training = training and "] test (best step" not in line
+        try:
+          sample = {"t_s": round(time.perf_counter() - start, 1), "step": step,
+                    "training": training, **soak_sample(proc.pid, ckpt_dir)}
+        except OSError:
+          break  # the trainer ended between poll and sample
+        samples.append(sample)
+        out.write(json.dumps(sample) + "\n")
+        out.flush()
+  if proc.wait():
+    raise RuntimeError(f"The soak run failed (exit status {proc.returncode}); see {log_path}")
+  trained = [s for s in samples if s["training"] and s["step"] >= warmup]
+  if len(trained) < 2:
+    raise RuntimeError(f"Too few samples after warm-up ({len(trained)}): lower --warmup or "
+                       "--sample_every.")
+  first, last = trained[0], trained[-1]
+  peak = max(s["rss_mb"] for s in trained)
+  return {
+      "bench": "soak", "config": config_file, "steps": steps, "eval_every": eval_every,
+      "evaluations": steps // eval_every, "wall_s": round(time.perf_counter() - start, 1),
+      "samples": len(samples), "warmup_step": first["step"], "end_step": last["step"],
+      "rss_mb_warmup": first["rss_mb"], "rss_mb_end": last["rss_mb"], "rss_mb_peak": peak,
+      "rss_growth_pct": round(100 * (last["rss_mb"] - first["rss_mb"]) / first["rss_mb"], 2),
+      "rss_with_children_mb_warmup": first["rss_with_children_mb"],
+      "rss_with_children_mb_end": last["rss_with_children_mb"],
+      "open_files_range": [min(s["open_files"] for s in trained),
+                           max(s["open_files"] for s in trained)],
+      "child_processes_range": [min(s["child_processes"] for s in trained),
+                                max(s["child_processes"] for s in trained)],
+      "ckpt_mb_range": [round(min(s["ckpt_bytes"] for s in trained) / 2**20, 2),
+                        round(max(s["ckpt_bytes"] for s in trained) / 2**20, 2)],
+      "ckpt_entries_max": max(s["ckpt_entries"] for s in trained),
+  }
+
+
 def main(argv):
   if len(argv) != 2 or argv[1] not in BENCHMARKS:
     raise app.UsageError(
         f"Usage: python -m medbench_jax.bench {{{','.join(BENCHMARKS)}}} --config=FILE "
-        "[--steps=N]. Only `input` is implemented (`train` is not).")
-  runtime.start()
+        "[--steps=N]. `train` is not implemented.")
   config_name = config_flags.get_config_filename(flags.FLAGS["config"])
+  if argv[1] == "soak":
+    if not _WORKDIR.value:
+      raise app.UsageError("soak needs --workdir (a folder that does not exist yet).")
+    line = bench_soak(config_name, _WORKDIR.value, steps=_STEPS.value,
+                      eval_every=_EVAL_EVERY.value,
+                      warmup=(_WARMUP_STEPS.value if _WARMUP_STEPS.value is not None
+                              else _STEPS.value // 10), sample_every_s=_SAMPLE_EVERY.value)
+    print(json.dumps(line), flush=True)
+    return
+  runtime.start()
   for line in bench_input(_CONFIG.value, config_name, steps=_STEPS.value,
                           warmup=_WARMUP.value, torch_ref=_TORCH.value):
     logging.info("%s", line)
