@@ -245,6 +245,8 @@ def bench_soak(config_file: str, workdir: str, *, steps: int, eval_every: int,
                     "training": training, **soak_sample(proc.pid, ckpt_dir)}
         except OSError:
           break  # the trainer ended between poll and sample
+        if proc.poll() is not None:
+          break  # ended while sampled: an exited process shows no memory
         samples.append(sample)
         out.write(json.dumps(sample) + "\n")
         out.flush()
