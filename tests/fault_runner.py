@@ -33,7 +33,8 @@ PAUSE_S = 600
 
 
 def announce(name: str, n: int) -> None:
-  print(f"FAULT-HOOK {name} {n}", flush=True)
+  # On a line of its own: progress bars leave theirs unfinished.
+  print(f"\nFAULT-HOOK {name} {n}", flush=True)
 
 
 def pause(name: str, n: int) -> None:
