@@ -5,6 +5,8 @@ r"""Benchmarks that print figures (JSON lines, and a table on stderr), never pas
       [--dtype=bfloat16] [--steps=N] [--compare_torch [--torch_compile]] \
       [--compilation_cache=DIR]
   python -m medbench_jax.bench eval --model=resnet50 --batch=16 [--ten_crop] [...]
+  python -m medbench_jax.bench soak --config=configs/swin.py --workdir=DIR \
+      [--steps=5000] [--eval_every=50] [--sample_every=5] [--warmup_steps=N]
 
 `input`: images/s of the training input pipeline (pipeline.train_dataset over the
 prepared data set of the config: for the default config the phantom set, generated
@@ -25,6 +27,15 @@ forward and sigmoid; with --ten_crop ten crops per image, probabilities averaged
 with --torch_compile also through torch.compile). --compilation_cache=DIR uses JAX's
 persistent compilation cache there: run twice to see the first step of a cached run.
 See medbench_jax.benchmarks.train_speed.
+`soak`: a long run of `python -m medbench_jax.main` (`--steps` steps, evaluating and
+checkpointing every `--eval_every`, no early stopping), watched from outside through
+/proc (Linux) every `--sample_every` seconds: resident memory of the trainer and of
+it with its worker processes, its open files, its child processes, the size of the
+trial's checkpoint folder. It prints the figures after warm-up (`--warmup_steps`,
+default a tenth of the run) and at the end of training, and writes every sample to
+DIR/soak_samples.jsonl. A loop that leaks shows as memory, files or processes growing
+with the step count; checkpoint retention as a folder that stays the size of one
+`latest` and one `best`.
 """
 
 from __future__ import annotations
@@ -50,12 +61,17 @@ from medbench_jax import runtime
 _CONFIG = config_flags.DEFINE_config_file(
     "config", "configs/swin.py", "Config file, optionally with an arg: FILE:ARG.")
 _STEPS = flags.DEFINE_integer(
-    "steps", None, "Timed batches per pipeline (input, default 50) or timed steps after the "
-    "first (train/eval, default 5).")
+    "steps", None, "Timed batches per pipeline (input, default 50), timed steps after the "
+    "first (train/eval, default 5) or training steps (soak, default 5000).")
 _WARMUP = flags.DEFINE_integer(
     "warmup", 5, "Batches before timing starts (worker start-up is not throughput).")
 _TORCH = flags.DEFINE_bool("torch_reference", True,
                            "Also measure the PyTorch reference pipeline.")
+_WORKDIR = flags.DEFINE_string("workdir", None, "soak: the run's workdir (must not exist).")
+_EVAL_EVERY = flags.DEFINE_integer("eval_every", 50, "soak: steps between evaluations.")
+_SAMPLE_EVERY = flags.DEFINE_float("sample_every", 5.0, "soak: seconds between samples.")
+_WARMUP_STEPS = flags.DEFINE_integer(
+    "warmup_steps", None, "soak: steps before the first figures (default: a tenth of --steps).")
 
 _MODEL = flags.DEFINE_string("model", "resnet50", "train/eval: model name (timm's).")
 _BATCH = flags.DEFINE_integer("batch", 16, "train/eval: images per step.")
@@ -70,8 +86,8 @@ _TEN_CROP = flags.DEFINE_bool("ten_crop", False, "eval: ten crops per image.")
 _COMPILATION_CACHE = flags.DEFINE_string(
     "compilation_cache", "", "train/eval: JAX persistent compilation cache directory.")
 
-BENCHMARKS = ("input", "train", "eval")
-_DEFAULT_STEPS = {"input": 50, "train": 5, "eval": 5}
+BENCHMARKS = ("input", "train", "eval", "soak")
+_DEFAULT_STEPS = {"input": 50, "train": 5, "eval": 5, "soak": 5000}
 _TABLE_KEYS = ("framework", "first_step_s", "compile_s", "step_s", "images_per_s",
                "peak_rss_mb", "speed_vs_torch", "speed_vs_torch_compile")
 
@@ -196,21 +212,30 @@ def _cell(value: Any) -> str:
     return ""
   return f"{value:.3f}" if isinstance(value, float) else str(value)
 
-
 def main(argv):
   if len(argv) != 2 or argv[1] not in BENCHMARKS:
     raise app.UsageError(
         f"Usage: python -m medbench_jax.bench {{{','.join(BENCHMARKS)}}} [flags]: input "
         "--config=FILE [--steps=N]; train|eval --model=NAME --batch=B --image_size=S "
-        "[--dtype=bfloat16] [--steps=N] [--compare_torch] [--ten_crop (eval)].")
+        "[--dtype=bfloat16] [--steps=N] [--compare_torch] [--ten_crop (eval)]; soak "
+        "--config=FILE --workdir=DIR [--steps=5000] [--eval_every=50].")
   benchmark = argv[1]
   steps = _STEPS.value or _DEFAULT_STEPS[benchmark]
-  runtime.start()
-  if benchmark == "input":
+  if benchmark == "soak":
+    from medbench_jax.benchmarks import soak  # pylint: disable=g-import-not-at-top
+    if not _WORKDIR.value:
+      raise app.UsageError("soak needs --workdir (a folder that does not exist yet).")
+    lines = [soak.bench_soak(
+        config_flags.get_config_filename(flags.FLAGS["config"]), _WORKDIR.value,
+        steps=steps, eval_every=_EVAL_EVERY.value, sample_every_s=_SAMPLE_EVERY.value,
+        warmup=_WARMUP_STEPS.value if _WARMUP_STEPS.value is not None else steps // 10)]
+  elif benchmark == "input":
+    runtime.start()
     config_name = config_flags.get_config_filename(flags.FLAGS["config"])
     lines = bench_input(_CONFIG.value, config_name, steps=steps, warmup=_WARMUP.value,
                         torch_ref=_TORCH.value)
   else:
+    runtime.start()
     lines = bench_step(benchmark, _MODEL.value, batch_size=_BATCH.value,
                        image_size=_IMAGE_SIZE.value, dtype=_DTYPE.value, steps=steps,
                        compare_torch=_COMPARE_TORCH.value, torch_compile=_TORCH_COMPILE.value,

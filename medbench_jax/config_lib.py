@@ -9,7 +9,7 @@ Importing this module (which every config file does) loads no data or model code
 from __future__ import annotations
 
 import json
-from typing import Any
+from typing import Any, Sequence
 
 import ml_collections
 
@@ -22,6 +22,9 @@ NORMALIZATIONS = {
 }
 # The mean/std of the model's own pretrained config (e.g. SimCLR's 0/1).
 MODEL_NORMALIZATION = "model"
+NONFINITE_POLICIES = ("stop", "skip")
+# Segmentation models are named <decoder>_<encoder> (DESIGN.md); the rest classify.
+SEGMENTATION_DECODERS = ("unet", "upernet")
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -125,6 +128,10 @@ def default_config() -> ml_collections.ConfigDict:
   # the plateau schedule halves the lr after patience // 2 (the study's rule).
   c.train.patience = 10
   c.train.log_every_steps = 50
+  # A step whose loss or gradients are not finite: "stop" ends the run naming the step,
+  # its learning rate and its batch's statistics (the latest checkpoint is from before
+  # it); "skip" leaves the state as it was and counts the step in results.json.
+  c.train.nonfinite = "stop"
   c.train.max_steps = 0  # 0 = num_epochs worth of steps; >0 caps (smoke tests)
   c.train.test_tta = True
   # "START:STOP": capture a profiler trace of steps [START, STOP) into the trial's
@@ -165,6 +172,38 @@ def check(condition: bool, key: str, value: Any, allowed: Any) -> None:
     raise ValueError(f"config.{key}={value!r} is not allowed; allowed: {allowed}")
 
 
+def check_model_name(name: str, available: Sequence[str]) -> None:
+  """A registered model, or an error listing the names of its family (upernet_*, ...)."""
+  if name in available:
+    return
+  family, _, rest = name.partition("_")
+  members = [m for m in available if m.startswith(family + "_")] if rest else []
+  if not members:
+    check(False, "model.name", name, list(available))
+  note = (f" {rest} is a registered model, but not with {family}." if rest in available
+          else "")
+  raise ValueError(f"config.model.name={name!r} is not a registered model.{note} The "
+                   f"registered {family}_* models: {', '.join(members)}")
+
+
+def check_task_of_model(model_name: str, dataset_name: str) -> None:
+  """Segmentation models go with segmentation data sets, classifiers with the others."""
+  from medbench_jax.data.prepare import registry  # pylint: disable=g-import-not-at-top
+  if dataset_name not in registry.names():
+    return  # named by the data set's own check
+  segmentation_model = model_name.partition("_")[0] in SEGMENTATION_DECODERS
+  segmentation_data = registry.task_of(dataset_name) == "segmentation"
+  if segmentation_model != segmentation_data:
+    needs = ("a segmentation model (" + ", ".join(f"{d}_<encoder>" for d in
+                                                 SEGMENTATION_DECODERS) + ")"
+             if segmentation_data else "a classification model")
+    raise ValueError(
+        f"config.model.name={model_name!r} is a "
+        f"{'segmentation' if segmentation_model else 'classification'} model, but "
+        f"config.dataset.name={dataset_name!r} is a {registry.task_of(dataset_name)} data "
+        f"set, which needs {needs}.")
+
+
 def validate(config: ml_collections.ConfigDict) -> None:
   """Fails before any work starts, naming the key and the allowed values."""
   # pylint: disable=g-import-not-at-top
@@ -175,8 +214,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
   from medbench_jax.trainer import optim
   from medbench_jax.trainer import sharding
   # pylint: enable=g-import-not-at-top
-  check(config.model.name in models.list_models(), "model.name", config.model.name,
-        models.list_models())
+  check_model_name(config.model.name, models.list_models())
+  check_task_of_model(config.model.name, config.dataset.name)
   check(config.model.dtype in ("float32", "bfloat16"), "model.dtype", config.model.dtype,
         ("float32", "bfloat16"))
   sources.validate_dataset_config(config.dataset)
@@ -192,6 +231,12 @@ def validate(config: ml_collections.ConfigDict) -> None:
     check(isinstance(value, int) and value > 0, key, value, "a positive integer")
   check(config.input.num_workers >= 0, "input.num_workers", config.input.num_workers, ">= 0")
   check(config.train.patience >= 0, "train.patience", config.train.patience, ">= 0")
+  check(config.train.log_every_steps >= 1, "train.log_every_steps",
+        config.train.log_every_steps, ">= 1")
+  for key in ("eval_every_steps", "max_steps"):
+    check(config.train[key] >= 0, f"train.{key}", config.train[key], ">= 0 (0: default)")
+  check(config.train.nonfinite in NONFINITE_POLICIES, "train.nonfinite",
+        config.train.nonfinite, NONFINITE_POLICIES)
   profile = config.train.profile_steps
   check(not profile or (len(parts := profile.split(":")) == 2 and all(
       p.isdigit() for p in parts) and int(parts[0]) < int(parts[1])),

@@ -132,7 +132,8 @@ def evaluate_run(workdir: str, config: ml_collections.ConfigDict) -> dict:
     logging.info("trial %d on %s: %s", k, config.dataset.name, task.describe(metrics, True))
     trials.append(results_lib.trial_record(
         seed=trial["seed"], best_step=trial["best_step"],
-        best_val_loss=trial["best_val_loss"], test_metrics=metrics, cost={}))
+        best_val_loss=trial["best_val_loss"],
+        skipped_updates=trial.get("skipped_updates", 0), test_metrics=metrics, cost={}))
   resolved = config_lib.to_dict(config)
   result = results_lib.assemble(
       task_fields=task.results_fields(), config=resolved, trials=trials,

@@ -30,6 +30,10 @@ _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "With --coordinator
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "With --coordinator_address.")
 _MULTIPROCESS = flags.DEFINE_bool(
     "multiprocess", False, "Call jax.distributed.initialize() with auto-detection.")
+_HEARTBEAT_TIMEOUT = flags.DEFINE_integer(
+    "heartbeat_timeout", runtime.HEARTBEAT_TIMEOUT_S,
+    "Multi-process runs: seconds without heartbeats after which a process counts as lost; "
+    "the others then stop instead of waiting in a collective.")
 _COMPILATION_CACHE = flags.DEFINE_string(
     "compilation_cache", paths.COMPILATION_CACHE_DIR,
     "JAX's persistent compilation cache folder; '' turns it off.")
@@ -40,7 +44,8 @@ def main(argv):
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   runtime.start(coordinator_address=_COORDINATOR.value, num_processes=_NUM_PROCESSES.value,
                 process_id=_PROCESS_ID.value, multiprocess=_MULTIPROCESS.value,
-                compilation_cache_dir=_COMPILATION_CACHE.value)
+                compilation_cache_dir=_COMPILATION_CACHE.value,
+                heartbeat_timeout_s=_HEARTBEAT_TIMEOUT.value)
   # pylint: disable=g-import-not-at-top
   from medbench_jax.data import prepare
   from medbench_jax.trainer import trials

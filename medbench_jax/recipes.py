@@ -158,7 +158,7 @@ def classification_demo(config: ml_collections.ConfigDict) -> None:
   """
   config.dataset.image_size = 112
   config.input.batch_size = 32
-  config.input.eval_batch_size = 100
+  config.input.eval_batch_size = 128  # a multiple of 1, 2, 4, 8, ... devices
   config.input.pp_train = "resize(112)|center_crop(96)|flip_lr"
   config.input.pp_eval = "resize(112)|center_crop(96)"
   config.input.pp_test = "resize(112)|ten_crop(96)"
@@ -231,7 +231,7 @@ def segmentation_demo(config: ml_collections.ConfigDict) -> None:
   """
   config.dataset.image_size = 64
   config.input.batch_size = 32
-  config.input.eval_batch_size = 100
+  config.input.eval_batch_size = 128  # a multiple of 1, 2, 4, 8, ... devices
   config.input.pp_train = "flip_lr"
   config.input.pp_eval = ""
   config.input.pp_test = ""

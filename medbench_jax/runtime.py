@@ -5,6 +5,15 @@ accelerators, quietens libraries' INFO chatter, and joins a multi-process run;
 `is_lead()` picks the process that writes shared files; `barrier(name)` waits for
 all processes on the coordination service (not a device collective, whose timeout
 is far shorter than, say, preparing a data set).
+
+A process of a multi-process run that loses another (killed, preempted, its host
+gone) does not wait in a collective forever: JAX's coordination service declares a
+process dead after `heartbeat_timeout_s` without heartbeats (HEARTBEAT_TIMEOUT_S by
+default) and then ends every other process ("Terminating process because the JAX
+distributed service detected fatal errors ... another task died"); losing process 0,
+which hosts the service, ends them at once. A process that fails with an error waits
+at most SHUTDOWN_TIMEOUT_S for the others at exit. Rerunning every process resumes
+from the last checkpoint.
 """
 
 from __future__ import annotations
@@ -17,6 +26,11 @@ from absl import logging
 
 # How long processes wait at a barrier for the others (data preparation is the longest).
 BARRIER_TIMEOUT_S = 24 * 3600
+# Seconds without heartbeats after which a process of a multi-process run counts as
+# dead (JAX's default: 100); main's --heartbeat_timeout.
+HEARTBEAT_TIMEOUT_S = 60
+# Seconds a process leaving a multi-process run waits for the others (JAX's: 300).
+SHUTDOWN_TIMEOUT_S = 60
 # Exit status of a run that was preempted after saving its state (EX_TEMPFAIL: run the
 # same command again to resume). The sweep runner reads it as "resumable".
 EXIT_PREEMPTED = 75
@@ -44,13 +58,15 @@ def keep_tensorflow_off_accelerators() -> None:
 
 def start(*, coordinator_address: str | None = None, num_processes: int | None = None,
           process_id: int | None = None, multiprocess: bool = False,
-          compilation_cache_dir: str = "") -> None:
+          compilation_cache_dir: str = "",
+          heartbeat_timeout_s: int = HEARTBEAT_TIMEOUT_S) -> None:
   """Prepares this process; joins a multi-process run when asked to.
 
   coordinator_address (+ num_processes, process_id): processes started by hand, e.g. over
   loopback; multiprocess: TPU pods and SLURM, where jax.distributed finds the rest itself.
   compilation_cache_dir: JAX's persistent compilation cache ("" = off), so a second run of
-  the same model and shapes skips most of the compilation.
+  the same model and shapes skips most of the compilation. heartbeat_timeout_s: how soon
+  the loss of another process ends this one (module docstring).
   """
   logging.get_absl_handler().addFilter(_QuietLibraries())
   keep_tensorflow_off_accelerators()
@@ -58,9 +74,16 @@ def start(*, coordinator_address: str | None = None, num_processes: int | None =
   if coordinator_address:
     # Collectives between CPU processes (simulated multi-host runs); GPUs/TPUs ignore it.
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
-    jax.distributed.initialize(coordinator_address, num_processes, process_id)
+    jax.distributed.initialize(coordinator_address, num_processes, process_id,
+                               heartbeat_timeout_seconds=heartbeat_timeout_s,
+                               shutdown_timeout_seconds=SHUTDOWN_TIMEOUT_S)
   elif multiprocess:
-    jax.distributed.initialize()
+    jax.distributed.initialize(heartbeat_timeout_seconds=heartbeat_timeout_s,
+                               shutdown_timeout_seconds=SHUTDOWN_TIMEOUT_S)
+  if jax.process_count() > 1:
+    logging.info("Process %d of %d: if another process is lost, this one stops within "
+                 "%d s; rerun every process to resume from the last checkpoint.",
+                 jax.process_index(), jax.process_count(), heartbeat_timeout_s)
 
 
 def use_compilation_cache(directory: str) -> None:

@@ -1,2 +1,2 @@
-"""Measurements that print figures, never pass/fail: train_speed (train step against the
-PyTorch reference)."""
+"""Measurements that print figures, never pass/fail: train_speed (train and eval steps
+against the PyTorch reference), soak (a long run watched for leaks)."""

@@ -25,6 +25,7 @@ import dataclasses
 import functools
 import math
 import os
+import signal
 import threading
 import time
 from typing import Any, Callable, Iterator, Sequence
@@ -37,7 +38,8 @@ from medbench_jax.data import transforms
 
 
 def exit_with_parent(trainer_pid: int, worker_index: int, worker_count: int) -> None:
-  """grain worker init (bound to the trainer's pid): end this worker once the trainer is gone.
+  """grain worker init (bound to the trainer's pid): end this worker once the trainer is
+  gone, and only then.
 
   grain's worker processes block on their output queue forever after a SIGKILLed trainer
   (a preempted job, `kill -9`), so each one watches for being re-parented. The pid is
@@ -45,6 +47,11 @@ def exit_with_parent(trainer_pid: int, worker_index: int, worker_count: int) -> 
   has already re-parented it.
   """
   del worker_index, worker_count
+  # Preemption signals reach the whole process group (SLURM's SIGTERM, a terminal's
+  # Ctrl-C): the trainer saves at its next step boundary, so its workers keep serving
+  # it until it is gone.
+  signal.signal(signal.SIGTERM, signal.SIG_IGN)
+  signal.signal(signal.SIGINT, signal.SIG_IGN)
 
   def watch() -> None:
     while os.getppid() == trainer_pid:

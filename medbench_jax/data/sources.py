@@ -138,8 +138,8 @@ def validate_dataset_config(dataset_config: ml_collections.ConfigDict) -> None:
   _check(0.0 <= d.blank_label <= 1.0, "dataset.blank_label", d.blank_label, "0 <= x <= 1")
   if d.name in prepare.PHANTOM_DATASETS and not d.manual_dir:
     for key in ("num_train", "num_val", "num_test"):
-      _check(_is_int(d.phantom[key]) and d.phantom[key] >= 0, f"dataset.phantom.{key}",
-             d.phantom[key], "an integer >= 0")
+      _check(_is_int(d.phantom[key]) and d.phantom[key] >= 1, f"dataset.phantom.{key}",
+             d.phantom[key], "an integer >= 1 (every split needs examples)")
     _check(_is_int(d.phantom.image_size) and d.phantom.image_size >= 32,
            "dataset.phantom.image_size", d.phantom.image_size, "an integer >= 32")
 
@@ -168,6 +168,7 @@ def open_splits(dataset_config: ml_collections.ConfigDict) -> Splits:
         f"--dataset={d.name} --manual_dir=DIR --data_dir={prepare.data_dir_for(d)} "
         f"--image_size={d.image_size}{' --keep_aspect' if d.keep_aspect else ''} (a "
         "training run prepares it on its lead process).")
+  builder.check_prepared_files()
   meta = builder.info.metadata
   class_names = tuple(meta["label_names"])
   info = DatasetInfo(

@@ -3,50 +3,175 @@
 `latest` holds the train state, the data iterator's position and the loop's progress
 (step, early-stopping and plateau counters), so a resumed trial continues exactly where
 it stopped. `best` holds the train state and the validation metrics it was chosen by.
-Both keep one checkpoint (orbax CheckpointManager, max_to_keep=1); orbax writes a
-checkpoint under a temporary name and renames it when complete, so a kill while saving
-leaves the previous one in place.
+Each keeps one finished checkpoint.
+
+What a reader can rely on, whatever happened to the process or the disk:
+- Orbax writes a checkpoint under a temporary name and renames it when complete, and
+  saves here are synchronous: a write that fails (a full or failing disk) raises
+  `CheckpointError` from `save_*` before anything else is touched. (Orbax's asynchronous
+  saves only log such a failure, and then delete the previous checkpoint.)
+- Every finished checkpoint gets a manifest, the sha256 of each of its files, written
+  last; only then are older checkpoints deleted. A checkpoint without a manifest was
+  cut short between orbax's rename and the manifest: restoring discards it and takes
+  the previous one, which is still there.
+- Restoring checks every file against the manifest (tensorstore would read a damaged
+  file without noticing): a truncated, missing or altered file is a `CheckpointError`
+  naming it and saying what to do, never a silent restart from step 0.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 from typing import Any
 
 import grain
 import orbax.checkpoint as ocp
+from absl import logging
 from etils import epath
+
+from medbench_jax import runtime
+
+# Written into each finished checkpoint's folder, after everything else.
+MANIFEST = "medbench_manifest.json"
+_CHUNK = 1 << 22
+
+
+class CheckpointError(RuntimeError):
+  """A checkpoint that could not be written, or that is damaged on disk (path named)."""
 
 
 def initial_progress(plateau_state: dict) -> dict[str, Any]:
-  """The loop's state before step 0: plain numbers, stored as JSON with the checkpoint."""
+  """The loop's state before step 0: plain numbers, stored as JSON with the checkpoint.
+
+  skipped_updates: steps whose non-finite update was skipped (train.nonfinite="skip").
+  """
   return {"step": 0, "best_val_loss": float("inf"), "best_step": -1, "bad_evals": 0,
-          "stopped_early": False, "plateau": plateau_state}
+          "stopped_early": False, "skipped_updates": 0, "plateau": plateau_state}
+
+
+def _sha256(path: epath.Path) -> str:
+  digest = hashlib.sha256()
+  with path.open("rb") as f:
+    while chunk := f.read(_CHUNK):
+      digest.update(chunk)
+  return digest.hexdigest()
+
+
+def _files(folder: epath.Path) -> dict[str, epath.Path]:
+  """Every file below `folder` but the manifest, by its "/"-joined relative path."""
+  found = {}
+  pending = [folder]
+  while pending:
+    for entry in pending.pop().iterdir():
+      if entry.is_dir():
+        pending.append(entry)
+      elif entry.name != MANIFEST or entry.parent != folder:
+        found[str(entry.relative_to(folder))] = entry
+  return found
+
+
+def write_manifest(folder: epath.Path) -> None:
+  """Records the sha256 of every file of a finished checkpoint (written atomically)."""
+  manifest = {"sha256": {name: _sha256(path) for name, path in sorted(_files(folder).items())}}
+  tmp = folder / (MANIFEST + ".tmp")
+  tmp.write_text(json.dumps(manifest, indent=1))
+  tmp.rename(folder / MANIFEST)
+
+
+def verify(folder: epath.Path, what_to_do: str) -> None:
+  """Raises CheckpointError naming the first file that differs from the manifest."""
+  try:
+    expected = json.loads((folder / MANIFEST).read_text())["sha256"]
+  except (ValueError, KeyError, TypeError) as e:
+    raise CheckpointError(f"Checkpoint {folder}: its manifest {MANIFEST} is damaged ({e}). "
+                          f"{what_to_do}") from None
+  present = _files(folder)
+  for name, digest in expected.items():
+    problem = None
+    if name not in present:
+      problem = "is missing"
+    elif _sha256(present[name]) != digest:
+      problem = "differs from what was saved (truncated or modified)"
+    if problem:
+      raise CheckpointError(f"Checkpoint {folder} is damaged: {folder / name} {problem}. "
+                            f"{what_to_do}")
 
 
 class Checkpoints:
   """The `latest` and `best` checkpoints below `directory` (WORKDIR/trial_K/ckpt)."""
 
   def __init__(self, directory: epath.Path):
-    options = ocp.CheckpointManagerOptions(max_to_keep=1, create=True)
+    self.trial_dir = directory.parent
+    options = ocp.CheckpointManagerOptions(create=True, enable_async_checkpointing=False,
+                                           cleanup_tmp_directories=True)
     self.latest = ocp.CheckpointManager(directory / "latest", options=options)
     self.best = ocp.CheckpointManager(directory / "best", options=options)
+
+  # ---------------------------------------------------------------- restore
+
+  def _newest(self, manager: ocp.CheckpointManager, what_to_do: str) -> int | None:
+    """The newest finished checkpoint, verified; the others are deleted (they are an
+    older one whose deletion was cut short, or a newer one that never got a manifest)."""
+    steps = sorted(manager.all_steps())
+    finished = [s for s in steps if (manager.directory / str(s) / MANIFEST).exists()]
+    if not finished:
+      chosen = None
+    else:
+      chosen = finished[-1]
+      verify(manager.directory / str(chosen), what_to_do)
+    for step in steps:
+      if step != chosen:
+        logging.warning("Deleting %s: %s", manager.directory / str(step),
+                        "an older checkpoint" if chosen is not None and step < chosen else
+                        "a checkpoint whose saving was cut short")
+        manager.delete(step)
+    return chosen
 
   def restore_latest(self, state: Any, data_iterator: Any) -> tuple[Any, dict] | None:
     """(state, progress) of the latest checkpoint, the iterator moved to its position;
     None when the trial has none yet."""
-    step = self.latest.latest_step()
+    step = self._newest(self.latest, self._delete_to_retrain())
     if step is None:
       return None
-    restored = self.latest.restore(step, args=ocp.args.Composite(
+    restored = self._restore(self.latest, step, ocp.args.Composite(
         state=ocp.args.StandardRestore(state),
         data=grain.checkpoint.CheckpointRestore(data_iterator),
         progress=ocp.args.JsonRestore()))
-    return restored["state"], restored["progress"]
+    progress = restored["progress"]
+    progress.setdefault("skipped_updates", 0)  # checkpoints of earlier versions
+    return restored["state"], progress
+
+  def restore_best(self, state: Any) -> Any:
+    """The train state with the lowest validation loss (`state` gives the structure)."""
+    step = self._newest(self.best, self._delete_to_retrain())
+    if step is None:
+      raise CheckpointError(f"No best checkpoint in {self.best.directory}: the trial never "
+                            "evaluated. " + self._delete_to_retrain())
+    return self._restore(self.best, step, ocp.args.Composite(
+        state=ocp.args.StandardRestore(state), progress=ocp.args.JsonRestore()))["state"]
+
+  def _restore(self, manager: ocp.CheckpointManager, step: int, args: Any) -> Any:
+    try:
+      return manager.restore(step, args=args)
+    except Exception as e:  # pylint: disable=broad-except
+      # The files are as saved (verified): what they hold does not fit this run.
+      raise CheckpointError(
+          f"Checkpoint {manager.directory / str(step)} does not fit this run "
+          f"({type(e).__name__}: {e}). Was the config changed since it was saved? Rerun with "
+          f"the config in {self.trial_dir.parent / 'config.json'}, or delete {self.trial_dir} "
+          "to train the trial again from step 0.") from e
+
+  def _delete_to_retrain(self) -> str:
+    return (f"Restore the folder from a backup, or delete {self.trial_dir} to train the "
+            "trial again from step 0.")
+
+  # ---------------------------------------------------------------- save
 
   def save_latest(self, step: int, state: Any, data_iterator: Any, progress: dict) -> None:
     if step in self.latest.all_steps():  # saved after this step's evaluation already
       return
-    self.latest.save(step, args=ocp.args.Composite(
+    self._save(self.latest, step, ocp.args.Composite(
         state=ocp.args.StandardSave(state),
         data=grain.checkpoint.CheckpointSave(data_iterator),
         progress=ocp.args.JsonSave(progress)))
@@ -54,18 +179,26 @@ class Checkpoints:
   def save_best(self, step: int, state: Any, val_metrics: dict[str, float]) -> None:
     # Re-saving after a resume replays a step that is already on disk.
     if step not in self.best.all_steps():
-      self.best.save(step, args=ocp.args.Composite(
+      self._save(self.best, step, ocp.args.Composite(
           state=ocp.args.StandardSave(state),
           progress=ocp.args.JsonSave({"step": step, "val": val_metrics})))
 
-  def restore_best(self, state: Any) -> Any:
-    """The train state with the lowest validation loss (`state` gives the structure)."""
-    step = self.best.latest_step()
-    if step is None:
-      raise FileNotFoundError(f"No best checkpoint in {self.best.directory}: the trial never "
-                              "evaluated. Delete the trial folder to train it again.")
-    return self.best.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(state), progress=ocp.args.JsonRestore()))["state"]
+  def _save(self, manager: ocp.CheckpointManager, step: int, args: Any) -> None:
+    """Saves, writes the manifest, then deletes the older checkpoints (every process)."""
+    folder = manager.directory / str(step)
+    previous = [s for s in manager.all_steps() if s != step]
+    try:
+      manager.save(step, args=args)
+      if runtime.is_lead():
+        write_manifest(folder)
+    except Exception as e:  # pylint: disable=broad-except
+      kept = (f"The previous checkpoint ({manager.directory / str(max(previous))}) is intact: "
+              "free space or fix the storage, then rerun the same command to resume from it."
+              if previous else "Free space or fix the storage, then rerun the same command.")
+      raise CheckpointError(f"Could not save the checkpoint of step {step} to {folder}: "
+                            f"{type(e).__name__}: {e}. {kept}") from e
+    for old in previous:
+      manager.delete(old)
 
   def wait_until_finished(self) -> None:
     self.latest.wait_until_finished()

@@ -6,6 +6,11 @@ Early stopping follows the reference study: after every evaluation, a strictly l
 validation loss is the new best (saved to `best`); the trial stops once `patience`
 evaluations in a row did not improve. The `latest` checkpoint is written after every
 evaluation, with the data iterator's position, so a resumed trial replays nothing.
+
+Every step's loss and gradient norm are checked before the next evaluation or save
+(so a non-finite update never reaches a checkpoint): train.nonfinite="stop" ends the
+trial with NonFiniteError naming the first such step, its learning rate and its
+batch's statistics; "skip" (the step left the state as it was) logs and counts it.
 """
 
 from __future__ import annotations
@@ -51,6 +56,47 @@ class Speed:
 def format_eta(seconds: float) -> str:
   seconds = int(max(seconds, 0))
   return f"{seconds // 3600:d}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
+
+
+# Per-step metrics written to TensorBoard (the step also returns its batch's statistics).
+LOGGED_METRICS = ("loss", "grad_norm", "lr")
+
+
+class NonFiniteError(FloatingPointError):
+  """A training step whose loss or gradients are not finite (train.nonfinite="stop")."""
+
+
+def describe_batch(stats: dict[str, float]) -> str:
+  """'image min .. max .., mean ..; labels ...' from state.batch_statistics."""
+  keys = dict.fromkeys(k.rsplit("_", 1)[0] for k in stats)
+  return "; ".join(
+      f"{key} min {stats[key + '_min']:.4g} max {stats[key + '_max']:.4g} mean "
+      f"{stats[key + '_mean']:.4g}, {int(stats[key + '_nonfinite'])} non-finite value(s)"
+      for key in keys)
+
+
+def check_finite(fetched: list[dict], first_step: int, policy: str, progress: dict,
+                 ckpt: checkpoints_lib.Checkpoints, label: str) -> None:
+  """Stops at the first non-finite step of `fetched` (steps first_step, ...), or counts
+  and logs the updates the step skipped (policy "skip")."""
+  for i, m in enumerate(fetched):
+    if np.isfinite(m["loss"]) and np.isfinite(m["grad_norm"]):
+      continue
+    what = (f"loss {float(m['loss'])}, gradient norm {float(m['grad_norm'])} at step "
+            f"{first_step + i} (learning rate {float(m['lr']):.3g}); its batch: "
+            f"{describe_batch(m['batch'])}")
+    if policy == "skip":
+      progress["skipped_updates"] += int(m["skipped"])
+      logging.warning("[%s] non-finite update skipped (train.nonfinite=skip): %s", label,
+                      what)
+      continue
+    saved = ckpt.latest.latest_step()
+    raise NonFiniteError(
+        f"[{label}] non-finite {what}. Stopped; "
+        + (f"the latest checkpoint (step {saved}, {ckpt.latest.directory / str(saved)}) "
+           "holds the state before it" if saved is not None else "no checkpoint was saved")
+        + ". Check the data for bad values (labels, masks), lower optim.lr or set "
+        "optim.grad_clip_norm; train.nonfinite=skip skips such updates instead.")
 
 
 def fit(*, config: ml_collections.ConfigDict, task: tasks_base.Task,
@@ -104,17 +150,18 @@ def fit(*, config: ml_collections.ConfigDict, task: tasks_base.Task,
       window_start, wait_time, window_steps = time.perf_counter(), 0.0, 0
 
     preempted = runtime.preemption_requested(step)
-    if window_steps and (preempted or step % schedule.log_every == 0 or
-                         step % schedule.eval_every == 0):
+    evaluating = step % schedule.eval_every == 0 or step == schedule.total_steps
+    # Every evaluation and save comes after a check of the steps since the last one, so
+    # a non-finite update never reaches a checkpoint.
+    if window_steps and (preempted or evaluating or step % schedule.log_every == 0):
       fetched = jax.device_get(pending_metrics)
       pending_metrics = []
-      if not np.isfinite(fetched[-1]["loss"]):
-        raise FloatingPointError(f"Training loss is {fetched[-1]['loss']} at step {step}; "
-                                 "lower optim.lr or check the inputs.")
+      first = step - len(fetched) + 1
+      check_finite(fetched, first, config.train.nonfinite, progress, ckpt, label)
       elapsed = time.perf_counter() - window_start
       for i, m in enumerate(fetched):
-        writer.write_scalars(step - len(fetched) + i + 1, {f"train/{k}": float(v)
-                                                           for k, v in m.items()})
+        writer.write_scalars(first + i, {f"train/{k}": float(v) for k, v in m.items()
+                                         if k in LOGGED_METRICS})
       rate = window_steps * schedule.batch_size / elapsed
       speed.images += window_steps * schedule.batch_size
       speed.seconds += elapsed
@@ -128,7 +175,7 @@ def fit(*, config: ml_collections.ConfigDict, task: tasks_base.Task,
                    format_eta((schedule.total_steps - step) * elapsed / window_steps))
       window_start, wait_time, window_steps = time.perf_counter(), 0.0, 0
 
-    if step % schedule.eval_every == 0 or step == schedule.total_steps:
+    if evaluating:
       val = validate(state, step)
       writer.write_scalars(step, {f"val/{k}": v for k, v in val.items()})
       improved = val["loss"] < progress["best_val_loss"]

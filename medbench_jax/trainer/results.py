@@ -47,9 +47,11 @@ def summarize(values: Sequence[float | None]) -> dict[str, float | int]:
           "n": n}
 
 
-def trial_record(*, seed: int, best_step: int, best_val_loss: float,
+def trial_record(*, seed: int, best_step: int, best_val_loss: float, skipped_updates: int,
                  test_metrics: dict[str, float], cost: dict[str, Any]) -> dict:
+  """skipped_updates: non-finite steps skipped under train.nonfinite="skip"."""
   return {"seed": seed, "best_step": best_step, "best_val_loss": best_val_loss,
+          "skipped_updates": skipped_updates,
           "test": {k: json_number(v) for k, v in test_metrics.items()},
           "cost": {k: json_number(v) for k, v in cost.items()}}
 

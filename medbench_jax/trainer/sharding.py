@@ -28,10 +28,13 @@ TACTICS = ("largest", "replicate")
 
 
 def validate(config: ml_collections.ConfigDict) -> None:
-  """config.mesh, against the devices of this run."""
+  """config.mesh and the batch sizes, against the devices of this run."""
   fsdp = config.mesh.fsdp
   config_lib.check(isinstance(fsdp, int) and fsdp >= 1 and jax.device_count() % fsdp == 0,
                    "mesh.fsdp", fsdp, f"a divisor of the {jax.device_count()} devices")
+  # Batches are split over every device (data x fsdp).
+  check_batch_size(config.input.batch_size, "input.batch_size")
+  check_batch_size(config.input.eval_batch_size, "input.eval_batch_size")
   for pattern, tactic in config.mesh.fsdp_rules:
     config_lib.check(tactic in TACTICS, "mesh.fsdp_rules", (pattern, tactic),
                      f"(regex, tactic) pairs with tactic in {TACTICS}")
@@ -93,10 +96,9 @@ def state_shardings(state: Any, mesh: Mesh, config: ml_collections.ConfigDict) -
 
 
 def check_batch_size(global_batch_size: int, name: str) -> None:
-  if global_batch_size % jax.device_count():
-    raise ValueError(
-        f"config.{name}={global_batch_size} must be divisible by the number of devices "
-        f"({jax.device_count()}).")
+  """A global batch splits evenly over all devices (of all processes)."""
+  config_lib.check(global_batch_size % jax.device_count() == 0, name, global_batch_size,
+                   f"a multiple of the number of devices ({jax.device_count()})")
 
 
 def to_global(local_batch: dict[str, np.ndarray], sharding: NamedSharding) -> dict[str, Any]:

@@ -58,14 +58,30 @@ def model_variables(state: TrainState) -> dict:
                                      if state.batch_stats else {})}
 
 
+def batch_statistics(images: jnp.ndarray, batch: dict) -> dict[str, jnp.ndarray]:
+  """min, max, mean and the count of non-finite values of the normalised images and of
+  every other array of a batch: what a non-finite step reports about its input."""
+  arrays = {"image": images, **{k: v for k, v in batch.items() if k != "image"}}
+  stats = {}
+  for key, value in arrays.items():
+    value = value.astype(jnp.float32)
+    stats.update({f"{key}_min": value.min(), f"{key}_max": value.max(),
+                  f"{key}_mean": value.mean(),
+                  f"{key}_nonfinite": jnp.sum(~jnp.isfinite(value))})
+  return stats
+
+
 def train_step(state: TrainState, batch: dict, *, loss_fn: Callable, normalize: Callable,
-               dropout_rng: jax.Array, augment: Callable | None = None
-               ) -> tuple[TrainState, dict]:
+               dropout_rng: jax.Array, augment: Callable | None = None,
+               skip_nonfinite: bool = False) -> tuple[TrainState, dict]:
   """One update on the global batch; BatchNorm statistics span all devices.
 
   `loss_fn(outputs, batch)` is the task's loss of the train-mode model outputs;
   `augment(batch, step)`, where given, augments the stored images first
   (input.augment_on_device).
+  skip_nonfinite: a step whose loss or gradients are not finite leaves parameters,
+  optimizer state and BatchNorm statistics as they were (the step counter advances);
+  metrics["skipped"] is 1 for it. Metrics["batch"] holds `batch_statistics`.
   """
   if augment is not None:
     batch = augment(batch, state.step)
@@ -81,12 +97,19 @@ def train_step(state: TrainState, batch: dict, *, loss_fn: Callable, normalize: 
     return loss_fn(outputs, batch), updates
 
   (loss, updates), grads = jax.value_and_grad(objective, has_aux=True)(state.params)
-  state = state.apply_gradients(grads=grads)
+  grad_norm = optax.global_norm(grads)
+  new_state = state.apply_gradients(grads=grads)
   if state.batch_stats:
-    state = state.replace(batch_stats=updates["batch_stats"])
-  metrics = {"loss": loss, "grad_norm": optax.global_norm(grads),
-             "lr": optim.find_hyperparams(state.opt_state)["learning_rate"]}
-  return state, metrics
+    new_state = new_state.replace(batch_stats=updates["batch_stats"])
+  finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+  if skip_nonfinite:
+    new_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old), new_state,
+                             state).replace(step=new_state.step)
+  metrics = {"loss": loss, "grad_norm": grad_norm,
+             "lr": optim.find_hyperparams(new_state.opt_state)["learning_rate"],
+             "skipped": (~finite & skip_nonfinite).astype(jnp.int32),
+             "batch": batch_statistics(images, batch)}
+  return new_state, metrics
 
 
 def set_learning_rate(state: TrainState, lr: float) -> TrainState:

@@ -44,6 +44,25 @@ def input_size(config: ml_collections.ConfigDict, task: tasks.Task, channels: in
       "image"].shape[0]
 
 
+def check_splits(config: ml_collections.ConfigDict, splits: sources.Splits) -> None:
+  """Fails before any model is built when the configured subset of the data set cannot
+  train: an empty split, or fewer training examples than one batch."""
+  d = config.dataset
+  cause = (f"config.dataset.label_fraction={d.label_fraction}"
+           + (", config.dataset.frontal_only=True" if d.frontal_only else ""))
+  for name in ("train", "validation", "test"):
+    if not len(getattr(splits, name)):
+      raise ValueError(f"{cause} leaves no examples in the {name} split of {d.name}.")
+  batch_size = config.input.batch_size
+  if len(splits.train) < batch_size:
+    total = splits.subset["num_examples"]
+    raise ValueError(
+        f"{cause} leaves {len(splits.train)} of the {total} training examples of {d.name}, "
+        f"fewer than one batch (config.input.batch_size={batch_size}): raise "
+        f"config.dataset.label_fraction to at least {batch_size / total:.4g} or lower "
+        "config.input.batch_size.")
+
+
 def run_trial(config: ml_collections.ConfigDict, workdir: epath.Path, trial: int,
               splits: sources.Splits, task: tasks.Task, mesh: jax.sharding.Mesh) -> dict:
   seed = config.seed + trial
@@ -59,8 +78,6 @@ def run_trial(config: ml_collections.ConfigDict, workdir: epath.Path, trial: int
 
   # ---------------------------------------------------------------- input
   batch_size = config.input.batch_size
-  sharding.check_batch_size(batch_size, "input.batch_size")
-  sharding.check_batch_size(config.input.eval_batch_size, "input.eval_batch_size")
   process = dict(process_index=jax.process_index(), process_count=jax.process_count())
   # On-device augmentation: the host ships the stored images, the train step augments.
   on_device = config.input.augment_on_device
@@ -72,9 +89,6 @@ def run_trial(config: ml_collections.ConfigDict, workdir: epath.Path, trial: int
       pipeline.eval_dataset, keys=task.keys, num_threads=config.input.num_workers,
       local_batch_size=config.input.eval_batch_size // jax.process_count(), **process)
   steps_per_epoch = len(splits.train) // batch_size
-  if steps_per_epoch == 0:
-    raise ValueError(f"config.input.batch_size={batch_size} exceeds the {len(splits.train)} "
-                     "training examples.")
   total_steps = config.train.num_epochs * steps_per_epoch
   if config.train.max_steps:
     total_steps = min(total_steps, config.train.max_steps)
@@ -107,7 +121,8 @@ def run_trial(config: ml_collections.ConfigDict, workdir: epath.Path, trial: int
   augment = device_transforms.Augment(task.pp_train(), seed) if on_device else None
   step_fn = jax.jit(
       functools.partial(state_lib.train_step, loss_fn=task.loss, normalize=normalize,
-                        dropout_rng=jax.random.key(seed + 10_000), augment=augment),
+                        dropout_rng=jax.random.key(seed + 10_000), augment=augment,
+                        skip_nonfinite=config.train.nonfinite == "skip"),
       in_shardings=(state_sharding, data_sharding), out_shardings=(state_sharding, replicated),
       donate_argnums=(0,))
   # The variables keep the state's shardings; batches come sharded over the mesh.
@@ -164,9 +179,9 @@ def run_trial(config: ml_collections.ConfigDict, workdir: epath.Path, trial: int
                task.pp_eval(test=True), task.describe(test, per_class=True))
   record = results_lib.trial_record(
       seed=seed, best_step=progress["best_step"], best_val_loss=progress["best_val_loss"],
-      test_metrics=test, cost={"wall_s": round(time.perf_counter() - start, 1),
-                               "first_step_s": speed.first_step_s,
-                               "train_images_per_s": speed.images_per_s()})
+      skipped_updates=progress["skipped_updates"], test_metrics=test,
+      cost={"wall_s": round(time.perf_counter() - start, 1),
+            "first_step_s": speed.first_step_s, "train_images_per_s": speed.images_per_s()})
   if runtime.is_lead():
     # Written before result.json, which marks the trial finished.
     with open(trial_dir / "test_predictions.npz", "wb") as f:
@@ -195,6 +210,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                jax.devices()[0].platform, jax.process_count())
 
   splits = sources.open_splits(config.dataset)
+  check_splits(config, splits)
   task = tasks.for_dataset(config, splits.info)
   mesh = sharding.make_mesh(config.mesh.fsdp)
   trials = [run_trial(config, workdir, trial, splits, task, mesh)

@@ -38,7 +38,6 @@ from typing import Any, Callable, Mapping
 import jax
 import jax.numpy as jnp
 import numpy as np
-import safetensors.numpy
 from absl import logging
 from flax import traverse_util
 
@@ -46,6 +45,7 @@ from medbench_jax import models
 from medbench_jax.weights.torch_pickle import UnsafeCheckpointError  # noqa: F401  (re-export)
 from medbench_jax.weights import formats
 from medbench_jax.weights import haiku_pickle
+from medbench_jax.weights import safetensors_file
 from medbench_jax.weights import sources
 from medbench_jax.weights import torch_pickle
 
@@ -61,7 +61,7 @@ def read_checkpoint(path: str) -> Any:
   if not os.path.isfile(path):
     raise FileNotFoundError(f"Checkpoint {path} does not exist")
   if ext == ".safetensors":
-    return safetensors.numpy.load_file(path)
+    return safetensors_file.load(path)
   if ext == ".npz":
     with np.load(path, allow_pickle=False) as npz:
       return dict(npz)

@@ -20,6 +20,8 @@ import safetensors.numpy
 from absl import logging
 from flax import traverse_util
 
+from medbench_jax.weights import safetensors_file
+
 TIMM_PREFIX = "timm:"
 RUN_PREFIX = "run:"
 # A directory written by medbench_jax.convert: the flattened Flax variables, and what they are.
@@ -125,7 +127,7 @@ def read_converted(path: str) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
   """(flat variables, info: model, num_classes, source, format) of a convert output."""
   with open(os.path.join(path, CONVERTED_INFO)) as f:
     info = json.load(f)
-  return safetensors.numpy.load_file(os.path.join(path, CONVERTED_VARIABLES)), info
+  return safetensors_file.load(os.path.join(path, CONVERTED_VARIABLES)), info
 
 
 def write_converted(path: str, variables: dict[str, Any], info: dict[str, Any]) -> None:

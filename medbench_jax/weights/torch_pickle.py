@@ -28,7 +28,9 @@ from __future__ import annotations
 
 import codecs
 import collections
+import os
 import pickle
+import re
 import sys
 import zipfile
 from typing import Any
@@ -65,6 +67,8 @@ _STORAGE_CLASSES = {
     "ShortStorage": "int16", "CharStorage": "int8", "ByteStorage": "uint8",
     "BoolStorage": "bool",
 }
+# Storage keys torch writes: "0", "1", ... (a file name inside <root>/data/).
+_STORAGE_KEY = re.compile(r"\w+")
 # Low-precision floats numpy cannot compute with become float32, exactly.
 _WIDEN = {np.dtype(ml_dtypes.bfloat16), np.dtype(ml_dtypes.float8_e4m3fn),
           np.dtype(ml_dtypes.float8_e5m2)}
@@ -185,13 +189,30 @@ class _RestrictedUnpickler(pickle.Unpickler):
     if legacy and pid[5] is not None:
       raise pickle.UnpicklingError(f"{self._path}: storage views ({pid[5]!r}) of torch < 0.4 "
                                    "files are not supported; re-save with a recent torch.")
+    if not (isinstance(key, str) and _STORAGE_KEY.fullmatch(key) and isinstance(numel, int)
+            and numel >= 0):
+      raise pickle.UnpicklingError(f"{self._path}: malformed storage reference {pid!r}")
     if key not in self._storages:
       if legacy:
         self._storages[key] = _PendingStorage(key, storage_type.dtype, numel)
       else:
-        buffer = self._archive.read(f"{self._root}/data/{key}")
-        self._storages[key] = np.frombuffer(buffer, dtype=storage_type.dtype, count=numel)
+        self._storages[key] = self._read_storage(key, storage_type.dtype, numel)
     return self._storages[key]
+
+  def _read_storage(self, key: str, dtype: np.dtype, numel: int) -> np.ndarray:
+    """The storage's bytes, exactly as many as the pickle claims (no more is inflated)."""
+    name = f"{self._root}/data/{key}"
+    nbytes = numel * dtype.itemsize
+    try:
+      with self._archive.open(name) as f:
+        buffer = f.read(nbytes)
+    except KeyError:
+      raise pickle.UnpicklingError(f"{self._path}: storage {key!r} is missing from the "
+                                   "archive") from None
+    if len(buffer) != nbytes:
+      raise pickle.UnpicklingError(f"{self._path}: storage {key!r} holds {len(buffer)} bytes, "
+                                   f"its tensors claim {numel} x {dtype} ({nbytes} bytes)")
+    return np.frombuffer(buffer, dtype=dtype)
 
   def _rebuild_tensor_v2(self, storage, offset, size, stride, requires_grad=False, hooks=None,
                          metadata=None) -> np.ndarray:
@@ -233,6 +254,12 @@ class _NoGlobals(pickle.Unpickler):
     raise UnsafeCheckpointError(f"Refusing the global {module}.{name} in a checkpoint header")
 
 
+def _unsafe_member(name: str) -> bool:
+  """An archive member that would land outside a folder it were extracted to."""
+  parts = name.replace("\\", "/").split("/")
+  return name.startswith(("/", "\\")) or ".." in parts or ":" in parts[0]
+
+
 _LEGACY_MAGIC = 0x1950A86A20F9469CFC6C
 _LEGACY_PROTOCOL = 1001
 
@@ -255,9 +282,11 @@ def _load_legacy(f, path: str) -> Any:
     if pending is None:
       raise pickle.UnpicklingError(f"{path}: storage {key!r} is not referenced by any tensor")
     numel = int.from_bytes(f.read(8), "little")
-    buffer = f.read(numel * pending.dtype.itemsize)
-    if numel != pending.numel or len(buffer) != numel * pending.dtype.itemsize:
+    nbytes = numel * pending.dtype.itemsize
+    # Checked before reading: a crafted count must not make read() allocate it.
+    if numel != pending.numel or nbytes > os.fstat(f.fileno()).st_size - f.tell():
       raise pickle.UnpicklingError(f"{path}: storage {key!r} is truncated or inconsistent")
+    buffer = f.read(nbytes)
     data[key] = np.frombuffer(buffer, dtype=pending.dtype)
 
   def resolve(o: Any) -> Any:
@@ -295,6 +324,13 @@ def load(path: str) -> Any:
                          "TorchScript or other formats re-save the state_dict with a recent "
                          "torch or convert to .safetensors.") from e
   with zipfile.ZipFile(path) as archive:
+    unsafe = [name for name in archive.namelist() if _unsafe_member(name)]
+    if unsafe:
+      # Nothing here extracts archives, but such a member has no place in what torch.save
+      # writes: the file was crafted.
+      raise UnsafeCheckpointError(
+          f"Refusing to load {path}: archive member(s) {unsafe[:5]} are absolute or climb "
+          "out of the archive with '..' (path traversal); torch.save never writes those.")
     pickles = [n for n in archive.namelist() if n.endswith("/data.pkl") and n.count("/") == 1]
     if len(pickles) != 1:
       raise ValueError(f"{path}: expected one <root>/data.pkl in the archive, found {pickles}")

@@ -40,11 +40,13 @@ import hashlib
 import os
 import pathlib
 import shutil
+import zipfile
 from typing import Any, Iterator, Mapping, Sequence
 
 import numpy as np
 import tensorflow_datasets as tfds
 from absl import logging
+from array_record.python import array_record_module
 
 from medbench_jax.data import splits as splits_lib
 from medbench_jax.data.prepare import staging
@@ -172,8 +174,39 @@ class PreparedBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
 
   def label_table(self, split: str) -> dict[str, np.ndarray]:
     """Raw labels (N, K), patient ids (N,) and frontal flags (N,) of a prepared split."""
-    with np.load(pathlib.Path(self.data_dir) / LABEL_TABLE) as table:
-      return {key: table[f"{split}/{key}"] for key in ("labels", "patient", "frontal")}
+    path = pathlib.Path(self.data_dir) / LABEL_TABLE
+    try:
+      with np.load(path, allow_pickle=False) as table:
+        return {key: table[f"{split}/{key}"] for key in ("labels", "patient", "frontal")}
+    except (OSError, ValueError, KeyError, zipfile.BadZipFile) as e:
+      raise DataFormatError(f"Prepared file {path} is damaged ({type(e).__name__}: {e}). "
+                            f"{self._prepare_again()}") from None
+
+  def check_prepared_files(self) -> None:
+    """Every ArrayRecord shard opens and holds as many examples as the preparation
+    wrote, so a shard cut short (a full disk, a partial copy) fails here, naming
+    itself, instead of in a reader deep inside training."""
+    for split, info in self.info.splits.items():
+      for path, expected in zip(info.filepaths, info.shard_lengths):
+        try:
+          reader = array_record_module.ArrayRecordReader(os.fspath(path),
+                                                         "readahead_buffer_size:0")
+          try:
+            found = reader.num_records()
+          finally:
+            reader.close()
+        except (OSError, RuntimeError, ValueError) as e:
+          problem = f"{type(e).__name__}: {e}"
+        else:
+          if found == expected:
+            continue
+          problem = f"{found} examples where {expected} were written"
+        raise DataFormatError(f"Prepared {split} shard {path} is damaged ({problem}): cut "
+                              f"short or modified after preparation. {self._prepare_again()}")
+
+  def _prepare_again(self) -> str:
+    return (f"Delete {self.data_dir} and prepare the data set again (python -m "
+            "medbench_jax.prepare, or the training command, which prepares it first).")
 
   # ---------------------------------------------------------------- TFDS
 

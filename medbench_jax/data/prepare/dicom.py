@@ -14,6 +14,7 @@ to describe the same inversion, so applying both would undo it.
 
 from __future__ import annotations
 
+import math
 import os
 
 import cv2
@@ -23,6 +24,7 @@ from pydicom.errors import InvalidDicomError
 from pydicom.pixels import apply_modality_lut, apply_voi, apply_windowing
 
 from medbench_jax.data.prepare.errors import DataFormatError
+from medbench_jax.data.prepare.images import MAX_IMAGE_PIXELS
 
 # auto: the VOI LUT table if present, else the window, else the image's own range.
 # window: the window even where a VOI LUT table is present. minmax: ignore the VOI.
@@ -54,6 +56,16 @@ def decode_pixels(ds: pydicom.Dataset, path: str | os.PathLike) -> np.ndarray:
   """Stored pixel values; a file that cannot be decoded says why and what to install."""
   if "PixelData" not in ds:
     raise DicomError(f"{path}: the DICOM file has no pixel data")
+  try:
+    shape = [int(ds.get(key) or 1) for key in ("Rows", "Columns", "NumberOfFrames",
+                                               "SamplesPerPixel")]
+  except (TypeError, ValueError) as e:
+    raise DicomError(f"{path}: malformed image dimensions ({e})") from None
+  if math.prod(shape) > MAX_IMAGE_PIXELS:
+    # Decoders allocate what the header declares before they look at the data.
+    raise DicomError(f"{path}: declares {' x '.join(map(str, shape))} (rows, columns, "
+                     f"frames, samples) pixels, more than the {MAX_IMAGE_PIXELS:,} an image "
+                     "may have; refused without decoding it")
   syntax = ds.file_meta.get("TransferSyntaxUID")
   try:
     return ds.pixel_array

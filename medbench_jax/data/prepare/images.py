@@ -3,14 +3,22 @@
 from __future__ import annotations
 
 import glob
+import io
 import os
 import pathlib
+import warnings
 from typing import Sequence
 
 import cv2
 import numpy as np
+from PIL import Image
 
 from medbench_jax.data.prepare.errors import DataFormatError
+
+# The most pixels an image file may declare: 10,000 x 10,000, five times a large
+# mammogram. PNG and JPEG shrink a blank image a thousandfold, so a file of a few hundred
+# kilobytes can declare gigabytes; such a file is refused before anything is decoded.
+MAX_IMAGE_PIXELS = 100_000_000
 
 
 def _check_complete(data: bytes) -> str | None:
@@ -21,6 +29,24 @@ def _check_complete(data: bytes) -> str | None:
     return None if b"\xff\xd9" in data.rstrip(b"\x00")[-2:] else (
         "truncated JPEG (no end-of-image marker)")
   return None
+
+
+def check_declared_size(data: bytes, path: str | os.PathLike) -> None:
+  """Refuses an encoded image whose header declares more than MAX_IMAGE_PIXELS."""
+  try:
+    with warnings.catch_warnings():
+      warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+      with Image.open(io.BytesIO(data)) as image:  # reads the header only
+        width, height = image.size
+  except Image.DecompressionBombError as e:  # PIL's own, higher limit
+    raise DataFormatError(f"image file {path} is too large to decode ({e}); refused") from None
+  except Exception:  # pylint: disable=broad-except
+    return  # a format PIL does not read: OpenCV judges it (and caps it at 2^30 pixels)
+  if width * height > MAX_IMAGE_PIXELS:
+    raise DataFormatError(
+        f"image file {path} declares {width} x {height} pixels, more than the "
+        f"{MAX_IMAGE_PIXELS:,} an image may have (a decompression bomb, or not a "
+        "radiograph); refused without decoding it")
 
 
 def read_image(path: str | os.PathLike) -> np.ndarray:
@@ -36,6 +62,7 @@ def read_image(path: str | os.PathLike) -> np.ndarray:
   truncated = _check_complete(data)
   if truncated:
     raise DataFormatError(f"{truncated}: {path}")
+  check_declared_size(data, path)
   image = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
   if image is None:
     raise DataFormatError(f"cannot decode image {path}")
