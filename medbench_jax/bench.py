@@ -1,10 +1,12 @@
 r"""Benchmarks that print figures (JSON lines, and a table on stderr), never pass/fail.
 
   python -m medbench_jax.bench input --config=configs/swin.py [--steps=N]
-  python -m medbench_jax.bench train --model=resnet50 --batch=16 --image_size=224 \
-      [--dtype=bfloat16] [--steps=N] [--compare_torch [--torch_compile]] \
+  python -m medbench_jax.bench train --config=configs/swin.py[:ARGS] [--real_input] \
+      [--peak_tflops=T] [--steps=N] [--compare_torch [--torch_compile]] \
       [--compilation_cache=DIR]
-  python -m medbench_jax.bench eval --model=resnet50 --batch=16 [--ten_crop] [...]
+  python -m medbench_jax.bench train --model=resnet50 --batch=16 --image_size=224 \
+      [--dtype=bfloat16] [...]
+  python -m medbench_jax.bench eval --config=FILE [--ten_crop] [...]
   python -m medbench_jax.bench soak --config=configs/swin.py --workdir=DIR \
       [--steps=5000] [--eval_every=50] [--sample_every=5] [--warmup_steps=N]
 
@@ -19,10 +21,23 @@ arrays). Ours ships uint8 one-channel crops (normalisation and the
 RGB broadcast run on the accelerator); the reference ships float32 RGB tensors:
 each is measured as the training loop consumes it.
 
-`train`: our model's jitted fine-tuning step on random data (train mode, BCE on 14
-labels, Adam): the first step (tracing + compilation + run), the median step time over
---steps, images/s and peak memory. `eval`: the same for the evaluation step (inference
-forward and sigmoid; with --ten_crop ten crops per image, probabilities averaged).
+`train`: our model's jitted fine-tuning step on random data (train mode, BCE, Adam):
+the first step (tracing + compilation + run), the median step time over --steps,
+images/s, the step's FLOPs by XLA's cost analysis (flops_per_step) and, given the
+device's --peak_tflops, the model FLOPs utilisation (mfu = flops_per_step / step_s /
+peak), peak host memory and, where the device reports it (GPU, TPU), peak device memory.
+`eval`: the same for the evaluation step (inference forward and sigmoid; with
+--ten_crop ten crops per image, probabilities averaged).
+With --config the model, batch size (eval: the eval batch size), input size (what the
+config's eval preprocessing makes, as the trainer sizes the model), dtype, head size and
+model keyword arguments are the config's; --model, --batch, --image_size and --dtype
+given on the command line override them (another model than the config's is built
+with its defaults). Without --config: ChestX-ray14's 14 labels and the flags' values.
+--real_input (train, with --config) feeds the step from the config's training
+pipeline over its prepared data set (prepared on first use), timed as the trainer
+times it: steps dispatched without waiting for the previous one, step_s the mean, and
+input_wait the fraction of the wall time spent waiting for the next batch (null on
+random data).
 --compare_torch measures timm's model of the same name in a fresh process (eager, and
 with --torch_compile also through torch.compile). --compilation_cache=DIR uses JAX's
 persistent compilation cache there: run twice to see the first step of a cached run.
@@ -57,6 +72,7 @@ from absl import logging
 from ml_collections import config_flags
 
 from medbench_jax import runtime
+from medbench_jax.benchmarks import train_speed
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", "configs/swin.py", "Config file, optionally with an arg: FILE:ARG.")
@@ -73,11 +89,21 @@ _SAMPLE_EVERY = flags.DEFINE_float("sample_every", 5.0, "soak: seconds between s
 _WARMUP_STEPS = flags.DEFINE_integer(
     "warmup_steps", None, "soak: steps before the first figures (default: a tenth of --steps).")
 
-_MODEL = flags.DEFINE_string("model", "resnet50", "train/eval: model name (timm's).")
-_BATCH = flags.DEFINE_integer("batch", 16, "train/eval: images per step.")
-_IMAGE_SIZE = flags.DEFINE_integer("image_size", 224, "train/eval: square input size.")
-_DTYPE = flags.DEFINE_enum("dtype", "float32", ("float32", "bfloat16"),
-                           "train/eval: compute dtype (parameters stay float32).")
+_MODEL = flags.DEFINE_string(
+    "model", "resnet50", "train/eval: model name (timm's); overrides the --config's.")
+_BATCH = flags.DEFINE_integer("batch", 16,
+                              "train/eval: images per step; overrides the --config's.")
+_IMAGE_SIZE = flags.DEFINE_integer(
+    "image_size", 224, "train/eval: square input size; overrides the --config's.")
+_DTYPE = flags.DEFINE_enum(
+    "dtype", "float32", ("float32", "bfloat16"),
+    "train/eval: compute dtype (parameters stay float32); overrides the --config's.")
+_REAL_INPUT = flags.DEFINE_bool(
+    "real_input", False, "train with --config: feed the step from the config's training "
+    "pipeline (and report input_wait) instead of random batches.")
+_PEAK_TFLOPS = flags.DEFINE_float(
+    "peak_tflops", None, "train/eval: the device's peak TFLOP/s at --dtype, for mfu "
+    "(model FLOPs utilisation); unset: mfu is null.")
 _COMPARE_TORCH = flags.DEFINE_bool("compare_torch", False,
                                    "train/eval: also measure timm's model in PyTorch.")
 _TORCH_COMPILE = flags.DEFINE_bool("torch_compile", False,
@@ -89,7 +115,8 @@ _COMPILATION_CACHE = flags.DEFINE_string(
 BENCHMARKS = ("input", "train", "eval", "soak")
 _DEFAULT_STEPS = {"input": 50, "train": 5, "eval": 5, "soak": 5000}
 _TABLE_KEYS = ("framework", "first_step_s", "compile_s", "step_s", "images_per_s",
-               "peak_rss_mb", "speed_vs_torch", "speed_vs_torch_compile")
+               "input_wait", "mfu", "peak_rss_mb", "peak_device_memory_mb",
+               "speed_vs_torch", "speed_vs_torch_compile")
 
 
 def images_per_s(batches: Iterator[Any], *, steps: int, warmup: int, batch_size: int) -> float:
@@ -179,19 +206,49 @@ def bench_input(config, config_name: str, *, steps: int, warmup: int,
   return results
 
 
+def step_settings(config, step: str) -> dict[str, Any]:
+  """What the trainer would run for `config`: model name, batch size (eval: the eval batch
+  size), input size (what the eval preprocessing makes, as the trainer sizes the model),
+  dtype, head size and model keyword arguments. The data set need not be prepared."""
+  from medbench_jax import config_lib  # pylint: disable=g-import-not-at-top
+  from medbench_jax import tasks  # pylint: disable=g-import-not-at-top
+  from medbench_jax.data import prepare  # pylint: disable=g-import-not-at-top
+  from medbench_jax.data import sources  # pylint: disable=g-import-not-at-top
+  from medbench_jax.trainer import trials  # pylint: disable=g-import-not-at-top
+
+  config_lib.validate(config)
+  info = sources.dataset_info(config.dataset, prepare.builder_for(config.dataset))
+  task = tasks.for_dataset(config, info)
+  return {"model": config.model.name,
+          "batch_size": config.input.batch_size if step == "train" else (
+              config.input.eval_batch_size),
+          "image_size": trials.input_size(config, task, info.channels),
+          "dtype": config.model.dtype, "num_outputs": task.num_outputs,
+          "model_kw": config.model.kw.to_dict()}
+
+
 def bench_step(step: str, model: str, *, batch_size: int, image_size: int, dtype: str,
                steps: int, compare_torch: bool, torch_compile: bool = False,
-               ten_crop: bool = False, compilation_cache: str = "") -> list[dict[str, Any]]:
+               ten_crop: bool = False, compilation_cache: str = "",
+               num_outputs: int = train_speed.NUM_LABELS, model_kw: dict[str, Any] | None = None,
+               input_config=None, peak_tflops: float | None = None
+               ) -> list[dict[str, Any]]:
   """`train` or `eval` (`step`) of `model`: ours, then PyTorch's if asked, each measured in
-  a fresh process; ours gets speed_vs_<framework> (their step time / ours)."""
-  from medbench_jax.benchmarks import train_speed  # pylint: disable=g-import-not-at-top
+  a fresh process; ours gets speed_vs_<framework> (their step time / ours). input_config:
+  a config whose training pipeline feeds our train step (train_speed.measure)."""
   frameworks = ["jax"]
   if compare_torch:
     frameworks += ["torch", "torch_compile"] if torch_compile else ["torch"]
+  if compare_torch and model_kw:
+    # Refused before measuring ours: timm would build another architecture.
+    raise ValueError(f"--compare_torch: the model keyword arguments {model_kw} (the "
+                     f"config's model.kw) have no timm counterpart for {model!r}.")
   results = [train_speed.measure(
       model, step=step, batch_size=batch_size, image_size=image_size, dtype=dtype,
-      steps=steps, framework=framework, ten_crop=ten_crop,
-      compilation_cache_dir=compilation_cache if framework == "jax" else "")
+      steps=steps, framework=framework, ten_crop=ten_crop, num_outputs=num_outputs,
+      **(dict(compilation_cache_dir=compilation_cache, model_kw=model_kw,
+              input_config=input_config, peak_tflops=peak_tflops)
+         if framework == "jax" else {}))
              for framework in frameworks]
   for theirs in results[1:]:
     results[0][f"speed_vs_{theirs['framework']}"] = theirs["step_s"] / results[0]["step_s"]
@@ -212,34 +269,64 @@ def _cell(value: Any) -> str:
     return ""
   return f"{value:.3f}" if isinstance(value, float) else str(value)
 
+
+def _step_arguments(benchmark: str) -> dict[str, Any]:
+  """bench_step's model and input arguments: the --config's where given, the flags given
+  on the command line over them; without --config the flags (and their defaults)."""
+  overrides = {"model": _MODEL, "batch_size": _BATCH, "image_size": _IMAGE_SIZE,
+               "dtype": _DTYPE}
+  with_config = flags.FLAGS["config"].present
+  if _REAL_INPUT.value and (benchmark != "train" or not with_config):
+    raise app.UsageError("--real_input feeds the train step from a config's pipeline: "
+                         "bench train --config=FILE --real_input.")
+  if _REAL_INPUT.value and _IMAGE_SIZE.present:
+    raise app.UsageError("--image_size does not apply with --real_input: the pipeline's "
+                         "crop sets it.")
+  if not with_config:
+    return {key: flag.value for key, flag in overrides.items()}
+  arguments = step_settings(_CONFIG.value, benchmark)
+  arguments.update({key: flag.value for key, flag in overrides.items() if flag.present})
+  if arguments["model"] != _CONFIG.value.model.name:
+    # The config's model.kw (sizes, drop rates) belong to its model, not to another.
+    arguments["model_kw"] = {}
+  if _REAL_INPUT.value:
+    arguments["input_config"] = _CONFIG.value
+  return arguments
+
+
 def main(argv):
   if len(argv) != 2 or argv[1] not in BENCHMARKS:
     raise app.UsageError(
         f"Usage: python -m medbench_jax.bench {{{','.join(BENCHMARKS)}}} [flags]: input "
-        "--config=FILE [--steps=N]; train|eval --model=NAME --batch=B --image_size=S "
-        "[--dtype=bfloat16] [--steps=N] [--compare_torch] [--ten_crop (eval)]; soak "
-        "--config=FILE --workdir=DIR [--steps=5000] [--eval_every=50].")
+        "--config=FILE [--steps=N]; train|eval [--config=FILE[:ARGS] [--real_input "
+        "(train)]] [--model=NAME] [--batch=B] [--image_size=S] [--dtype=bfloat16] "
+        "[--steps=N] [--peak_tflops=T] [--compare_torch [--torch_compile]] "
+        "[--ten_crop (eval)] [--compilation_cache=DIR]; soak --config=FILE --workdir=DIR "
+        "[--steps=5000] [--eval_every=50].")
   benchmark = argv[1]
   steps = _STEPS.value or _DEFAULT_STEPS[benchmark]
+  config_name = config_flags.get_config_filename(flags.FLAGS["config"])
   if benchmark == "soak":
     from medbench_jax.benchmarks import soak  # pylint: disable=g-import-not-at-top
     if not _WORKDIR.value:
       raise app.UsageError("soak needs --workdir (a folder that does not exist yet).")
     lines = [soak.bench_soak(
-        config_flags.get_config_filename(flags.FLAGS["config"]), _WORKDIR.value,
-        steps=steps, eval_every=_EVAL_EVERY.value, sample_every_s=_SAMPLE_EVERY.value,
+        config_name, _WORKDIR.value, steps=steps, eval_every=_EVAL_EVERY.value,
+        sample_every_s=_SAMPLE_EVERY.value,
         warmup=_WARMUP_STEPS.value if _WARMUP_STEPS.value is not None else steps // 10)]
   elif benchmark == "input":
     runtime.start()
-    config_name = config_flags.get_config_filename(flags.FLAGS["config"])
     lines = bench_input(_CONFIG.value, config_name, steps=steps, warmup=_WARMUP.value,
                         torch_ref=_TORCH.value)
   else:
     runtime.start()
-    lines = bench_step(benchmark, _MODEL.value, batch_size=_BATCH.value,
-                       image_size=_IMAGE_SIZE.value, dtype=_DTYPE.value, steps=steps,
-                       compare_torch=_COMPARE_TORCH.value, torch_compile=_TORCH_COMPILE.value,
-                       ten_crop=_TEN_CROP.value, compilation_cache=_COMPILATION_CACHE.value)
+    lines = bench_step(benchmark, steps=steps, compare_torch=_COMPARE_TORCH.value,
+                       torch_compile=_TORCH_COMPILE.value, ten_crop=_TEN_CROP.value,
+                       compilation_cache=_COMPILATION_CACHE.value,
+                       peak_tflops=_PEAK_TFLOPS.value, **_step_arguments(benchmark))
+    if flags.FLAGS["config"].present:
+      for line in lines:
+        line["config"] = config_name
     print(format_table(lines), file=sys.stderr, flush=True)
   for line in lines:
     logging.info("%s", line)

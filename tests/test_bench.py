@@ -1,5 +1,5 @@
 """`python -m medbench_jax.bench`: the input pipelines measured, the train and eval steps'
-figures, usage errors."""
+figures (from a config, overridden by flags; on its real input), usage errors."""
 
 import json
 import subprocess
@@ -12,10 +12,21 @@ from medbench_jax import bench
 from tests.configs import tiny
 
 
-def test_input_bench_reports_ours_and_the_torch_reference(tmp_path):
+def _tiny_config(tmp_path):
   config = tiny.get_config()
   config.dataset.manual_dir = str(tmp_path / "phantom")
   config.dataset.data_dir = str(tmp_path / "tfds")
+  return config
+
+
+def _run_bench(*args: str) -> tuple[list[dict], str]:
+  result = subprocess.run([sys.executable, "-m", "medbench_jax.bench", *args],
+                          capture_output=True, text=True, timeout=600, check=True)
+  return [json.loads(line) for line in result.stdout.splitlines()], result.stderr
+
+
+def test_input_bench_reports_ours_and_the_torch_reference(tmp_path):
+  config = _tiny_config(tmp_path)
   lines = bench.bench_input(config, "tests/configs/tiny.py", steps=3, warmup=1,
                             torch_ref=True)
   assert [line["bench"] for line in lines] == ["input", "input_torch_reference"]
@@ -41,29 +52,78 @@ def test_reference_dataset_opens_pngs_as_rgb_like_the_reference_code(tmp_path):
   np.testing.assert_array_equal(labels, [0, 0, 1])
 
 
-_STEP_FIELDS = {"bench", "model", "framework", "batch_size", "image_size", "dtype", "steps",
-                "trace_s", "compile_s", "first_step_s", "step_s", "step_cpu_s", "step_s_min",
-                "step_s_max", "images_per_s", "peak_rss_mb", "device", "compilation_cache"}
+_STEP_FIELDS = {"bench", "model", "framework", "batch_size", "image_size", "dtype",
+                "num_outputs", "steps", "trace_s", "compile_s", "first_step_s", "step_s",
+                "step_cpu_s", "step_s_min", "step_s_max", "images_per_s", "input_wait",
+                "flops_per_step", "mfu", "peak_rss_mb", "peak_device_memory_mb", "device",
+                "compilation_cache"}
 
 
 def test_train_bench_prints_a_json_line_per_framework():
-  result = subprocess.run(
-      [sys.executable, "-m", "medbench_jax.bench", "train", "--model=resnet18", "--batch=2",
-       "--image_size=32", "--steps=2"], capture_output=True, text=True, timeout=600,
-      check=True)
-  lines = [json.loads(line) for line in result.stdout.splitlines()]
+  lines, stderr = _run_bench("train", "--model=resnet18", "--batch=2", "--image_size=32",
+                             "--steps=2", "--peak_tflops=0.5")
   assert len(lines) == 1
   line = lines[0]
   assert set(line) == _STEP_FIELDS, set(line) ^ _STEP_FIELDS
   assert (line["bench"], line["model"], line["framework"], line["batch_size"],
-          line["image_size"], line["dtype"], line["steps"]) == (
-              "train", "resnet18", "jax", 2, 32, "float32", 2)
+          line["image_size"], line["dtype"], line["num_outputs"], line["steps"]) == (
+              "train", "resnet18", "jax", 2, 32, "float32", 14, 2)
   assert line["first_step_s"] >= line["trace_s"] + line["compile_s"]
   assert line["step_s_min"] <= line["step_s"] <= line["step_s_max"]
   assert line["images_per_s"] == pytest.approx(2 / line["step_s"])
   assert line["peak_rss_mb"] > 0
+  assert line["input_wait"] is None  # Random batches: nothing waited for.
+  # A ResNet-18 forward is 1.8 G multiply-adds at 224 px, so 37 M at 32 px per image;
+  # the train step (forward, backward, Adam) of 2 images counts more than twice that.
+  assert line["flops_per_step"] > 2 * 2 * 30e6
+  assert line["mfu"] == pytest.approx(line["flops_per_step"] / line["step_s"] / 0.5e12,
+                                      rel=1e-9)
+  if line["device"] == "cpu":  # The CPU backend reports no memory statistics.
+    assert line["peak_device_memory_mb"] is None
   # The table on stderr has a row for it.
-  assert "first_step_s" in result.stderr and "jax" in result.stderr
+  assert "first_step_s" in stderr and "jax" in stderr
+
+
+def test_step_settings_are_the_trainers(tmp_path):
+  config = _tiny_config(tmp_path)
+  config.input.eval_batch_size = 8
+  config.input.pp_eval = "resize(72)|center_crop(48)"
+  config.model.dtype = "bfloat16"
+  train, evaluate = (bench.step_settings(config, step) for step in ("train", "eval"))
+  assert train == {"model": "swin_demo_patch4_window4_128", "batch_size": 16,
+                   "image_size": 48, "dtype": "bfloat16", "num_outputs": 4,
+                   "model_kw": config.model.kw.to_dict()}
+  assert evaluate == {**train, "batch_size": 8}
+  # The data set was only described, not prepared.
+  assert not (tmp_path / "phantom").exists()
+
+
+def test_config_sets_the_step_and_flags_override_it(tmp_path):
+  config = ["--config=tests/configs/tiny.py",
+            f"--config.dataset.manual_dir={tmp_path / 'phantom'}",
+            f"--config.dataset.data_dir={tmp_path / 'tfds'}"]
+  (line,), _ = _run_bench("eval", *config, "--batch=4", "--dtype=bfloat16", "--steps=1")
+  assert (line["model"], line["batch_size"], line["image_size"], line["dtype"],
+          line["num_outputs"], line["config"]) == (
+              "swin_demo_patch4_window4_128", 4, 64, "bfloat16", 4, "tests/configs/tiny.py")
+  assert line["mfu"] is None and line["flops_per_step"] > 0
+  # Another model is built with its own defaults, not the config's Swin sizes.
+  (line,), _ = _run_bench("train", *config, "--model=resnet18", "--image_size=32",
+                          "--steps=1")
+  assert (line["model"], line["batch_size"], line["image_size"], line["dtype"],
+          line["num_outputs"]) == ("resnet18", 16, 32, "float32", 4)
+
+
+def test_train_bench_on_the_configs_input_pipeline(tmp_path):
+  (line,) = bench.bench_step("train", "swin_demo_patch4_window4_128", batch_size=8,
+                             image_size=64, dtype="float32", steps=2, compare_torch=False,
+                             num_outputs=4, model_kw=tiny.get_config().model.kw.to_dict(),
+                             input_config=_tiny_config(tmp_path))
+  assert 0 <= line["input_wait"] <= 1
+  # Timed as the trainer times it: a window of steps, not each one.
+  assert "step_s_min" not in line and line["step_s"] > 0
+  assert (line["batch_size"], line["image_size"], line["num_outputs"]) == (8, 64, 4)
+  assert line["images_per_s"] == pytest.approx(8 / line["step_s"])
 
 
 def test_eval_bench_with_ten_crops_against_torch():
@@ -81,6 +141,18 @@ def test_ten_crop_is_an_eval_option():
   with pytest.raises(ValueError, match="eval step only"):
     bench.bench_step("train", "resnet18", batch_size=2, image_size=32, dtype="float32",
                      steps=1, compare_torch=False, ten_crop=True)
+
+
+def test_torch_comparison_refuses_model_keyword_arguments():
+  with pytest.raises(ValueError, match="no timm counterpart"):
+    bench.bench_step("train", "resnet18", batch_size=2, image_size=32, dtype="float32",
+                     steps=1, compare_torch=True, model_kw={"drop_rate": 0.5})
+
+
+def test_real_input_feeds_our_train_step_only(tmp_path):
+  with pytest.raises(ValueError, match="train step only"):
+    bench.bench_step("eval", "resnet18", batch_size=2, image_size=32, dtype="float32",
+                     steps=1, compare_torch=False, input_config=_tiny_config(tmp_path))
 
 
 @pytest.mark.parametrize("argv", [["bench"], ["bench", "fit"], ["bench", "input", "x"]])

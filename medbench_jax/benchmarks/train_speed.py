@@ -12,16 +12,21 @@ Each returns a dict (one JSON line of `python -m medbench_jax.bench train|eval`)
 step (JAX: tracing and XLA compilation, separately and with the first run; torch.compile:
 its compilation inside the first step), the median of `steps` timed steps (wall and process
 CPU time, the latter less sensitive to other load on a shared machine), images/s and the
-peak resident memory of the process.
+peak resident memory of the process. JAX's also carries the FLOPs of one step by XLA's
+cost analysis of the compiled step, the model FLOPs utilisation given the device's peak
+(mfu), the device's peak memory where it reports one (GPU, TPU; null on CPU) and, fed
+from a config's training pipeline, the fraction of the time waiting for input.
 
 The train step is the fine-tuning step of the study on random data: train mode (BatchNorm
 batch statistics updated, stochastic depth at the model's default rate), multi-label BCE on
-14 random labels, Adam. JAX jits it with the state donated, as the trainer does; PyTorch
-runs timm's model of the same name with os.cpu_count() threads, channels_last, optionally
-through torch.compile. The eval step is the forward pass in inference mode and the sigmoid,
-averaged over the ten crops of each image with `ten_crop` (the study's test-time
-augmentation; images/s then counts images, not crops). bfloat16 means bf16 compute on
-float32 parameters on both sides (autocast in PyTorch). torch is imported only in the
+random labels (ChestX-ray14's 14 unless told the head size), Adam; with `input_config` the
+config's augmented uint8 batches instead, normalised in the step as the trainer does. JAX
+jits it with the state donated, as the trainer does; PyTorch runs timm's model of the
+same name with os.cpu_count() threads, channels_last, optionally through torch.compile.
+The eval step is the forward pass in inference mode and the sigmoid, averaged over the
+ten crops of each image with `ten_crop` (the study's test-time augmentation; images/s
+then counts images, not crops). bfloat16 means bf16 compute on float32 parameters on
+both sides (autocast in PyTorch). torch is imported only in the
 spawned process that measures it. With `compilation_cache_dir`, JAX uses its persistent
 compilation cache there (medbench_jax.runtime), so a second measurement of the same model
 and shapes shows what the cache saves of the first step.
@@ -34,7 +39,7 @@ import os
 import resource
 import statistics
 import time
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 FRAMEWORKS = ("jax", "torch", "torch_compile")
 DTYPES = ("float32", "bfloat16")
@@ -60,14 +65,15 @@ def _time_steps(run_step: Callable[[], Any], steps: int) -> dict[str, float]:
           "step_s_min": min(walls), "step_s_max": max(walls)}
 
 
-def _jax_model(model: str, batch_size: int, image_size: int, dtype: str, seed: int):
+def _jax_model(model: str, batch_size: int, image_size: int, dtype: str, seed: int,
+               num_outputs: int, model_kw: dict[str, Any]):
   """Our model, its initial variables, a random (B, S, S, 3) batch and an rng."""
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
 
   from medbench_jax import models  # pylint: disable=g-import-not-at-top
 
-  net = models.create(model, NUM_LABELS, dtype=jnp.dtype(dtype))
+  net = models.create(model, num_outputs, dtype=jnp.dtype(dtype), **model_kw)
   if hasattr(net, "img_size"):  # Swin and ViT fix windows / position table by input size.
     net = net.clone(img_size=image_size)
   rng, image_rng = jax.random.split(jax.random.key(seed))
@@ -76,10 +82,51 @@ def _jax_model(model: str, batch_size: int, image_size: int, dtype: str, seed: i
   return net, variables, images, rng
 
 
-def _first_and_steady(jitted: Callable, args: tuple, steps: int,
-                      carry: bool) -> dict[str, Any]:
+def _flops(compiled) -> float | None:
+  """FLOPs of one run of a compiled computation by XLA's cost analysis (None where the
+  backend has none). Older JAX returns a list with one dict per computation."""
+  analysis = compiled.cost_analysis()
+  if isinstance(analysis, (list, tuple)):
+    analysis = analysis[0] if analysis else None
+  flops = (analysis or {}).get("flops")
+  return float(flops) if flops is not None else None
+
+
+def _peak_device_memory_mb() -> float | None:
+  """Peak memory in use on the first device, where it reports it (GPU, TPU; not CPU)."""
+  import jax  # pylint: disable=g-import-not-at-top
+
+  stats = jax.devices()[0].memory_stats()
+  peak = (stats or {}).get("peak_bytes_in_use")
+  return peak / 2**20 if peak is not None else None
+
+
+def _time_input_window(run_step: Callable[[Any], Any], batches: Iterator,
+                       steps: int) -> dict[str, float]:
+  """The trainer's measure (trainer/loop.py): `steps` steps dispatched without blocking,
+  each after waiting for its batch; mean wall and CPU seconds per step and the fraction
+  of the wall time spent waiting for batches."""
+  import jax  # pylint: disable=g-import-not-at-top
+
+  wait, outputs = 0.0, None
+  start, cpu = time.perf_counter(), time.process_time()
+  for _ in range(steps):
+    fetch = time.perf_counter()
+    batch = next(batches)
+    wait += time.perf_counter() - fetch
+    outputs = run_step(batch)
+  jax.block_until_ready(outputs)
+  elapsed = time.perf_counter() - start
+  return {"step_s": elapsed / steps, "step_cpu_s": (time.process_time() - cpu) / steps,
+          "input_wait": wait / elapsed}
+
+
+def _first_and_steady(jitted: Callable, args: tuple, steps: int, carry: bool,
+                      batches: Iterator | None = None) -> dict[str, Any]:
   """Times lowering, compilation and the first run of `jitted(*args)`, then `steps` runs.
-  carry: the output's first element replaces the first argument (a donated train state)."""
+  carry: the output's first element replaces the first argument (a donated train state).
+  batches: where given, each step after the first takes the next one as its second
+  argument, timed as the trainer times it (_time_input_window)."""
   import jax  # pylint: disable=g-import-not-at-top
 
   start = time.perf_counter()
@@ -89,36 +136,83 @@ def _first_and_steady(jitted: Callable, args: tuple, steps: int,
   compiled_at = time.perf_counter()
   outputs = jax.block_until_ready(compiled(*args))
   first = time.perf_counter()
-
-  def run_step():
-    nonlocal args
-    outputs = jax.block_until_ready(compiled(*args))
-    if carry:
-      args = (outputs[0],) + args[1:]
-
   if carry:
     args = (outputs[0],) + args[1:]
+
+  def run_step(batch=None):
+    nonlocal args
+    if batch is not None:
+      args = (args[0], batch) + args[2:]
+    outputs = compiled(*args)
+    if carry:
+      args = (outputs[0],) + args[1:]
+    return outputs
+
+  if batches is None:
+    timed = {**_time_steps(lambda: jax.block_until_ready(run_step()), steps),
+             "input_wait": None}
+  else:
+    timed = _time_input_window(run_step, batches, steps)
   return {"trace_s": traced - start, "compile_s": compiled_at - traced,
-          "first_step_s": first - start, **_time_steps(run_step, steps),
+          "first_step_s": first - start, **timed, "flops_per_step": _flops(compiled),
+          "peak_device_memory_mb": _peak_device_memory_mb(),
           "device": jax.devices()[0].device_kind}
 
 
+def _real_batches(config, batch_size: int) -> tuple[Iterator, Callable[[Any], Any]]:
+  """The config's training input pipeline over its prepared data set (prepared here on
+  first use, as the trainer's lead process does) and the normalisation the trainer's
+  step applies to its uint8 images."""
+  import contextlib  # pylint: disable=g-import-not-at-top
+  import functools  # pylint: disable=g-import-not-at-top
+  import sys  # pylint: disable=g-import-not-at-top
+
+  from medbench_jax import config_lib  # pylint: disable=g-import-not-at-top
+  from medbench_jax import tasks  # pylint: disable=g-import-not-at-top
+  from medbench_jax.data import pipeline  # pylint: disable=g-import-not-at-top
+  from medbench_jax.data import prepare  # pylint: disable=g-import-not-at-top
+  from medbench_jax.data import sources  # pylint: disable=g-import-not-at-top
+
+  # TFDS reports preparation progress on stdout, which carries the bench's JSON lines.
+  with contextlib.redirect_stdout(sys.stderr):
+    prepare.prepare_dataset(config.dataset)
+    splits = sources.open_splits(config.dataset)
+  task = tasks.for_dataset(config, splits.info)
+  batches = iter(pipeline.train_dataset(
+      splits.train, pp_spec=task.pp_train(), keys=task.keys, local_batch_size=batch_size,
+      seed=config.seed, num_workers=config.input.num_workers))
+  return batches, functools.partial(pipeline.normalize, **config_lib.normalization(config))
+
+
 def jax_train_speed(model: str, batch_size: int, image_size: int, dtype: str,
-                    steps: int, seed: int = 0) -> dict[str, Any]:
-  """Measures our model's jitted train step in this process."""
+                    steps: int, num_outputs: int = NUM_LABELS,
+                    model_kw: dict[str, Any] | None = None, input_config=None,
+                    seed: int = 0) -> dict[str, Any]:
+  """Measures our model's jitted train step in this process; on the batches of the
+  training pipeline of `input_config` (a config) where given, else on random ones."""
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   import optax  # pylint: disable=g-import-not-at-top
 
-  net, variables, images, rng = _jax_model(model, batch_size, image_size, dtype, seed)
-  labels = jax.random.bernoulli(jax.random.fold_in(rng, 1), 0.5,
-                                (batch_size, NUM_LABELS)).astype(jnp.float32)
+  batches, preprocess, close = None, lambda images: images, lambda: None
+  if input_config is not None:
+    batches, preprocess = _real_batches(input_config, batch_size)
+    close = getattr(batches, "close", close)
+    batch = next(batches)
+    image_size = batch["image"].shape[1]
+  net, variables, images, rng = _jax_model(model, batch_size, image_size, dtype, seed,
+                                           num_outputs, model_kw or {})
+  if batches is None:
+    batch = {"image": images,
+             "labels": jax.random.bernoulli(jax.random.fold_in(rng, 1), 0.5,
+                                            (batch_size, num_outputs)).astype(jnp.float32)}
   params = variables.pop("params")
   tx = optax.adam(1e-4)
   state = (params, variables, tx.init(params))
 
-  def train_step(state, images, labels, step_rng):
+  def train_step(state, batch, step_rng):
     params, variables, opt_state = state
+    images, labels = preprocess(batch["image"]), batch["labels"].astype(jnp.float32)
 
     def loss_fn(params):
       logits, updates = net.apply({"params": params, **variables}, images, train=True,
@@ -129,19 +223,25 @@ def jax_train_speed(model: str, batch_size: int, image_size: int, dtype: str,
     param_updates, opt_state = tx.update(grads, opt_state, params)
     return (optax.apply_updates(params, param_updates), updates, opt_state), loss
 
-  return _first_and_steady(jax.jit(train_step, donate_argnums=0),
-                           (state, images, labels, rng), steps, carry=True)
+  try:
+    result = _first_and_steady(jax.jit(train_step, donate_argnums=0),
+                               (state, batch, rng), steps, carry=True, batches=batches)
+  finally:
+    close()
+  return {**result, "image_size": image_size}
 
 
 def jax_eval_speed(model: str, batch_size: int, image_size: int, dtype: str, steps: int,
-                   ten_crop: bool, seed: int = 0) -> dict[str, Any]:
+                   ten_crop: bool, num_outputs: int = NUM_LABELS,
+                   model_kw: dict[str, Any] | None = None, seed: int = 0) -> dict[str, Any]:
   """Measures our model's jitted eval step (inference forward, sigmoid, crop mean)."""
   import jax  # pylint: disable=g-import-not-at-top
 
   from medbench_jax.tasks import base  # pylint: disable=g-import-not-at-top
 
   crops = TEN_CROPS if ten_crop else 1
-  net, variables, images, _ = _jax_model(model, batch_size * crops, image_size, dtype, seed)
+  net, variables, images, _ = _jax_model(model, batch_size * crops, image_size, dtype, seed,
+                                         num_outputs, model_kw or {})
   if ten_crop:
     images = images.reshape(batch_size, crops, *images.shape[1:])
 
@@ -153,7 +253,7 @@ def jax_eval_speed(model: str, batch_size: int, image_size: int, dtype: str, ste
   return _first_and_steady(jax.jit(eval_step), (variables, images), steps, carry=False)
 
 
-def _timm_model(model: str, image_size: int, seed: int):
+def _timm_model(model: str, image_size: int, num_outputs: int, seed: int):
   """timm's `model` with our head size, channels_last, torch threads = CPUs."""
   import timm  # pylint: disable=g-import-not-at-top
   import torch  # pylint: disable=g-import-not-at-top
@@ -161,7 +261,7 @@ def _timm_model(model: str, image_size: int, seed: int):
   torch.set_num_threads(os.cpu_count())
   torch.manual_seed(seed)
   kw = {"img_size": image_size} if "swin" in model or "vit" in model else {}
-  net = timm.create_model(model, pretrained=False, num_classes=NUM_LABELS, **kw)
+  net = timm.create_model(model, pretrained=False, num_classes=num_outputs, **kw)
   return net.to(memory_format=torch.channels_last)
 
 
@@ -176,15 +276,16 @@ def _torch_first_and_steady(run_step: Callable[[], Any], steps: int) -> dict[str
 
 
 def torch_train_speed(model: str, batch_size: int, image_size: int, dtype: str, steps: int,
-                      compile_model: bool, seed: int = 0) -> dict[str, Any]:
+                      compile_model: bool, num_outputs: int = NUM_LABELS,
+                      seed: int = 0) -> dict[str, Any]:
   """Measures timm's `model` train step in this process (imports torch)."""
   import torch  # pylint: disable=g-import-not-at-top
 
-  net = _timm_model(model, image_size, seed).train()
+  net = _timm_model(model, image_size, num_outputs, seed).train()
   optimizer = torch.optim.Adam(net.parameters(), lr=1e-4)
   images = torch.randn(batch_size, 3, image_size, image_size).contiguous(
       memory_format=torch.channels_last)
-  labels = torch.randint(0, 2, (batch_size, NUM_LABELS)).float()
+  labels = torch.randint(0, 2, (batch_size, num_outputs)).float()
   forward = torch.compile(net) if compile_model else net
 
   def run_step():
@@ -199,11 +300,12 @@ def torch_train_speed(model: str, batch_size: int, image_size: int, dtype: str, 
 
 
 def torch_eval_speed(model: str, batch_size: int, image_size: int, dtype: str, steps: int,
-                     compile_model: bool, ten_crop: bool, seed: int = 0) -> dict[str, Any]:
+                     compile_model: bool, ten_crop: bool, num_outputs: int = NUM_LABELS,
+                     seed: int = 0) -> dict[str, Any]:
   """Measures timm's `model` eval step in this process (imports torch)."""
   import torch  # pylint: disable=g-import-not-at-top
 
-  net = _timm_model(model, image_size, seed).eval()
+  net = _timm_model(model, image_size, num_outputs, seed).eval()
   crops = TEN_CROPS if ten_crop else 1
   images = torch.randn(batch_size * crops, 3, image_size, image_size).contiguous(
       memory_format=torch.channels_last)
@@ -219,32 +321,46 @@ def torch_eval_speed(model: str, batch_size: int, image_size: int, dtype: str, s
 
 
 def _measure_here(model: str, framework: str, step: str, batch_size: int, image_size: int,
-                  dtype: str, steps: int, ten_crop: bool,
-                  compilation_cache_dir: str) -> dict[str, Any]:
+                  dtype: str, steps: int, ten_crop: bool, compilation_cache_dir: str,
+                  num_outputs: int, model_kw: dict[str, Any], input_config,
+                  peak_tflops: float | None) -> dict[str, Any]:
   compile_model = framework == "torch_compile"
   if framework == "jax":
     from medbench_jax import runtime  # pylint: disable=g-import-not-at-top
     runtime.use_compilation_cache(compilation_cache_dir)
-    result = (jax_train_speed(model, batch_size, image_size, dtype, steps) if step == "train"
-              else jax_eval_speed(model, batch_size, image_size, dtype, steps, ten_crop))
+    model_args = dict(num_outputs=num_outputs, model_kw=model_kw)
+    result = (jax_train_speed(model, batch_size, image_size, dtype, steps,
+                              input_config=input_config, **model_args) if step == "train"
+              else jax_eval_speed(model, batch_size, image_size, dtype, steps, ten_crop,
+                                  **model_args))
+    flops = result["flops_per_step"]
+    result["mfu"] = (flops / result["step_s"] / (peak_tflops * 1e12)
+                     if flops and peak_tflops else None)
   elif step == "train":
-    result = torch_train_speed(model, batch_size, image_size, dtype, steps, compile_model)
+    result = torch_train_speed(model, batch_size, image_size, dtype, steps, compile_model,
+                               num_outputs)
   else:
     result = torch_eval_speed(model, batch_size, image_size, dtype, steps, compile_model,
-                              ten_crop)
+                              ten_crop, num_outputs)
   extra = {"ten_crop": ten_crop} if step == "eval" else {}
   if framework == "jax":
     extra["compilation_cache"] = compilation_cache_dir
   return {"bench": step, "model": model, "framework": framework, "batch_size": batch_size,
-          "image_size": image_size, "dtype": dtype, "steps": steps, **extra, **result,
-          "images_per_s": batch_size / result["step_s"], "peak_rss_mb": _peak_rss_mb()}
+          "image_size": image_size, "dtype": dtype, "num_outputs": num_outputs,
+          "steps": steps, **extra, **result, "images_per_s": batch_size / result["step_s"],
+          "peak_rss_mb": _peak_rss_mb()}
 
 
 def measure(model: str, *, step: str = "train", batch_size: int = 16, image_size: int = 224,
             dtype: str = "float32", steps: int = 5, framework: str = "jax",
-            ten_crop: bool = False, compilation_cache_dir: str = "") -> dict[str, Any]:
+            ten_crop: bool = False, compilation_cache_dir: str = "",
+            num_outputs: int = NUM_LABELS, model_kw: dict[str, Any] | None = None,
+            input_config=None, peak_tflops: float | None = None) -> dict[str, Any]:
   """One measurement of `framework` (one of FRAMEWORKS) running `step` (one of STEPS) in a
-  fresh spawned process. compilation_cache_dir: JAX's persistent cache ("" = off)."""
+  fresh spawned process. compilation_cache_dir: JAX's persistent cache ("" = off).
+  model_kw: keyword arguments of our model (JAX only). input_config: a config whose
+  training pipeline feeds the JAX train step (its crop size then replaces image_size).
+  peak_tflops: the device's peak TFLOP/s, for the model FLOPs utilisation (mfu)."""
   if framework not in FRAMEWORKS:
     raise ValueError(f"framework={framework!r}; allowed: {FRAMEWORKS}")
   if step not in STEPS:
@@ -255,8 +371,16 @@ def measure(model: str, *, step: str = "train", batch_size: int = 16, image_size
     raise ValueError(f"steps={steps}; at least one timed step is needed.")
   if ten_crop and step != "eval":
     raise ValueError("ten_crop applies to the eval step only.")
+  if input_config is not None and (step != "train" or framework != "jax"):
+    raise ValueError("input_config feeds our (framework='jax') train step only.")
+  if model_kw and framework != "jax":
+    raise ValueError(f"model_kw={model_kw} changes our model only; timm's {model!r} would "
+                     "not be the same architecture.")
+  if peak_tflops is not None and peak_tflops <= 0:
+    raise ValueError(f"peak_tflops={peak_tflops}; a device's peak is positive.")
   # spawn, not fork: a fresh interpreter, and torch never shares a process with JAX.
   with concurrent.futures.ProcessPoolExecutor(
       1, mp_context=multiprocessing.get_context("spawn")) as pool:
     return pool.submit(_measure_here, model, framework, step, batch_size, image_size, dtype,
-                       steps, ten_crop, compilation_cache_dir).result()
+                       steps, ten_crop, compilation_cache_dir, num_outputs, model_kw or {},
+                       input_config, peak_tflops).result()

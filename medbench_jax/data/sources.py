@@ -156,6 +156,22 @@ def _policy_of(dataset_config: ml_collections.ConfigDict, split: str, task: str)
   return d.lsr_draw if smoothed else "hard"
 
 
+def dataset_info(dataset_config: ml_collections.ConfigDict,
+                 builder: prepare.base.PreparedBuilder) -> DatasetInfo:
+  """What the builder of the configured data set says of it; before preparation its
+  labels, task and channels are known, not yet what preparation skipped."""
+  meta = builder.info.metadata
+  class_names = tuple(meta["label_names"])
+  return DatasetInfo(
+      name=dataset_config.name, task=meta["task"], class_names=class_names,
+      eval_class_names=tuple(meta.get("eval_label_names", class_names)),
+      channels=int(builder.info.features["image"].shape[-1]),
+      image_size=builder.builder_config.image_size,
+      has_fov="fov" in builder.info.features,
+      skipped_examples=int(sum(meta.get("skipped", {}).values())),
+      split_hashes=dict(meta.get("split_sha1", {})))
+
+
 def open_splits(dataset_config: ml_collections.ConfigDict) -> Splits:
   """Opens the prepared splits of the configured data set (see the module docstring)."""
   d = dataset_config
@@ -170,15 +186,7 @@ def open_splits(dataset_config: ml_collections.ConfigDict) -> Splits:
         "training run prepares it on its lead process).")
   builder.check_prepared_files()
   meta = builder.info.metadata
-  class_names = tuple(meta["label_names"])
-  info = DatasetInfo(
-      name=d.name, task=meta["task"], class_names=class_names,
-      eval_class_names=tuple(meta.get("eval_label_names", class_names)),
-      channels=int(builder.info.features["image"].shape[-1]),
-      image_size=builder.builder_config.image_size,
-      has_fov="fov" in builder.info.features,
-      skipped_examples=int(sum(meta.get("skipped", {}).values())),
-      split_hashes=dict(meta.get("split_sha1", {})))
+  info = dataset_info(d, builder)
   if d.frontal_only and not meta.get("views_known", True):
     raise ValueError(f"config.dataset.frontal_only needs view positions, which {d.name} "
                      "was prepared without (for MIMIC-CXR: mimic-cxr-2.0.0-metadata.csv).")
@@ -207,7 +215,7 @@ def open_splits(dataset_config: ml_collections.ConfigDict) -> Splits:
           targets, d.label_fraction, d.label_fraction_seed, d.label_fraction_method)
       identity = labels_lib.subset_identity(
           fraction=d.label_fraction, seed=d.label_fraction_seed, method=method,
-          labels=targets, indices=keep[chosen], chosen=chosen, class_names=class_names)
+          labels=targets, indices=keep[chosen], chosen=chosen, class_names=info.class_names)
       if split == "train":
         subset = identity
       else:
@@ -225,5 +233,6 @@ def open_splits(dataset_config: ml_collections.ConfigDict) -> Splits:
                "%s; label subset %s", d.name, info.task, info.image_size, len(train),
                len(validation), len(test),
                f" ({info.skipped_examples} bad example(s) skipped when prepared)"
-               if info.skipped_examples else "", json.dumps(class_names), json.dumps(subset))
+               if info.skipped_examples else "", json.dumps(info.class_names),
+               json.dumps(subset))
   return Splits(train=train, validation=validation, test=test, info=info, subset=subset)
