@@ -55,23 +55,17 @@ with the step count; checkpoint retention as a folder that stays the size of one
 
 from __future__ import annotations
 
-import concurrent.futures
-import contextlib
-import itertools
 import json
-import multiprocessing
-import pathlib
 import sys
-import time
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Sequence
 
-import numpy as np
 from absl import app
 from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
 from medbench_jax import runtime
+from medbench_jax.benchmarks import input_speed
 from medbench_jax.benchmarks import train_speed
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -119,142 +113,6 @@ _TABLE_KEYS = ("framework", "first_step_s", "compile_s", "step_s", "images_per_s
                "speed_vs_torch", "speed_vs_torch_compile")
 
 
-def images_per_s(batches: Iterator[Any], *, steps: int, warmup: int, batch_size: int) -> float:
-  for _ in range(warmup):
-    next(batches)
-  start = time.perf_counter()
-  for _ in range(steps):
-    next(batches)
-  return steps * batch_size / (time.perf_counter() - start)
-
-
-class PngDataset:
-  """The reference code's map-style dataset: open, convert to RGB, transform."""
-
-  def __init__(self, paths: Sequence[str], labels: np.ndarray, transform: Callable):
-    self.paths, self.labels, self.transform = list(paths), labels, transform
-
-  def __len__(self) -> int:
-    return len(self.paths)
-
-  def __getitem__(self, i: int):
-    from PIL import Image  # pylint: disable=g-import-not-at-top
-    with Image.open(self.paths[i]) as image:
-      return self.transform(image.convert("RGB")), self.labels[i]
-
-
-def torch_reference(paths: Sequence[str], labels: np.ndarray, *, crop: int,
-                    batch_size: int, workers: int, mean: Sequence[float],
-                    std: Sequence[float], steps: int, warmup: int) -> float:
-  """images/s of the PyTorch reference pipeline (torch is imported only here)."""
-  import torch  # pylint: disable=g-import-not-at-top
-  from torchvision import transforms as T  # pylint: disable=g-import-not-at-top
-  transform = T.Compose([T.RandomResizedCrop(crop), T.RandomHorizontalFlip(),
-                         T.RandomRotation(7), T.ToTensor(), T.Normalize(mean, std)])
-  loader = torch.utils.data.DataLoader(
-      PngDataset(paths, labels, transform), batch_size=batch_size, shuffle=True,
-      num_workers=workers, drop_last=True)
-  # Epoch after epoch, as a training loop would run it.
-  batches = itertools.chain.from_iterable(iter(loader) for _ in itertools.count())
-  return images_per_s(batches, steps=steps, warmup=warmup, batch_size=batch_size)
-
-
-def bench_input(config, config_name: str, *, steps: int, warmup: int,
-                torch_ref: bool) -> list[dict[str, Any]]:
-  from medbench_jax import config_lib  # pylint: disable=g-import-not-at-top
-  from medbench_jax.data import pipeline  # pylint: disable=g-import-not-at-top
-  from medbench_jax.data import prepare  # pylint: disable=g-import-not-at-top
-  from medbench_jax.data import sources  # pylint: disable=g-import-not-at-top
-  from medbench_jax.data.prepare.errors import Problems  # pylint: disable=g-import-not-at-top
-
-  config_lib.validate(config)
-  # TFDS reports preparation progress on stdout, which is kept for the JSON lines.
-  with contextlib.redirect_stdout(sys.stderr):
-    builder = prepare.prepare_dataset(config.dataset)
-    splits = sources.open_splits(config.dataset)
-  batch_size, workers = config.input.batch_size, config.input.num_workers
-  ds = pipeline.train_dataset(splits.train, pp_spec=config.input.pp_train,
-                              keys=("image", "labels"), local_batch_size=batch_size, seed=0,
-                              num_workers=workers)
-  iterator = iter(ds)
-  crop = next(iterator)["image"].shape[1]
-  try:
-    ours = images_per_s(iterator, steps=steps, warmup=warmup, batch_size=batch_size)
-  finally:
-    if hasattr(iterator, "close"):
-      iterator.close()
-  common = {"config": config_name, "workers": workers, "batch_size": batch_size,
-            "crop_size": crop, "steps": steps}
-  results = [{"bench": "input", "images_per_s": round(ours, 1), **common}]
-  if torch_ref:
-    problems = Problems()
-    records = builder.read_records(
-        pathlib.Path(prepare.manual_dir_for(config.dataset)), problems)["train"]
-    problems.check(skip_bad=True)
-    mean, std = config_lib.NORMALIZATIONS[config.input.normalization]
-    # In a fresh process, as the reference code runs: importing torchvision next to
-    # TensorFlow can crash (their LLVM copies clash), and nothing of ours is loaded.
-    with concurrent.futures.ProcessPoolExecutor(
-        1, mp_context=multiprocessing.get_context("spawn")) as pool:
-      theirs = pool.submit(
-          torch_reference, [r.path for r in records], np.stack([r.labels for r in records]),
-          crop=crop, batch_size=batch_size, workers=workers, mean=mean, std=std,
-          steps=steps, warmup=warmup).result()
-    results.append({"bench": "input_torch_reference", "images_per_s": round(theirs, 1),
-                    **common})
-    results[0]["speedup_vs_torch_reference"] = round(ours / theirs, 2)
-  return results
-
-
-def step_settings(config, step: str) -> dict[str, Any]:
-  """What the trainer would run for `config`: model name, batch size (eval: the eval batch
-  size), input size (what the eval preprocessing makes, as the trainer sizes the model),
-  dtype, head size and model keyword arguments. The data set need not be prepared."""
-  from medbench_jax import config_lib  # pylint: disable=g-import-not-at-top
-  from medbench_jax import tasks  # pylint: disable=g-import-not-at-top
-  from medbench_jax.data import prepare  # pylint: disable=g-import-not-at-top
-  from medbench_jax.data import sources  # pylint: disable=g-import-not-at-top
-  from medbench_jax.trainer import trials  # pylint: disable=g-import-not-at-top
-
-  config_lib.validate(config)
-  info = sources.dataset_info(config.dataset, prepare.builder_for(config.dataset))
-  task = tasks.for_dataset(config, info)
-  return {"model": config.model.name,
-          "batch_size": config.input.batch_size if step == "train" else (
-              config.input.eval_batch_size),
-          "image_size": trials.input_size(config, task, info.channels),
-          "dtype": config.model.dtype, "num_outputs": task.num_outputs,
-          "model_kw": config.model.kw.to_dict()}
-
-
-def bench_step(step: str, model: str, *, batch_size: int, image_size: int, dtype: str,
-               steps: int, compare_torch: bool, torch_compile: bool = False,
-               ten_crop: bool = False, compilation_cache: str = "",
-               num_outputs: int = train_speed.NUM_LABELS, model_kw: dict[str, Any] | None = None,
-               input_config=None, peak_tflops: float | None = None
-               ) -> list[dict[str, Any]]:
-  """`train` or `eval` (`step`) of `model`: ours, then PyTorch's if asked, each measured in
-  a fresh process; ours gets speed_vs_<framework> (their step time / ours). input_config:
-  a config whose training pipeline feeds our train step (train_speed.measure)."""
-  frameworks = ["jax"]
-  if compare_torch:
-    frameworks += ["torch", "torch_compile"] if torch_compile else ["torch"]
-  if compare_torch and model_kw:
-    # Refused before measuring ours: timm would build another architecture.
-    raise ValueError(f"--compare_torch: the model keyword arguments {model_kw} (the "
-                     f"config's model.kw) have no timm counterpart for {model!r}.")
-  results = [train_speed.measure(
-      model, step=step, batch_size=batch_size, image_size=image_size, dtype=dtype,
-      steps=steps, framework=framework, ten_crop=ten_crop, num_outputs=num_outputs,
-      **(dict(compilation_cache_dir=compilation_cache, model_kw=model_kw,
-              input_config=input_config, peak_tflops=peak_tflops)
-         if framework == "jax" else {}))
-             for framework in frameworks]
-  for theirs in results[1:]:
-    results[0][f"speed_vs_{theirs['framework']}"] = theirs["step_s"] / results[0]["step_s"]
-  return results
-
-
 def format_table(lines: Sequence[dict[str, Any]]) -> str:
   """Fixed-width table of the figures that compare frameworks (a blank where missing)."""
   header = [key for key in _TABLE_KEYS if any(key in line for line in lines)]
@@ -284,7 +142,7 @@ def _step_arguments(benchmark: str) -> dict[str, Any]:
                          "crop sets it.")
   if not with_config:
     return {key: flag.value for key, flag in overrides.items()}
-  arguments = step_settings(_CONFIG.value, benchmark)
+  arguments = train_speed.step_settings(_CONFIG.value, benchmark)
   arguments.update({key: flag.value for key, flag in overrides.items() if flag.present})
   if arguments["model"] != _CONFIG.value.model.name:
     # The config's model.kw (sizes, drop rates) belong to its model, not to another.
@@ -316,11 +174,11 @@ def main(argv):
         warmup=_WARMUP_STEPS.value if _WARMUP_STEPS.value is not None else steps // 10)]
   elif benchmark == "input":
     runtime.start()
-    lines = bench_input(_CONFIG.value, config_name, steps=steps, warmup=_WARMUP.value,
+    lines = input_speed.bench_input(_CONFIG.value, config_name, steps=steps, warmup=_WARMUP.value,
                         torch_ref=_TORCH.value)
   else:
     runtime.start()
-    lines = bench_step(benchmark, steps=steps, compare_torch=_COMPARE_TORCH.value,
+    lines = train_speed.bench_step(benchmark, steps=steps, compare_torch=_COMPARE_TORCH.value,
                        torch_compile=_TORCH_COMPILE.value, ten_crop=_TEN_CROP.value,
                        compilation_cache=_COMPILATION_CACHE.value,
                        peak_tflops=_PEAK_TFLOPS.value, **_step_arguments(benchmark))

@@ -1,2 +1,3 @@
-"""Measurements that print figures, never pass/fail: train_speed (train and eval steps
-against the PyTorch reference), soak (a long run watched for leaks)."""
+"""Measurements behind `python -m medbench_jax.bench` that print figures, never pass/fail:
+input_speed (the training input pipeline against the reference code's), train_speed
+(train and eval steps against PyTorch), soak (a long run watched for leaks)."""

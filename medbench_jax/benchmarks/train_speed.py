@@ -384,3 +384,52 @@ def measure(model: str, *, step: str = "train", batch_size: int = 16, image_size
     return pool.submit(_measure_here, model, framework, step, batch_size, image_size, dtype,
                        steps, ten_crop, compilation_cache_dir, num_outputs, model_kw or {},
                        input_config, peak_tflops).result()
+
+
+def step_settings(config, step: str) -> dict[str, Any]:
+  """What the trainer would run for `config`: model name, batch size (eval: the eval batch
+  size), input size (what the eval preprocessing makes, as the trainer sizes the model),
+  dtype, head size and model keyword arguments. The data set need not be prepared."""
+  from medbench_jax import config_lib  # pylint: disable=g-import-not-at-top
+  from medbench_jax import tasks  # pylint: disable=g-import-not-at-top
+  from medbench_jax.data import prepare  # pylint: disable=g-import-not-at-top
+  from medbench_jax.data import sources  # pylint: disable=g-import-not-at-top
+  from medbench_jax.trainer import trials  # pylint: disable=g-import-not-at-top
+
+  config_lib.validate(config)
+  info = sources.dataset_info(config.dataset, prepare.builder_for(config.dataset))
+  task = tasks.for_dataset(config, info)
+  return {"model": config.model.name,
+          "batch_size": config.input.batch_size if step == "train" else (
+              config.input.eval_batch_size),
+          "image_size": trials.input_size(config, task, info.channels),
+          "dtype": config.model.dtype, "num_outputs": task.num_outputs,
+          "model_kw": config.model.kw.to_dict()}
+
+
+def bench_step(step: str, model: str, *, batch_size: int, image_size: int, dtype: str,
+               steps: int, compare_torch: bool, torch_compile: bool = False,
+               ten_crop: bool = False, compilation_cache: str = "",
+               num_outputs: int = NUM_LABELS, model_kw: dict[str, Any] | None = None,
+               input_config=None, peak_tflops: float | None = None
+               ) -> list[dict[str, Any]]:
+  """`train` or `eval` (`step`) of `model`: ours, then PyTorch's if asked, each measured in
+  a fresh process; ours gets speed_vs_<framework> (their step time / ours). input_config:
+  a config whose training pipeline feeds our train step (train_speed.measure)."""
+  frameworks = ["jax"]
+  if compare_torch:
+    frameworks += ["torch", "torch_compile"] if torch_compile else ["torch"]
+  if compare_torch and model_kw:
+    # Refused before measuring ours: timm would build another architecture.
+    raise ValueError(f"--compare_torch: the model keyword arguments {model_kw} (the "
+                     f"config's model.kw) have no timm counterpart for {model!r}.")
+  results = [measure(
+      model, step=step, batch_size=batch_size, image_size=image_size, dtype=dtype,
+      steps=steps, framework=framework, ten_crop=ten_crop, num_outputs=num_outputs,
+      **(dict(compilation_cache_dir=compilation_cache, model_kw=model_kw,
+              input_config=input_config, peak_tflops=peak_tflops)
+         if framework == "jax" else {}))
+             for framework in frameworks]
+  for theirs in results[1:]:
+    results[0][f"speed_vs_{theirs['framework']}"] = theirs["step_s"] / results[0]["step_s"]
+  return results
