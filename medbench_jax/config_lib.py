@@ -133,10 +133,10 @@ def default_config() -> ml_collections.ConfigDict:
   # it); "skip" leaves the state as it was and counts the step in results.json.
   c.train.nonfinite = "stop"
   c.train.max_steps = 0  # 0 = num_epochs worth of steps; >0 caps (smoke tests)
-  c.train.test_tta = True
+  c.train.test_tta = True  # use input.pp_test (ten crops) instead of pp_eval at test
   # "START:STOP": capture a profiler trace of steps [START, STOP) into the trial's
   # TensorBoard folder (TensorBoard's profile plugin shows it); "" = off.
-  c.train.profile_steps = ""  # use input.pp_test (ten crops) instead of pp_eval at test
+  c.train.profile_steps = ""
 
   c.lock()
   return c
