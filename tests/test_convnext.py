@@ -27,15 +27,7 @@ def _reference(name: str, num_classes: int = K, **kw) -> torch.nn.Module:
   their conversion untested."""
   torch.manual_seed(0)
   model = timm.create_model(name, pretrained=False, num_classes=num_classes, **kw)
-  with torch.no_grad():
-    for key, param in model.named_parameters():
-      if key.endswith("gamma"):
-        param.uniform_(0.1, 0.5)
-      elif key.endswith("weight") and param.ndim == 1:
-        param.uniform_(0.5, 1.5)
-      elif key.endswith("bias"):
-        param.normal_(0, 0.05)
-  return model.eval()
+  return parity.trained_like(model).eval()
 
 
 def _timm_to_official(key: str) -> str:
