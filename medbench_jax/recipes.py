@@ -239,8 +239,8 @@ def segmentation_demo(config: ml_collections.ConfigDict) -> None:
   config.optim.lr = 1e-3
   config.optim.weight_decay = 0.01
   config.optim.schedule = "warmup_cosine"
-  config.optim.warmup_epochs = 0.5
-  config.train.num_epochs = 6
-  config.train.patience = 6
+  config.optim.warmup_epochs = 0.25
+  config.train.num_epochs = 2
+  config.train.patience = 2
   config.train.test_tta = False
   config.train.log_every_steps = 20
