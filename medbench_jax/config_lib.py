@@ -204,8 +204,12 @@ def check_task_of_model(model_name: str, dataset_name: str) -> None:
         f"set, which needs {needs}.")
 
 
-def validate(config: ml_collections.ConfigDict) -> None:
-  """Fails before any work starts, naming the key and the allowed values."""
+def validate(config: ml_collections.ConfigDict, *, model_fits_task: bool = True) -> None:
+  """Fails before any work starts, naming the key and the allowed values.
+
+  model_fits_task: the model must be one the data set's task trains (a segmentation model
+  for masks); off where the model is only a feature extractor (probe).
+  """
   # pylint: disable=g-import-not-at-top
   from medbench_jax import models
   from medbench_jax.data import device_transforms
@@ -215,7 +219,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
   from medbench_jax.trainer import sharding
   # pylint: enable=g-import-not-at-top
   check_model_name(config.model.name, models.list_models())
-  check_task_of_model(config.model.name, config.dataset.name)
+  if model_fits_task:
+    check_task_of_model(config.model.name, config.dataset.name)
   check(config.model.dtype in ("float32", "bfloat16"), "model.dtype", config.model.dtype,
         ("float32", "bfloat16"))
   sources.validate_dataset_config(config.dataset)

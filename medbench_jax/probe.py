@@ -54,7 +54,7 @@ def main(argv):
   # pylint: enable=g-import-not-at-top
   config = _CONFIG.value
   try:
-    config_lib.validate(config)
+    config_lib.validate(config, model_fits_task=False)  # candidates name the models
     candidates = (probe.parse_candidates(_CANDIDATES.value) if _CANDIDATES.value is not None
                   else probe.read_candidates_file(_CANDIDATES_FILE.value))
     if runtime.is_lead():

@@ -124,13 +124,14 @@ def _unique(candidates: list[Candidate], where: str) -> list[Candidate]:
 def candidate_config(config: ml_collections.ConfigDict, candidate: Candidate
                      ) -> ml_collections.ConfigDict:
   """`config` with the candidate's model and init (model.kw kept for the config's own
-  model only), checked like a run's config."""
+  model only), checked like a run's config except that a classifier's encoder may score
+  a segmentation task (its features at pixels)."""
   result = copy.deepcopy(config)
   result.model.name = candidate.model
   result.model.init = candidate.init
   if candidate.model != config.model.name:
     result.model.kw = ml_collections.ConfigDict()
-  config_lib.validate(result)
+  config_lib.validate(result, model_fits_task=False)
   return result
 
 
