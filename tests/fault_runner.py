@@ -165,18 +165,17 @@ def fill_file_system(path) -> None:
   if mount[2] != "tmpfs" or total > 1 << 30:
     raise SystemExit(f"disk_full refuses to fill {mount[1]} ({mount[2]}, {total} bytes): "
                      "only a small tmpfs mounted for the test")
-  with open(os.path.join(mount[1], "filler"), "wb") as f:
+  # Unbuffered: a buffered file would try to flush what did not fit again on close.
+  with open(os.path.join(mount[1], "filler"), "wb", buffering=0) as f:
     chunk = b"\0" * (1 << 16)
     try:
       while True:
         f.write(chunk)
-        f.flush()
     except OSError:
       pass  # ENOSPC: full
     try:  # the last partial block
       while True:
         f.write(b"\0")
-        f.flush()
     except OSError:
       pass
 

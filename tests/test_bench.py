@@ -126,6 +126,20 @@ def test_train_bench_on_the_configs_input_pipeline(tmp_path):
   assert line["images_per_s"] == pytest.approx(8 / line["step_s"])
 
 
+@pytest.mark.parametrize("model,model_kw", [
+    ("unet_resnet18", dict(decoder_channels=(32, 16, 16, 8, 8))),
+    # Built at 96 px, measured at 64: the input size reaches the Swin encoder.
+    ("upernet_swin_demo_patch4_window4_96", dict(decoder_channels=16, embed_dim=16,
+                                                 depths=(1, 1, 1, 1), num_heads=(1, 1, 2, 2))),
+])
+def test_train_bench_steps_segmentation_models(model, model_kw):
+  result = train_speed.jax_train_speed(model, batch_size=2, image_size=64, dtype="float32",
+                                       steps=1, num_outputs=1, model_kw=model_kw)
+  assert result["image_size"] == 64 and result["step_s"] > 0
+  # More than the forward pass of the 1x1 head alone over 2 x 64 x 64 pixels.
+  assert result["flops_per_step"] > 2 * 64 * 64 * 2 * 8
+
+
 def test_eval_bench_with_ten_crops_against_torch():
   lines = train_speed.bench_step("eval", "resnet18", batch_size=2, image_size=32, dtype="float32",
                            steps=2, compare_torch=True, ten_crop=True)

@@ -34,6 +34,7 @@ and shapes shows what the cache saves of the first step.
 from __future__ import annotations
 
 import concurrent.futures
+import functools
 import multiprocessing
 import os
 import resource
@@ -74,8 +75,10 @@ def _jax_model(model: str, batch_size: int, image_size: int, dtype: str, seed: i
   from medbench_jax import models  # pylint: disable=g-import-not-at-top
 
   net = models.create(model, num_outputs, dtype=jnp.dtype(dtype), **model_kw)
-  if hasattr(net, "img_size"):  # Swin and ViT fix windows / position table by input size.
-    net = net.clone(img_size=image_size)
+  if getattr(net, "img_size", None) is not None:
+    # Swin and ViT, also as segmentation encoders, fix windows / position table by input size.
+    net = models.create(model, num_outputs, dtype=jnp.dtype(dtype),
+                        **{**model_kw, "img_size": image_size})
   rng, image_rng = jax.random.split(jax.random.key(seed))
   images = jax.random.normal(image_rng, (batch_size, image_size, image_size, 3), jnp.float32)
   variables = jax.jit(net.init)({"params": rng, "dropout": rng}, images[:1])
@@ -129,6 +132,9 @@ def _first_and_steady(jitted: Callable, args: tuple, steps: int, carry: bool,
   argument, timed as the trainer times it (_time_input_window)."""
   import jax  # pylint: disable=g-import-not-at-top
 
+  from medbench_jax import runtime  # pylint: disable=g-import-not-at-top
+
+  runtime.freeze_heap()  # as the trainer does for its first step
   start = time.perf_counter()
   lowered = jitted.lower(*args)
   traced = time.perf_counter()
@@ -136,6 +142,7 @@ def _first_and_steady(jitted: Callable, args: tuple, steps: int, carry: bool,
   compiled_at = time.perf_counter()
   outputs = jax.block_until_ready(compiled(*args))
   first = time.perf_counter()
+  runtime.thaw_heap()
   if carry:
     args = (outputs[0],) + args[1:]
 
@@ -164,7 +171,6 @@ def _real_batches(config, batch_size: int) -> tuple[Iterator, Callable[[Any], An
   first use, as the trainer's lead process does) and the normalisation the trainer's
   step applies to its uint8 images."""
   import contextlib  # pylint: disable=g-import-not-at-top
-  import functools  # pylint: disable=g-import-not-at-top
   import sys  # pylint: disable=g-import-not-at-top
 
   from medbench_jax import config_lib  # pylint: disable=g-import-not-at-top
@@ -203,16 +209,19 @@ def jax_train_speed(model: str, batch_size: int, image_size: int, dtype: str,
   net, variables, images, rng = _jax_model(model, batch_size, image_size, dtype, seed,
                                            num_outputs, model_kw or {})
   if batches is None:
+    # Random 0/1 targets the shape of the outputs: labels (B, K), or masks (B, H, W, K).
+    outputs = jax.eval_shape(functools.partial(net.apply, train=False), variables, images)
     batch = {"image": images,
              "labels": jax.random.bernoulli(jax.random.fold_in(rng, 1), 0.5,
-                                            (batch_size, num_outputs)).astype(jnp.float32)}
+                                            outputs.shape).astype(jnp.float32)}
+  target_key = "labels" if "labels" in batch else "mask"
   params = variables.pop("params")
   tx = optax.adam(1e-4)
   state = (params, variables, tx.init(params))
 
   def train_step(state, batch, step_rng):
     params, variables, opt_state = state
-    images, labels = preprocess(batch["image"]), batch["labels"].astype(jnp.float32)
+    images, labels = preprocess(batch["image"]), batch[target_key].astype(jnp.float32)
 
     def loss_fn(params):
       logits, updates = net.apply({"params": params, **variables}, images, train=True,

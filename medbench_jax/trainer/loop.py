@@ -131,6 +131,8 @@ def fit(*, config: ml_collections.ConfigDict, task: tasks_base.Task,
     wait_time += time.perf_counter() - t
     if step == 0:
       writer.write_images(0, task.input_images(local))
+    if speed.first_step_s is None:
+      runtime.freeze_heap()  # while the step is traced and compiled
     state, step_metrics = step_fn(state, to_global(local))
     pending_metrics.append(step_metrics)
     step += 1
@@ -143,6 +145,7 @@ def fit(*, config: ml_collections.ConfigDict, task: tasks_base.Task,
     if speed.first_step_s is None:
       # Compilation happens here: timed apart so it does not dilute the throughput.
       jax.block_until_ready(step_metrics)
+      runtime.thaw_heap()
       speed.first_step_s = time.perf_counter() - first_step_start
       writer.write_scalars(step, {"perf/first_step_s": speed.first_step_s})
       logging.info("[%s] first step took %.1f s (compilation included)", label,
