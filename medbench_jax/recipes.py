@@ -152,7 +152,7 @@ def classification_demo(config: ml_collections.ConfigDict) -> None:
   crop with horizontal flips instead of random resized crops and rotation, because a
   transformer trained from scratch for a few epochs learns the small findings (nodule,
   pneumothorax) markedly faster without them; AdamW 3e-4 with warmup + cosine over a
-  fixed 5 epochs (the paper: Adam 2e-4, reduce-on-plateau, up to 1000 epochs with
+  fixed 4 epochs (the paper: Adam 2e-4, reduce-on-plateau, up to 1000 epochs with
   early stopping on the validation loss). The paper's augmentation on the demo model:
   `--config.input.pp_train="random_resized_crop(96)|flip_lr|rotate(7)"`.
   """
@@ -167,8 +167,8 @@ def classification_demo(config: ml_collections.ConfigDict) -> None:
   config.optim.weight_decay = 0.05
   config.optim.schedule = "warmup_cosine"
   config.optim.warmup_steps = 100
-  config.train.num_epochs = 5
-  config.train.patience = 5
+  config.train.num_epochs = 4
+  config.train.patience = 4
   config.train.log_every_steps = 20
 
 
