@@ -165,7 +165,8 @@ def fill_file_system(path) -> None:
   if mount[2] != "tmpfs" or total > 1 << 30:
     raise SystemExit(f"disk_full refuses to fill {mount[1]} ({mount[2]}, {total} bytes): "
                      "only a small tmpfs mounted for the test")
-  # Unbuffered: a buffered file would try to flush what did not fit again on close.
+  # Unbuffered: a buffered file would try to flush what did not fit again on close. A raw
+  # write that does not fit writes what does, so the loop ends on a full file system.
   with open(os.path.join(mount[1], "filler"), "wb", buffering=0) as f:
     chunk = b"\0" * (1 << 16)
     try:
@@ -173,11 +174,6 @@ def fill_file_system(path) -> None:
         f.write(chunk)
     except OSError:
       pass  # ENOSPC: full
-    try:  # the last partial block
-      while True:
-        f.write(b"\0")
-    except OSError:
-      pass
 
 
 def main() -> None:
