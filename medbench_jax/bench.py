@@ -55,9 +55,10 @@ with the step count; checkpoint retention as a folder that stays the size of one
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 import json
 import sys
-from typing import Any, Sequence
+from typing import Any
 
 from absl import app
 from absl import flags
@@ -165,7 +166,7 @@ def main(argv):
   steps = _STEPS.value or _DEFAULT_STEPS[benchmark]
   config_name = config_flags.get_config_filename(flags.FLAGS["config"])
   if benchmark == "soak":
-    from medbench_jax.benchmarks import soak  # pylint: disable=g-import-not-at-top
+    from medbench_jax.benchmarks import soak
     if not _WORKDIR.value:
       raise app.UsageError("soak needs --workdir (a folder that does not exist yet).")
     lines = [soak.bench_soak(

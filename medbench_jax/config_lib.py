@@ -2,28 +2,26 @@
 
 Config files start from `default_config()` and change a few fields, so every run
 has the same keys; the dict is locked, so `--config.typo=1` fails naming the key.
-`validate` lets each component check its own section before any work starts.
-Importing this module (which every config file does) loads no data or model code.
+`check` and `check_model_name` word every config error alike; `config_checks.validate`
+(entry level) has each component check its own section before any work starts. This
+module is a leaf: every config file imports it, and it imports nothing of the package
+except, inside `normalization`, the model registry.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 import json
-from typing import Any, Sequence
+from typing import Any
 
 import ml_collections
 
-NORMALIZATIONS = {
-    "imagenet": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
-    # ChestX-ray14 statistics used by the reference study's "chestx-ray" option.
-    "chestxray": ((0.5056, 0.5056, 0.5056), (0.252, 0.252, 0.252)),
-    # The reference study's "none": pixels scaled to [0, 1], nothing else.
-    "none": ((0.0, 0.0, 0.0), (1.0, 1.0, 1.0)),
-}
+from medbench_jax.pixel_stats import NORMALIZATIONS
+
 # The mean/std of the model's own pretrained config (e.g. SimCLR's 0/1).
 MODEL_NORMALIZATION = "model"
 NONFINITE_POLICIES = ("stop", "skip")
-# Segmentation models are named <decoder>_<encoder> (DESIGN.md); the rest classify.
+# Segmentation models are named <decoder>_<encoder>; the rest classify.
 SEGMENTATION_DECODERS = ("unet", "upernet")
 
 
@@ -186,83 +184,11 @@ def check_model_name(name: str, available: Sequence[str]) -> None:
                    f"registered {family}_* models: {', '.join(members)}")
 
 
-def check_task_of_model(model_name: str, dataset_name: str) -> None:
-  """Segmentation models go with segmentation data sets, classifiers with the others."""
-  from medbench_jax.data.prepare import registry  # pylint: disable=g-import-not-at-top
-  if dataset_name not in registry.names():
-    return  # named by the data set's own check
-  segmentation_model = model_name.partition("_")[0] in SEGMENTATION_DECODERS
-  segmentation_data = registry.task_of(dataset_name) == "segmentation"
-  if segmentation_model != segmentation_data:
-    needs = ("a segmentation model (" + ", ".join(f"{d}_<encoder>" for d in
-                                                 SEGMENTATION_DECODERS) + ")"
-             if segmentation_data else "a classification model")
-    raise ValueError(
-        f"config.model.name={model_name!r} is a "
-        f"{'segmentation' if segmentation_model else 'classification'} model, but "
-        f"config.dataset.name={dataset_name!r} is a {registry.task_of(dataset_name)} data "
-        f"set, which needs {needs}.")
-
-
-def validate(config: ml_collections.ConfigDict, *, model_fits_task: bool = True) -> None:
-  """Fails before any work starts, naming the key and the allowed values.
-
-  model_fits_task: the model must be one the data set's task trains (a segmentation model
-  for masks); off where the model is only a feature extractor (probe).
-  """
-  # pylint: disable=g-import-not-at-top
-  from medbench_jax import models
-  from medbench_jax.data import device_transforms
-  from medbench_jax.data import sources
-  from medbench_jax.data import transforms
-  from medbench_jax.trainer import optim
-  from medbench_jax.trainer import sharding
-  # pylint: enable=g-import-not-at-top
-  check_model_name(config.model.name, models.list_models())
-  if model_fits_task:
-    check_task_of_model(config.model.name, config.dataset.name)
-  check(config.model.dtype in ("float32", "bfloat16"), "model.dtype", config.model.dtype,
-        ("float32", "bfloat16"))
-  sources.validate_dataset_config(config.dataset)
-  optim.validate(config.optim)
-  sharding.validate(config)
-  check(config.input.normalization in (*NORMALIZATIONS, MODEL_NORMALIZATION),
-        "input.normalization", config.input.normalization,
-        (*NORMALIZATIONS, MODEL_NORMALIZATION))
-  for key in ("num_trials", "input.batch_size", "input.eval_batch_size", "train.num_epochs"):
-    value = config
-    for part in key.split("."):
-      value = value[part]
-    check(isinstance(value, int) and value > 0, key, value, "a positive integer")
-  check(config.input.num_workers >= 0, "input.num_workers", config.input.num_workers, ">= 0")
-  check(config.train.patience >= 0, "train.patience", config.train.patience, ">= 0")
-  check(config.train.log_every_steps >= 1, "train.log_every_steps",
-        config.train.log_every_steps, ">= 1")
-  for key in ("eval_every_steps", "max_steps"):
-    check(config.train[key] >= 0, f"train.{key}", config.train[key], ">= 0 (0: default)")
-  check(config.train.nonfinite in NONFINITE_POLICIES, "train.nonfinite",
-        config.train.nonfinite, NONFINITE_POLICIES)
-  profile = config.train.profile_steps
-  check(not profile or (len(parts := profile.split(":")) == 2 and all(
-      p.isdigit() for p in parts) and int(parts[0]) < int(parts[1])),
-        "train.profile_steps", profile, '"" or "START:STOP" with START < STOP')
-  for key in ("pp_train", "pp_eval", "pp_test"):
-    try:
-      transforms.parse(config.input[key])
-    except ValueError as e:
-      raise ValueError(f"config.input.{key}: {e}") from None
-  if config.input.augment_on_device:
-    try:
-      device_transforms.parse(config.input.pp_train)
-    except ValueError as e:
-      raise ValueError(f"config.input.pp_train: {e}") from None
-
-
 def normalization(config: ml_collections.ConfigDict) -> dict[str, tuple[float, ...]]:
   """{"mean", "std"} (RGB) of `config.input.normalization`."""
   name = config.input.normalization
   if name == MODEL_NORMALIZATION:
-    from medbench_jax import models  # pylint: disable=g-import-not-at-top
+    from medbench_jax import models
     cfg = models.pretrained_cfg(config.model.name)
     return {"mean": tuple(cfg["mean"]), "std": tuple(cfg["std"])}
   mean, std = NORMALIZATIONS[name]

@@ -16,9 +16,9 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-import jax
 from absl import app
 from absl import flags
+import jax
 
 from medbench_jax import weights
 from medbench_jax.weights import sources

@@ -18,21 +18,23 @@ run's config (e.g. the other data set's manual_dir, dataset.image_size, input.ev
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 import dataclasses
 import functools
 import json
 import os
 import sys
 import time
-from typing import Any, Sequence
+from typing import Any
 
-import ml_collections
-import numpy as np
 from absl import app
 from absl import flags
 from absl import logging
+import ml_collections
 from ml_collections import config_flags
+import numpy as np
 
+from medbench_jax import config_checks
 from medbench_jax import config_lib
 from medbench_jax import paths
 from medbench_jax import runtime
@@ -78,8 +80,9 @@ class SelectedClasses(Sequence):
 
 def evaluate_run(workdir: str, config: ml_collections.ConfigDict) -> dict:
   """Tests every finished trial of the run in `workdir` on `config.dataset`'s test split."""
-  # pylint: disable=g-import-not-at-top
+
   import jax
+
   from medbench_jax import tasks
   from medbench_jax import weights
   from medbench_jax.data import pipeline
@@ -88,7 +91,6 @@ def evaluate_run(workdir: str, config: ml_collections.ConfigDict) -> dict:
   from medbench_jax.trainer import results as results_lib
   from medbench_jax.trainer import sharding
   from medbench_jax.trainer import state as state_lib
-  # pylint: enable=g-import-not-at-top
   start = time.perf_counter()
   run = paths.read_json(os.path.join(workdir, "results.json"))
   splits = sources.open_splits(config.dataset)
@@ -189,11 +191,10 @@ def _tuples(value: Any) -> Any:
 def main(argv: Sequence[str]) -> None:
   del argv
   runtime.start()
-  # pylint: disable=g-import-not-at-top
+
   from medbench_jax.data import prepare
-  # pylint: enable=g-import-not-at-top
   config = flags.FLAGS.config
-  config_lib.validate(config)
+  config_checks.validate(config)
   if runtime.is_lead():
     prepare.prepare_dataset(config.dataset)
   runtime.barrier("evaluate_dataset_prepared")

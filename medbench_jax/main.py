@@ -12,7 +12,7 @@ from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
-from medbench_jax import config_lib
+from medbench_jax import config_checks
 from medbench_jax import paths
 from medbench_jax import runtime
 
@@ -46,12 +46,11 @@ def main(argv):
                 process_id=_PROCESS_ID.value, multiprocess=_MULTIPROCESS.value,
                 compilation_cache_dir=_COMPILATION_CACHE.value,
                 heartbeat_timeout_s=_HEARTBEAT_TIMEOUT.value)
-  # pylint: disable=g-import-not-at-top
+
   from medbench_jax.data import prepare
   from medbench_jax.trainer import trials
-  # pylint: enable=g-import-not-at-top
   config = _CONFIG.value
-  config_lib.validate(config)
+  config_checks.validate(config)
   workdir = _WORKDIR.value or paths.default_workdir(
       config_flags.get_config_filename(flags.FLAGS["config"]))
   logging.info("Workdir: %s", workdir)

@@ -24,10 +24,10 @@ import os
 import sys
 import time
 
-import ml_collections
 from absl import app
 from absl import flags
 from absl import logging
+import ml_collections
 
 from medbench_jax import config_lib
 from medbench_jax import paths
@@ -69,7 +69,7 @@ def dataset_config() -> ml_collections.ConfigDict:
            skip_bad=_SKIP_BAD.value)
   d.csv.update({key: flag.value for key, flag in _CSV.items()})
   if d.name in prepare.PHANTOM_DATASETS:
-    from medbench_jax.data.prepare import phantom  # pylint: disable=g-import-not-at-top
+    from medbench_jax.data.prepare import phantom
     generated = phantom.generated_params(os.path.expanduser(d.manual_dir))
     if generated:
       d.phantom.update({key: generated[key] for key in d.phantom.keys()})

@@ -24,7 +24,7 @@ from absl import app
 from absl import flags
 from ml_collections import config_flags
 
-from medbench_jax import config_lib
+from medbench_jax import config_checks
 from medbench_jax import runtime
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -48,13 +48,12 @@ def main(argv):
   if (_CANDIDATES.value is None) == (_CANDIDATES_FILE.value is None):
     raise app.UsageError("Give exactly one of --candidates and --candidates_file.")
   runtime.start()
-  # pylint: disable=g-import-not-at-top
+
   from medbench_jax.data import prepare
   from medbench_jax.study import probe
-  # pylint: enable=g-import-not-at-top
   config = _CONFIG.value
   try:
-    config_lib.validate(config, model_fits_task=False)  # candidates name the models
+    config_checks.validate(config, model_fits_task=False)  # candidates name the models
     candidates = (probe.parse_candidates(_CANDIDATES.value) if _CANDIDATES.value is not None
                   else probe.read_candidates_file(_CANDIDATES_FILE.value))
     if runtime.is_lead():

@@ -57,7 +57,7 @@ def _common(arg: str | None, aliases: dict[str, str], task: str
   """The default config with the arg's data set, init, trials and label fraction."""
   args = config_lib.parse_arg(arg, model="", data="phantom", init="random", trials=1,
                               label_fraction=1.0, anno_percent=0.0, paper=False)
-  from medbench_jax.data.prepare import registry  # pylint: disable=g-import-not-at-top
+  from medbench_jax.data.prepare import registry
   names = {n for n in registry.names() if (registry.task_of(n) == "segmentation") ==
            (task == "segmentation")}
   allowed = sorted(set(aliases) | names)

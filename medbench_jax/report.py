@@ -17,12 +17,12 @@ of transferability estimates ({"task", "dataset", "model", "init", "label_fracti
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Sequence
+import sys
 
-import matplotlib
 from absl import app
 from absl import flags
+import matplotlib
 
 _RUNS = flags.DEFINE_string("runs", None, "Sweep root: folder holding the run workdirs.")
 _OUT = flags.DEFINE_string("out", None, "Folder for the report (created).")
@@ -41,7 +41,7 @@ _PLOTS = flags.DEFINE_bool("plots", True, "Draw the PNG plots (--noplots: tables
 def main(argv: Sequence[str]) -> None:
   del argv
   matplotlib.use("Agg")  # files only; no display needed or wanted
-  from medbench_jax.study import report  # pylint: disable=g-import-not-at-top
+  from medbench_jax.study import report
   try:
     result = report.build(_RUNS.value, _OUT.value, baseline=_BASELINE.value,
                           test=_TEST.value, probe=_PROBE.value,

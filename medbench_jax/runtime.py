@@ -22,8 +22,8 @@ import gc
 import logging as py_logging
 import signal
 
-import jax
 from absl import logging
+import jax
 
 # How long processes wait at a barrier for the others (data preparation is the longest).
 BARRIER_TIMEOUT_S = 24 * 3600
@@ -53,7 +53,7 @@ class _QuietLibraries(py_logging.Filter):
 
 
 def keep_tensorflow_off_accelerators() -> None:
-  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  import tensorflow as tf
   tf.config.set_visible_devices([], "GPU")
 
 
@@ -130,7 +130,7 @@ def barrier(name: str, timeout_s: float = BARRIER_TIMEOUT_S) -> None:
   """Blocks until every process has reached the barrier `name` (no-op for one process)."""
   if jax.process_count() == 1:
     return
-  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+  import orbax.checkpoint as ocp
   ocp.multihost.get_barrier_sync_fn()(key=f"medbench_{name}", timeout_ms=int(timeout_s * 1000))
 
 
@@ -159,6 +159,6 @@ def watch_for_preemption() -> None:
 def preemption_requested(step: int) -> bool:
   """Whether to save and stop after `step` (every process gets the same answer)."""
   if jax.process_count() > 1:
-    import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+    import orbax.checkpoint as ocp
     return ocp.multihost.reached_preemption(step)
   return _preemption_signal is not None

@@ -21,14 +21,14 @@ SLURM returns once the job arrays are queued.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 import contextlib
 import shlex
 import sys
-from collections.abc import Sequence
 
-import jax
 from absl import app
 from absl import flags
+import jax
 
 from medbench_jax.study import sweep as sweep_lib
 
@@ -53,7 +53,7 @@ _EXIT_FAILED = 1
 
 
 def _exit_status(outcome: dict[str, str]) -> int:
-  from medbench_jax import runtime  # pylint: disable=g-import-not-at-top
+  from medbench_jax import runtime
   states = set(outcome.values())
   if states <= {sweep_lib.DONE}:
     return 0
@@ -63,7 +63,7 @@ def _exit_status(outcome: dict[str, str]) -> int:
 
 
 def _report(outcome: dict[str, str], plan: sweep_lib.Plan) -> None:
-  from medbench_jax.study import sweep_local  # pylint: disable=g-import-not-at-top
+  from medbench_jax.study import sweep_local
   print(f"Sweep {plan.sweep}: {sweep_local.summary(outcome)}.")
   for point in plan.points:
     if outcome.get(point.name) in (sweep_lib.FAILED, sweep_lib.BLOCKED):
@@ -74,11 +74,10 @@ def _report(outcome: dict[str, str], plan: sweep_lib.Plan) -> None:
 
 
 def _run(plan: sweep_lib.Plan) -> int:
-  # pylint: disable=g-import-not-at-top
+
   from medbench_jax.study import sweep_local
   from medbench_jax.study import sweep_slurm
   from medbench_jax.study import sweep_tpu
-  # pylint: enable=g-import-not-at-top
   backend = _BACKEND.value
   if backend == "tpu" and not (_TPU.value and _ZONE.value):
     raise ValueError("--backend=tpu needs --tpu=NAME and --zone=ZONE")

@@ -7,21 +7,17 @@ import os
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-import pytest  # noqa: E402
 from absl import flags  # noqa: E402
+import pytest  # noqa: E402
 
 # grain reads absl flags; under pytest nobody calls app.run.
 flags.FLAGS.mark_as_parsed()
 
 
-def pytest_configure(config):
-  config.addinivalue_line("markers", "slow: long tests (full-size models); run with -m slow")
-
-
 @pytest.fixture(scope="session")
 def phantom_dir(tmp_path_factory):
   """A small generated phantom data set in its on-disk (ChestX-ray14 list) format."""
-  from medbench_jax.data.prepare import phantom  # pylint: disable=g-import-not-at-top
+  from medbench_jax.data.prepare import phantom
   path = tmp_path_factory.mktemp("phantom")
   phantom.generate(path, seed=0, num_train=96, num_val=40, num_test=40, image_size=96)
   return path
@@ -29,6 +25,6 @@ def phantom_dir(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def phantom_builder(phantom_dir, tmp_path_factory):
-  from medbench_jax.data import prepare  # pylint: disable=g-import-not-at-top
+  from medbench_jax.data import prepare
   builder = prepare.get_builder("phantom_cxr", 64, tmp_path_factory.mktemp("tfds"))
   return builder.prepare_once(phantom_dir)

@@ -3,8 +3,10 @@
 import pathlib
 
 import numpy as np
-from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.uid import SecondaryCaptureImageStorage, generate_uid
+from pydicom.dataset import Dataset
+from pydicom.dataset import FileMetaDataset
+from pydicom.uid import generate_uid
+from pydicom.uid import SecondaryCaptureImageStorage
 
 
 def write(path: pathlib.Path, pixels: np.ndarray, patient: str = "",

@@ -20,7 +20,6 @@ after these patches:
 Nothing here is part of the package: the package has no hooks.
 """
 
-import functools
 import hashlib
 import os
 import runpy
@@ -43,13 +42,15 @@ def pause(name: str, n: int) -> None:
 
 
 def install(hook: str, at: int, batch_log: str | None) -> None:
-  # pylint: disable=g-import-not-at-top
+
   import jax
-  from medbench_jax.data.prepare import base
-  from medbench_jax.trainer import checkpoints, evaluation, state
-  from medbench_jax.trainer import sharding as sharding_lib
   from orbax.checkpoint._src.path import atomicity
-  # pylint: enable=g-import-not-at-top
+
+  from medbench_jax.data.prepare import base
+  from medbench_jax.trainer import checkpoints
+  from medbench_jax.trainer import evaluation
+  from medbench_jax.trainer import sharding as sharding_lib
+  from medbench_jax.trainer import state
 
   train_batches = [0]
   to_global = sharding_lib.to_global

@@ -8,18 +8,20 @@ both frameworks, then every parameter and running statistic compared).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 import pathlib
-from typing import Any, Callable
+from typing import Any
 
+from flax import traverse_util
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 import safetensors.torch
 import torch
-from flax import traverse_util
 
-from medbench_jax import models, weights
+from medbench_jax import models
+from medbench_jax import weights
 
 # Parity is about layouts and semantics, not about XLA's default reduced-precision matmuls.
 jax.config.update("jax_default_matmul_precision", "highest")

@@ -39,8 +39,8 @@ def test_input_bench_reports_ours_and_the_torch_reference(tmp_path):
 
 def test_reference_dataset_opens_pngs_as_rgb_like_the_reference_code(tmp_path):
   # torch stays out of this process (bench runs it in a fresh one): a plain transform.
-  import cv2  # pylint: disable=g-import-not-at-top
-  import numpy as np  # pylint: disable=g-import-not-at-top
+  import cv2
+  import numpy as np
   paths = []
   for i in range(3):
     paths.append(str(tmp_path / f"{i}.png"))

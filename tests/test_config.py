@@ -1,21 +1,20 @@
 """Config files, args and validation: bad input is named before any work starts."""
 
-import pytest
 from ml_collections import config_flags  # noqa: F401  (registers the config loader)
+import pytest
 
-from medbench_jax import config_lib
-
-from configs import convnext as convnext_config  # pylint: disable=g-bad-import-order
+from configs import convnext as convnext_config
 from configs import densenet121 as densenet_config
 from configs import resnet50 as resnet_config
 from configs import swin as swin_config
+from medbench_jax import config_checks
 
 PIL = "interpolation='pil_bilinear'"
 
 
 def test_default_swin_config_is_the_cpu_demo_and_valid():
   config = swin_config.get_config()
-  config_lib.validate(config)
+  config_checks.validate(config)
   assert config.model.name == "swin_demo_patch4_window4_96"
   assert config.dataset.name == "phantom_cxr"
 
@@ -33,7 +32,7 @@ def test_the_demo_keeps_its_data_path():
 
 def test_paper_variant():
   config = swin_config.get_config("model=swin_base_patch4_window7_224,data=chestxray14")
-  config_lib.validate(config)
+  config_checks.validate(config)
   assert config.model.name == "swin_base_patch4_window7_224"
   assert config.dataset.name == "chestxray14"
   assert (config.dataset.image_size, config.dataset.keep_aspect) == (1024, True)
@@ -63,7 +62,7 @@ def test_paper_variant():
 ])
 def test_paper_setting_per_data_set(arg, dataset, values):
   config = swin_config.get_config(arg)
-  config_lib.validate(config)
+  config_checks.validate(config)
   assert config.dataset.name == dataset
   assert {k: config.dataset[k] for k in values} == values
   if dataset == "phantom_cxr":
@@ -101,4 +100,4 @@ def test_bad_values_are_named(key, value, message):
   section, field = key.split(".")
   config[section][field] = value
   with pytest.raises(ValueError, match=message):
-    config_lib.validate(config)
+    config_checks.validate(config)

@@ -5,13 +5,12 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from medbench_jax import config_lib
-from medbench_jax.trainer import state
-
-from configs import unet_resnet50  # pylint: disable=g-bad-import-order
+from configs import unet_resnet50
 from configs import upernet_convnext
 from configs import upernet_swin
 from configs import upernet_vit
+from medbench_jax import config_checks
+from medbench_jax.trainer import state
 
 CONFIGS = [  # (config module, paper model, demo model)
     (unet_resnet50, "unet_resnet50", "unet_resnet18"),
@@ -36,7 +35,7 @@ def _assert_builds(config, num_classes: int = 1) -> None:
                          ids=[c[0].__name__.split(".")[-1] for c in CONFIGS])
 def test_demo_is_a_valid_phantom_run_of_a_small_model(module, paper_model, demo_model):
   config = module.get_config()
-  config_lib.validate(config)
+  config_checks.validate(config)
   assert (config.model.name, config.dataset.name) == (demo_model, "phantom_cxr_lungs")
   assert config.dataset.image_size == 64 and config.model.init == "random"
   _assert_builds(config)
@@ -46,7 +45,7 @@ def test_demo_is_a_valid_phantom_run_of_a_small_model(module, paper_model, demo_
                          ids=[c[0].__name__.split(".")[-1] for c in CONFIGS])
 def test_paper_setting_builds_the_papers_model(module, paper_model, demo_model):
   config = module.get_config("data=montgomery,init=/ckpt/encoder.pth,trials=10")
-  config_lib.validate(config)
+  config_checks.validate(config)
   assert (config.model.name, config.dataset.name) == (paper_model, "montgomery")
   assert (config.dataset.image_size, config.num_trials) == (224, 10)
   assert config.model.init == "/ckpt/encoder.pth" and not config.model.kw.to_dict()

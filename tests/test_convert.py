@@ -12,7 +12,10 @@ import pytest
 import torch
 import torchvision
 
-from medbench_jax import config_lib, convert, models, weights
+from medbench_jax import config_lib
+from medbench_jax import convert
+from medbench_jax import models
+from medbench_jax import weights
 from medbench_jax.trainer import state
 from tests import parity
 from tests.publishers import moco

@@ -11,10 +11,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import timm
-import torch
 from timm.models.convnext import checkpoint_filter_fn
+import torch
 
-from medbench_jax import models, weights
+from medbench_jax import models
+from medbench_jax import weights
 from tests import parity
 
 K = 14  # ChestX-ray14's labels, as the study's checkpoints have.

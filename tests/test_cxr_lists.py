@@ -25,7 +25,7 @@ def test_prepared_phantom_equals_its_list_files(phantom_dir, phantom_builder):
 
 
 def test_stored_image_is_the_resized_png(phantom_dir, phantom_builder):
-  import cv2  # pylint: disable=g-import-not-at-top
+  import cv2
   example = phantom_builder.as_data_source("test")[0]
   png = cv2.imread(str(phantom_dir / "images" / example["name"].decode()), cv2.IMREAD_GRAYSCALE)
   expected = cv2.resize(png, (64, 64), interpolation=cv2.INTER_AREA)

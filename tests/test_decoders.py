@@ -5,9 +5,9 @@ import math
 
 import cv2
 import numpy as np
+from PIL import Image
 import pytest
 import torchvision.transforms.functional as TF
-from PIL import Image
 
 from medbench_jax.data import prepare
 from medbench_jax.data import transforms
@@ -30,7 +30,7 @@ def _texture(height, width, seed):
 def _chestxray14(root, shapes):
   """A ChestX-ray14 layout (the study's lists) with one image of each shape per split."""
   originals = {}
-  for (split, list_name), (height, width) in zip(LISTS.items(), shapes):
+  for list_name, (height, width) in zip(LISTS.values(), shapes):
     name = f"{len(originals):08d}_000.png"
     originals[name] = _texture(height, width, seed=len(originals))
     (root / "images").mkdir(parents=True, exist_ok=True)

@@ -12,7 +12,8 @@ import timm
 import torch
 import torchvision
 
-from medbench_jax import models, weights
+from medbench_jax import models
+from medbench_jax import weights
 from tests import parity
 
 K = 5

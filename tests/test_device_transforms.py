@@ -11,12 +11,13 @@ import pathlib
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 import numpy as np
 import pytest
-from jax.sharding import NamedSharding, PartitionSpec as P
 from scipy import stats
 
-from medbench_jax import config_lib
+from medbench_jax import config_checks
 from medbench_jax.data import device_transforms
 from medbench_jax.data import transforms
 
@@ -129,8 +130,8 @@ def test_crop_check_rejects_a_uniform_aspect_sampler(host_crop_boxes, monkeypatc
 
 def test_crop_distribution_with_fallbacks_matches_torchvision():
   """A wide image: ~3% of draws exhaust the 10 tries and take the central crop."""
-  import torch  # pylint: disable=g-import-not-at-top
-  from torchvision import transforms as T  # pylint: disable=g-import-not-at-top
+  import torch
+  from torchvision import transforms as T
   shape = (32, 96)
   torch.manual_seed(0)
   image = torch.zeros(1, *shape)
@@ -145,8 +146,8 @@ def test_crop_distribution_with_fallbacks_matches_torchvision():
 
 @pytest.mark.parametrize("shape", [(32, 96), (96, 32), (60, 64)])
 def test_central_crop_fallback_equals_torchvision(shape):
-  import torch  # pylint: disable=g-import-not-at-top
-  from torchvision import transforms as T  # pylint: disable=g-import-not-at-top
+  import torch
+  from torchvision import transforms as T
   # Twice the image's area: every try fails.
   theirs = T.RandomResizedCrop.get_params(torch.zeros(1, *shape), [2.0, 2.0], [3 / 4, 4 / 3])
   op = device_transforms.RandomResizedCrop(8, scale=(2.0, 2.0))
@@ -345,23 +346,24 @@ def test_config_refuses_a_train_spec_without_device_version():
   config.input.augment_on_device = True
   config.input.pp_train = "random_resized_crop(64)|ten_crop(64)"
   with pytest.raises(ValueError, match=r"config\.input\.pp_train: 'ten_crop\(64\)' cannot"):
-    config_lib.validate(config)
+    config_checks.validate(config)
   config.input.pp_train = "random_resized_crop(64, scale=(0.25, 1.0))|flip_lr|rotate(7)"
-  config_lib.validate(config)
+  config_checks.validate(config)
 
 
 def test_training_augments_on_device_from_stored_images(tmp_path, phantom_dir, monkeypatch):
   """The host ships the stored 72 px images; the 64 px model only runs if the step crops."""
-  # pylint: disable=g-import-not-at-top
-  from medbench_jax.data import pipeline, prepare, sources
+
+  from medbench_jax.data import pipeline
+  from medbench_jax.data import prepare
+  from medbench_jax.data import sources
   from medbench_jax.tasks import base
   from medbench_jax.trainer import trials
-  # pylint: enable=g-import-not-at-top
   config = _tiny_config()
   config.dataset.manual_dir = str(phantom_dir)
   config.input.augment_on_device = True
   config.train.max_steps = 4
-  config_lib.validate(config)
+  config_checks.validate(config)
   prepare.prepare_dataset(config.dataset)
 
   specs, shipped = [], []

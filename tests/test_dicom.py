@@ -4,11 +4,13 @@ import warnings
 
 import numpy as np
 import pydicom
-import pytest
 from pydicom.data import get_testdata_file
 from pydicom.dataset import Dataset
-from pydicom.pixels import apply_modality_lut, apply_voi, apply_voi_lut
+from pydicom.pixels import apply_modality_lut
+from pydicom.pixels import apply_voi
+from pydicom.pixels import apply_voi_lut
 from pydicom.sequence import Sequence
+import pytest
 
 from medbench_jax.data.prepare import dicom
 from medbench_jax.data.prepare.errors import DataFormatError
@@ -162,8 +164,9 @@ def test_bad_inputs_name_the_file(tmp_path):
   not_dicom.write_text("not a DICOM file")
   with pytest.raises(DataFormatError, match=r"notes.dcm: not a readable DICOM"):
     dicom.read_gray(not_dicom)
-  with pytest.raises(dicom.DicomError, match=r"SC_rgb_small_odd.dcm: PhotometricInterpretation 'RGB' "
-                                             r"is not grayscale"):
+  with pytest.raises(dicom.DicomError,
+                     match=r"SC_rgb_small_odd.dcm: PhotometricInterpretation 'RGB' is not "
+                           r"grayscale"):
     dicom.read_gray(_testdata("SC_rgb_small_odd.dcm"))
   with pytest.raises(ValueError, match="voi must be one of"):
     dicom.read_gray(_testdata("MR_small.dcm"), voi="soft")

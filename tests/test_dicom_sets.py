@@ -5,10 +5,10 @@ import csv
 import numpy as np
 import pytest
 
+from medbench_jax.data import splits as splits_lib
 from medbench_jax.data.prepare import dicom
 from medbench_jax.data.prepare import dicom_sets
 from medbench_jax.data.prepare.errors import DataFormatError
-from medbench_jax.data import splits as splits_lib
 from medbench_jax.data.splits import SPLITS
 from tests import dicom_files
 from tests import layouts
@@ -206,7 +206,8 @@ def _vindr_study(root, rng, extra=24):
   # As published: a space before Windows line endings.
   for list_name, rows in (("VinDrCXR_train_pe_global_one.txt", train),
                           ("VinDrCXR_test_pe_global_one.txt", VINDR_STUDY_TEST)):
-    _write_list(root / list_name, [f"{n} {' '.join(map(str, l))} " for n, l in rows], "\r\n")
+    lines = [f"{n} {' '.join(map(str, labels))} " for n, labels in rows]
+    _write_list(root / list_name, lines, "\r\n")
   return train, stored
 
 

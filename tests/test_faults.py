@@ -40,7 +40,7 @@ HOOK_TIMEOUT_S = 900
 def _load_tiny(phantom_dir):
   sys.path.insert(0, str(REPO / "tests" / "configs"))
   try:
-    import tiny  # pylint: disable=g-import-not-at-top
+    import tiny
   finally:
     sys.path.pop(0)
   config = tiny.get_config("epochs=2,workers=2")
@@ -49,7 +49,7 @@ def _load_tiny(phantom_dir):
 
 
 def _prepared(phantom_dir):
-  from medbench_jax.data import prepare  # pylint: disable=g-import-not-at-top
+  from medbench_jax.data import prepare
   config = _load_tiny(phantom_dir)
   return config, prepare.prepare_dataset(config.dataset, workers=1)
 
@@ -162,7 +162,7 @@ def _assert_resumed_identically(reference: Run, workdir, killed_log, resumed_log
 
 
 def _has_manifest(step_dir) -> bool:
-  from medbench_jax.trainer import checkpoints  # pylint: disable=g-import-not-at-top
+  from medbench_jax.trainer import checkpoints
   return (pathlib.Path(step_dir) / checkpoints.MANIFEST).is_file()
 
 
@@ -248,8 +248,8 @@ def test_sigkill_while_preparing_then_rerun_prepares_the_same_data(tmp_path, pha
   assert len(shards) == 3
   # Records are compared as parsed examples: a tf.train.Example's feature map has no
   # fixed serialisation order, so equal examples need not be equal bytes.
-  import tensorflow as tf  # pylint: disable=g-import-not-at-top
-  from array_record.python import array_record_module  # pylint: disable=g-import-not-at-top
+  from array_record.python import array_record_module
+  import tensorflow as tf
 
   def examples(path):
     reader = array_record_module.ArrayRecordReader(str(path))
@@ -303,8 +303,9 @@ def _edit_progress(step_dir):
 @pytest.mark.parametrize("damage", [_truncate, _flip_bytes, _delete_file, _edit_progress],
                          ids=["truncated", "bytes-flipped", "file-deleted", "json-edited"])
 def test_damaged_checkpoint_is_refused_naming_the_file(reference, tmp_path, damage):
-  from etils import epath  # pylint: disable=g-import-not-at-top
-  from medbench_jax.trainer import checkpoints  # pylint: disable=g-import-not-at-top
+  from etils import epath
+
+  from medbench_jax.trainer import checkpoints
   trial = tmp_path / "trial_0"
   shutil.copytree(reference.workdir / "trial_0" / "ckpt", trial / "ckpt")
   damaged = damage(trial / "ckpt" / "latest" / "12")
@@ -333,7 +334,7 @@ def test_rerun_over_a_damaged_checkpoint_stops_instead_of_retraining(
 
 @pytest.mark.parametrize("name", ["results.json", "trial_0/result.json"])
 def test_results_cut_in_half_are_named(reference, tmp_path, phantom_dir, name):
-  from medbench_jax.trainer import trials  # pylint: disable=g-import-not-at-top
+  from medbench_jax.trainer import trials
   config, _ = _prepared(phantom_dir)
   workdir = tmp_path / "run"
   shutil.copytree(reference.workdir, workdir)
@@ -348,8 +349,9 @@ def test_results_cut_in_half_are_named(reference, tmp_path, phantom_dir, name):
 
 @pytest.mark.parametrize("victim", ["train.array_record", "label_table.npz"])
 def test_prepared_file_cut_short_is_named(tmp_path, phantom_dir, victim):
-  from medbench_jax.data import prepare, sources  # pylint: disable=g-import-not-at-top
-  from medbench_jax.data.prepare.errors import DataFormatError  # pylint: disable=g-import-not-at-top
+  from medbench_jax.data import prepare
+  from medbench_jax.data import sources
+  from medbench_jax.data.prepare.errors import DataFormatError
   _prepared(phantom_dir)
   copy = tmp_path / "phantom"
   shutil.copytree(phantom_dir, copy)
@@ -371,15 +373,16 @@ def _small_train_state(seed: int):
 
 
 def _iterator():
-  import grain  # pylint: disable=g-import-not-at-top
+  import grain
   return iter(grain.MapDataset.range(64).shuffle(seed=0).batch(4).to_iter_dataset())
 
 
 def test_write_error_while_saving_keeps_the_previous_checkpoint(tmp_path):
   """A real failing write: the file-size limit (RLIMIT_FSIZE) makes the kernel refuse
   the second checkpoint's 1.2 MB array (EFBIG), as a failing disk would refuse it."""
-  from etils import epath  # pylint: disable=g-import-not-at-top
-  from medbench_jax.trainer import checkpoints  # pylint: disable=g-import-not-at-top
+  from etils import epath
+
+  from medbench_jax.trainer import checkpoints
   directory = epath.Path(tmp_path / "trial_0" / "ckpt")
   ckpt = checkpoints.Checkpoints(directory)
   iterator = _iterator()
@@ -441,8 +444,8 @@ def test_full_disk_while_checkpointing_stops_and_the_rerun_resumes(
   assert run.finish() == 1, run.output[-5000:]
   assert "FAULT-HOOK disk_full 8" in run.output
   latest = copy / "trial_0" / "ckpt" / "latest"
-  assert (f"Could not save the checkpoint of step 8 to {workdir / 'trial_0' / 'ckpt' / 'latest' / '8'}"
-          in run.output)
+  step_dir = workdir / "trial_0" / "ckpt" / "latest" / "8"
+  assert f"Could not save the checkpoint of step 8 to {step_dir}" in run.output
   assert "No space left on device" in run.output
   assert "is intact: free space or fix the storage" in run.output
   assert "[trial 0] step 9/12" not in run.output  # stopped, not carried on
@@ -457,14 +460,17 @@ def test_full_disk_while_checkpointing_stops_and_the_rerun_resumes(
 
 
 def _tiny_resnet_step(skip_nonfinite: bool):
-  # pylint: disable=g-import-not-at-top
+
   import functools
+
   import jax
-  from medbench_jax import config_lib, models
+
+  from medbench_jax import config_lib
+  from medbench_jax import models
   from medbench_jax.data import pipeline
   from medbench_jax.tasks import classification
-  from medbench_jax.trainer import optim, state as state_lib
-  # pylint: enable=g-import-not-at-top
+  from medbench_jax.trainer import optim
+  from medbench_jax.trainer import state as state_lib
   config = config_lib.default_config()
   info = type("Info", (), dict(task="multi-label", class_names=("a", "b"),
                                eval_class_names=("a", "b")))
@@ -480,7 +486,7 @@ def _tiny_resnet_step(skip_nonfinite: bool):
 
 
 def _tree_equal(a, b) -> bool:
-  import jax  # pylint: disable=g-import-not-at-top
+  import jax
   return all(np.array_equal(x, y) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
 
 
@@ -512,9 +518,10 @@ def test_skip_policy_keeps_the_state_of_a_nonfinite_step():
 
 def test_nonfinite_loss_stops_naming_step_lr_and_batch_keeping_the_last_checkpoint(
     tmp_path, phantom_dir):
-  from etils import epath  # pylint: disable=g-import-not-at-top
-  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
-  from medbench_jax.trainer import checkpoints  # pylint: disable=g-import-not-at-top
+  from etils import epath
+  import orbax.checkpoint as ocp
+
+  from medbench_jax.trainer import checkpoints
   workdir = tmp_path / "run"
   run = _main(workdir, phantom_dir, hook="nan@6")
   assert run.finish() == 1, run.output[-5000:]
@@ -553,7 +560,7 @@ def _free_port() -> int:
 @pytest.mark.parametrize("victim", [1, 0], ids=["worker-lost", "coordinator-lost"])
 def test_losing_a_process_stops_the_other_in_bounded_time_and_both_resume(
     tmp_path, phantom_dir, victim):
-  from medbench_jax import runtime  # pylint: disable=g-import-not-at-top
+  from medbench_jax import runtime
   workdir = tmp_path / "run"
 
   def start_both():
@@ -606,7 +613,7 @@ def _safetensors(path, header: dict, data: bytes) -> pathlib.Path:
      r"tensor 'w' has dtype 'PY_OBJECT'"),
 ], ids=["shape", "offsets", "overlap", "huge-shape", "dtype"])
 def test_safetensors_whose_header_lies_is_refused(tmp_path, header, message):
-  from medbench_jax import weights  # pylint: disable=g-import-not-at-top
+  from medbench_jax import weights
   path = _safetensors(tmp_path / "lying.safetensors", header,
                       np.arange(12, dtype=np.float32).tobytes())
   with pytest.raises(ValueError, match=re.escape(str(path)) + ": " + message):
@@ -614,7 +621,7 @@ def test_safetensors_whose_header_lies_is_refused(tmp_path, header, message):
 
 
 def test_safetensors_header_longer_than_the_file_is_refused(tmp_path):
-  from medbench_jax import weights  # pylint: disable=g-import-not-at-top
+  from medbench_jax import weights
   path = tmp_path / "cut.safetensors"
   path.write_bytes(struct.pack("<Q", 2**40) + b"{}")
   with pytest.raises(ValueError, match="its header claims 1099511627776 bytes, but the file "
@@ -623,8 +630,9 @@ def test_safetensors_header_longer_than_the_file_is_refused(tmp_path):
 
 
 def test_checkpoint_archive_with_path_traversal_is_refused(tmp_path):
-  import torch  # pylint: disable=g-import-not-at-top
-  from medbench_jax import weights  # pylint: disable=g-import-not-at-top
+  import torch
+
+  from medbench_jax import weights
   path = tmp_path / "work" / "model.pth"
   path.parent.mkdir()
   torch.save({"fc.weight": torch.ones(2, 3)}, path)
@@ -659,8 +667,8 @@ def _png_bomb(path: pathlib.Path, side: int) -> pathlib.Path:
     (15_000, r"is too large to decode \(Image size \(225000000 pixels\) exceeds limit"),
 ], ids=["over-our-limit", "over-pil-limit"])
 def test_png_decompression_bomb_is_refused_before_decoding(tmp_path, side, message):
-  from medbench_jax.data.prepare import images  # pylint: disable=g-import-not-at-top
-  from medbench_jax.data.prepare.errors import DataFormatError  # pylint: disable=g-import-not-at-top
+  from medbench_jax.data.prepare import images
+  from medbench_jax.data.prepare.errors import DataFormatError
   bomb = _png_bomb(tmp_path / "bomb.png", side)
   assert bomb.stat().st_size < side * side // 500  # kilobytes for over 100 MB of pixels
   with pytest.raises(DataFormatError, match=re.escape(str(bomb)) + ".*" + message):
@@ -668,9 +676,10 @@ def test_png_decompression_bomb_is_refused_before_decoding(tmp_path, side, messa
 
 
 def test_png_bomb_in_a_data_set_is_reported_by_the_preparation(tmp_path):
-  from medbench_jax.data.prepare.errors import DataFormatError  # pylint: disable=g-import-not-at-top
-  from tests import layouts  # pylint: disable=g-import-not-at-top
-  from tests.test_csv_folder import CSV_OPTIONS, HEADER  # pylint: disable=g-import-not-at-top
+  from medbench_jax.data.prepare.errors import DataFormatError
+  from tests import layouts
+  from tests.test_csv_folder import CSV_OPTIONS
+  from tests.test_csv_folder import HEADER
   manual = tmp_path / "m"
   rows, _ = layouts.csv_folder_rows(manual)
   layouts.write_csv(manual / "labels.csv", HEADER, rows)
@@ -690,7 +699,8 @@ def _short_pixel_data(ds):
 
 
 def _garbage_fragments(ds):
-  from pydicom import encaps, uid  # pylint: disable=g-import-not-at-top
+  from pydicom import encaps
+  from pydicom import uid
   ds.file_meta.TransferSyntaxUID = uid.JPEGBaseline8Bit
   ds.PixelData = encaps.encapsulate([b"\xff\xd8 not a JPEG stream \xff\xd9"])
   ds["PixelData"].VR = "OB"
@@ -703,10 +713,11 @@ def _garbage_fragments(ds):
     (_garbage_fragments, r"cannot decode its pixel data \(JPEG Baseline"),
 ], ids=["declared-enormous", "pixel-data-too-short", "undecodable-fragments"])
 def test_dicom_with_malformed_pixel_data_is_refused(tmp_path, malform, message):
-  import pydicom  # pylint: disable=g-import-not-at-top
-  from medbench_jax.data.prepare import dicom  # pylint: disable=g-import-not-at-top
-  from medbench_jax.data.prepare.errors import DataFormatError  # pylint: disable=g-import-not-at-top
-  from tests import dicom_files  # pylint: disable=g-import-not-at-top
+  import pydicom
+
+  from medbench_jax.data.prepare import dicom
+  from medbench_jax.data.prepare.errors import DataFormatError
+  from tests import dicom_files
   path = dicom_files.write(tmp_path / "bad.dcm", np.full((64, 64), 100, np.uint8))
   ds = pydicom.dcmread(path)
   malform(ds)
@@ -721,7 +732,7 @@ def test_dicom_with_malformed_pixel_data_is_refused(tmp_path, malform, message):
 @pytest.fixture
 def upernet_registered(monkeypatch):
   """Two upernet_* models, as the registry has them once the decoders are registered."""
-  from medbench_jax.models import registry  # pylint: disable=g-import-not-at-top
+  from medbench_jax.models import registry
   monkeypatch.setattr(registry, "_REGISTRY", dict(registry._REGISTRY))  # pylint: disable=protected-access
   names = [f"upernet_{e}" for e in ("convnext_tiny", "swin_tiny_patch4_window7_224")]
   for name in names:
@@ -732,12 +743,13 @@ def upernet_registered(monkeypatch):
 
 
 def test_upernet_on_densenet_lists_the_upernet_models(upernet_registered):
-  from medbench_jax import config_lib  # pylint: disable=g-import-not-at-top
+  from medbench_jax import config_checks
+  from medbench_jax import config_lib
   config = config_lib.default_config()
   config.dataset.name = "phantom_cxr_lungs"
   config.model.name = "upernet_densenet121"
   with pytest.raises(ValueError) as error:
-    config_lib.validate(config)
+    config_checks.validate(config)
   message = str(error.value)
   assert message.startswith("config.model.name='upernet_densenet121' is not a registered "
                             "model. densenet121 is a registered model, but not with upernet.")
@@ -745,24 +757,26 @@ def test_upernet_on_densenet_lists_the_upernet_models(upernet_registered):
 
 
 def test_segmentation_model_on_a_classification_data_set_is_refused(upernet_registered):
-  from medbench_jax import config_lib  # pylint: disable=g-import-not-at-top
+  from medbench_jax import config_checks
+  from medbench_jax import config_lib
   config = config_lib.default_config()
   config.model.name = upernet_registered[0]
   with pytest.raises(ValueError, match=re.escape(
       f"config.model.name='{upernet_registered[0]}' is a segmentation model, but "
       "config.dataset.name='phantom_cxr' is a multi-label data set, which needs a "
       "classification model")):
-    config_lib.validate(config)
+    config_checks.validate(config)
 
 
 def test_batch_that_does_not_divide_the_devices_is_refused():
-  from medbench_jax import config_lib  # pylint: disable=g-import-not-at-top
+  from medbench_jax import config_checks
+  from medbench_jax import config_lib
   config = config_lib.default_config()
   config.input.batch_size = 12  # 8 devices here
   with pytest.raises(ValueError, match=re.escape(
       "config.input.batch_size=12 is not allowed; allowed: a multiple of the number of "
       "devices (8)")):
-    config_lib.validate(config)
+    config_checks.validate(config)
 
 
 def test_fsdp_on_one_device_fails_before_any_work(tmp_path):
@@ -778,7 +792,7 @@ def test_fsdp_on_one_device_fails_before_any_work(tmp_path):
 
 def test_label_fraction_leaving_less_than_a_batch_fails_before_training(tmp_path,
                                                                         phantom_dir):
-  from medbench_jax.trainer import trials  # pylint: disable=g-import-not-at-top
+  from medbench_jax.trainer import trials
   config, _ = _prepared(phantom_dir)
   config.dataset.label_fraction = 0.1  # 10 of 96 training examples, batches of 16
   with pytest.raises(ValueError, match=re.escape(
@@ -790,9 +804,10 @@ def test_label_fraction_leaving_less_than_a_batch_fails_before_training(tmp_path
 
 
 def test_phantom_split_without_examples_is_refused():
-  from medbench_jax import config_lib  # pylint: disable=g-import-not-at-top
+  from medbench_jax import config_checks
+  from medbench_jax import config_lib
   config = config_lib.default_config()
   config.dataset.phantom.num_val = 0
   with pytest.raises(ValueError, match=re.escape("config.dataset.phantom.num_val=0 is not "
                                                  "allowed; allowed: an integer >= 1")):
-    config_lib.validate(config)
+    config_checks.validate(config)

@@ -14,13 +14,13 @@ import uuid
 
 import numpy as np
 import pytest
-import timm
-import torch
-import torchvision
 from scipy import interpolate
+import timm
 from timm.layers import pos_embed_rel
 from timm.models import swin_transformer
 from timm.models.swin_transformer import SwinTransformer as TimmSwin
+import torch
+import torchvision
 
 from medbench_jax import weights
 from medbench_jax.models import swin

@@ -2,7 +2,6 @@
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import optax
 import pytest
@@ -56,7 +55,7 @@ def test_optimizer_steps_match_torch(name, torch_cls, kw):
   tw = torch.nn.Parameter(torch.tensor(w0))
   topt = torch_cls([tw], lr=0.1, **kw)
   for t in targets:
-    grads = jax.grad(lambda p: jnp.sum((p - t) ** 2 * jnp.arange(1, 6)))(params)
+    grads = jax.grad(lambda p, t=t: jnp.sum((p - t) ** 2 * jnp.arange(1, 6)))(params)
     updates, state = tx.update(grads, state, params)
     params = optax.apply_updates(params, updates)
     topt.zero_grad()

@@ -13,8 +13,11 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import roc_auc_score
 
 from medbench_jax.data.prepare import phantom
-from medbench_jax.data.prepare.phantom import (FINDINGS, LESION_CLASSES, MASK_CLASSES, generate,
-                                               render)
+from medbench_jax.data.prepare.phantom import FINDINGS
+from medbench_jax.data.prepare.phantom import generate
+from medbench_jax.data.prepare.phantom import LESION_CLASSES
+from medbench_jax.data.prepare.phantom import MASK_CLASSES
+from medbench_jax.data.prepare.phantom import render
 
 CARDIO, NODULE, EFFUSION, PNEUMOTHORAX = range(4)
 
@@ -165,7 +168,7 @@ def test_generate_layout_and_formats(tmp_path):
             mask = cv2.imread(str(out / "masks" / cls / name), cv2.IMREAD_UNCHANGED)
             assert mask.shape == (64, 64) and set(np.unique(mask)) <= {0, 255}
 
-    line_re = re.compile(r"^phantom_\d{5}\.png( [01]){%d}$" % len(FINDINGS))
+    line_re = re.compile(rf"^phantom_\d{{5}}\.png( [01]){{{len(FINDINGS)}}}$")
     listed = []
     for split, size in (("train", 6), ("val", 2), ("test", 3)):
         lines = (out / f"phantom_{split}.txt").read_text().splitlines()
@@ -182,7 +185,8 @@ def test_generate_layout_and_formats(tmp_path):
     assert np.array_equal(heart > 0, masks["heart"])
 
     meta = json.loads((out / "phantom_meta.json").read_text())
-    assert meta["version"] == phantom.FORMAT_VERSION and meta["seed"] == 1 and meta["image_size"] == 64
+    assert meta["version"] == phantom.FORMAT_VERSION
+    assert meta["seed"] == 1 and meta["image_size"] == 64
     assert (meta["num_train"], meta["num_val"], meta["num_test"]) == (6, 2, 3)
     assert meta["findings"] == list(FINDINGS) and meta["mask_classes"] == list(MASK_CLASSES)
     assert set(meta["prevalence"]) == {"train", "val", "test"}

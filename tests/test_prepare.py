@@ -8,9 +8,9 @@ import subprocess
 import sys
 import textwrap
 
+from absl.testing import flagsaver
 import numpy as np
 import pytest
-from absl.testing import flagsaver
 
 from medbench_jax import config_lib
 from medbench_jax import paths

@@ -33,7 +33,7 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 def _tiny(phantom_dir, arg="model=resnet18"):
   sys.path.insert(0, str(REPO / "tests" / "configs"))
   try:
-    import tiny  # pylint: disable=g-import-not-at-top
+    import tiny
   finally:
     sys.path.pop(0)
   config = tiny.get_config(arg)
@@ -43,7 +43,7 @@ def _tiny(phantom_dir, arg="model=resnet18"):
 
 @pytest.fixture(scope="module")
 def classification(phantom_dir):
-  from medbench_jax.data import prepare  # pylint: disable=g-import-not-at-top
+  from medbench_jax.data import prepare
   config = _tiny(phantom_dir)
   prepare.prepare_dataset(config.dataset)
   return config
@@ -266,7 +266,7 @@ def test_a_checkpoint_that_does_not_fit_is_named(classification, torchvision_res
 
 @pytest.fixture(scope="module")
 def segmentation(phantom_dir, tmp_path_factory):
-  from medbench_jax.data import prepare  # pylint: disable=g-import-not-at-top
+  from medbench_jax.data import prepare
   config = _tiny(phantom_dir)
   config.dataset.name = "phantom_cxr_seg"
   config.dataset.data_dir = str(tmp_path_factory.mktemp("tfds"))

@@ -6,11 +6,11 @@ import pathlib
 import subprocess
 import sys
 
+from matplotlib import image as mpl_image
 import numpy as np
 import pandas as pd
 import pytest
 import scipy.stats
-from matplotlib import image as mpl_image
 from sklearn.metrics import roc_auc_score
 from statsmodels.stats.multitest import multipletests
 
@@ -97,8 +97,8 @@ def test_markers_follow_the_corrected_p_values(sweep):
     label = "moco_v2_800ep.pth" if row["init"] == study_sweep.MOCO else row["init"]
     marks = ("*" if row["p_value"] < 0.05 else "") + ("†" if row["p_holm"] < 0.05 else "") + (
         "‡" if row["p_bh"] < 0.05 else "")
-    line = next(l for l in section.splitlines() if l.startswith(f"| {row['model']} |"))
-    header = next(l for l in section.splitlines() if l.startswith("| model \\ init"))
+    line = next(ln for ln in section.splitlines() if ln.startswith(f"| {row['model']} |"))
+    header = next(ln for ln in section.splitlines() if ln.startswith("| model \\ init"))
     column = [c.strip() for c in header.split("|")].index(label)
     cell = [c.strip() for c in line.split("|")][column]
     assert cell.startswith(f"{row['mean']:.4f} ± ")

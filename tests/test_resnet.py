@@ -8,11 +8,12 @@ import numpy as np
 import pytest
 import timm
 import torch
-import torchvision
 from torch import nn
+import torchvision
 from torchvision.models.resnet import Bottleneck
 
-from medbench_jax import models, weights
+from medbench_jax import models
+from medbench_jax import weights
 from tests import parity
 
 K = 5

@@ -6,12 +6,15 @@ import re
 import signal
 
 import jax
+from jax.sharding import PartitionSpec as P
 import numpy as np
 import pytest
-from jax.sharding import PartitionSpec as P
 
-from medbench_jax import config_lib, models
-from medbench_jax.trainer import optim, sharding, state as state_lib
+from medbench_jax import config_lib
+from medbench_jax import models
+from medbench_jax.trainer import optim
+from medbench_jax.trainer import sharding
+from medbench_jax.trainer import state as state_lib
 from tests import test_trainer
 
 RULES = config_lib.default_config().mesh.fsdp_rules

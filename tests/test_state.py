@@ -6,10 +6,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from medbench_jax import config_lib, models
+from medbench_jax import config_lib
+from medbench_jax import models
 from medbench_jax.data import pipeline
 from medbench_jax.tasks import classification
-from medbench_jax.trainer import optim, state as state_lib
+from medbench_jax.trainer import optim
+from medbench_jax.trainer import state as state_lib
 
 # bf16 keeps 8 bits of mantissa (relative precision 2^-8 = 0.4%): over 20 steps the losses
 # of the two precisions stay within this relative distance of each other.

@@ -184,11 +184,10 @@ def test_sigterm_stops_the_sweep_after_the_running_point_saved(tmp_path):
 
 def _torch_checkpoints(directory: pathlib.Path) -> dict[str, str]:
   """Random-init weights of the two tiny models as their publishers save them."""
-  # pylint: disable=g-import-not-at-top
+
   import timm
   import torch
   import torchvision
-  # pylint: enable=g-import-not-at-top
   directory.mkdir(parents=True, exist_ok=True)
   torch.manual_seed(0)
   swin = timm.create_model("swin_tiny_patch4_window7_224", pretrained=False, img_size=64,

@@ -8,9 +8,9 @@ import pathlib
 import re
 import stat
 
+from jax._src import clusters
 import pytest
 import submitit
-from jax._src import clusters
 
 from medbench_jax.study import sweep
 from medbench_jax.study import sweep_slurm

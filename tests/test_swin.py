@@ -10,10 +10,11 @@ import jax
 import numpy as np
 import pytest
 import timm
-import torch
 from timm.models import swin_transformer as timm_swin
+import torch
 
-from medbench_jax import models, weights
+from medbench_jax import models
+from medbench_jax import weights
 from tests import parity
 
 K = 5

@@ -7,8 +7,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from sklearn.metrics import accuracy_score
+from sklearn.metrics import roc_auc_score
 import torch
-from sklearn.metrics import accuracy_score, roc_auc_score
 
 from medbench_jax import config_lib
 from medbench_jax.tasks import classification

@@ -2,9 +2,9 @@
 
 import math
 
+from absl import logging
 import numpy as np
 import pytest
-from absl import logging
 from sklearn.metrics import roc_auc_score
 
 from medbench_jax.tasks import metrics

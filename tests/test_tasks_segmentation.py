@@ -7,8 +7,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from sklearn.metrics import f1_score
+from sklearn.metrics import jaccard_score
 import torch
-from sklearn.metrics import f1_score, jaccard_score
 
 from medbench_jax import config_lib
 from medbench_jax.tasks import segmentation

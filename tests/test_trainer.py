@@ -23,7 +23,7 @@ TINY = "tests/configs/tiny.py"
 def _load_tiny(arg=""):
   sys.path.insert(0, str(REPO / "tests" / "configs"))
   try:
-    import tiny  # pylint: disable=g-import-not-at-top
+    import tiny
   finally:
     sys.path.pop(0)
   return tiny.get_config(arg or None)
@@ -49,7 +49,7 @@ def _main(workdir, phantom_dir, config, *extra, devices=1, wait=True):
 
 
 def _scalars(event_dir, tag):
-  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  import tensorflow as tf
   values = {}
   for path in pathlib.Path(event_dir).glob("events.out.tfevents.*"):
     for event in tf.compat.v1.train.summary_iterator(str(path)):
@@ -60,7 +60,7 @@ def _scalars(event_dir, tag):
 
 
 def _prepared_tiny(phantom_dir):
-  from medbench_jax.data import prepare  # pylint: disable=g-import-not-at-top
+  from medbench_jax.data import prepare
   config = _load_tiny()
   config.dataset.manual_dir = str(phantom_dir)
   prepare.prepare_dataset(config.dataset)
@@ -68,7 +68,7 @@ def _prepared_tiny(phantom_dir):
 
 
 def test_run_writes_results_checkpoints_and_tensorboard(tmp_path, phantom_dir):
-  from medbench_jax.trainer import trials  # pylint: disable=g-import-not-at-top
+  from medbench_jax.trainer import trials
   config = _prepared_tiny(phantom_dir)
   results = trials.train_and_evaluate(config, str(tmp_path))
 
@@ -117,13 +117,18 @@ def test_run_writes_results_checkpoints_and_tensorboard(tmp_path, phantom_dir):
 
 def test_test_metrics_equal_sklearn_on_gathered_ten_crop_predictions(phantom_dir, tmp_path):
   """Prediction gathering over 8 devices with padding, ten-crop averaging, then AUC."""
-  # pylint: disable=g-import-not-at-top
+
   import functools
+
   import jax
-  from medbench_jax import models, tasks
-  from medbench_jax.data import pipeline, sources, transforms
-  from medbench_jax.trainer import evaluation, sharding
-  # pylint: enable=g-import-not-at-top
+
+  from medbench_jax import models
+  from medbench_jax import tasks
+  from medbench_jax.data import pipeline
+  from medbench_jax.data import sources
+  from medbench_jax.data import transforms
+  from medbench_jax.trainer import evaluation
+  from medbench_jax.trainer import sharding
   config = _prepared_tiny(phantom_dir)
   splits = sources.open_splits(config.dataset)
   task = tasks.for_dataset(config, splits.info)
@@ -197,7 +202,7 @@ def test_eight_devices_give_the_one_device_losses(tmp_path, phantom_dir):
 
 
 def _free_port() -> int:
-  import socket  # pylint: disable=g-import-not-at-top
+  import socket
   with socket.socket() as s:
     s.bind(("127.0.0.1", 0))
     return s.getsockname()[1]

@@ -3,10 +3,10 @@ image, mask and FOV moved together."""
 
 import cv2
 import numpy as np
+from PIL import Image
 import pytest
 import torch
 import torchvision.transforms as T
-from PIL import Image
 
 from medbench_jax.data import transforms
 

@@ -4,6 +4,7 @@ SGD steps, encoder-only checkpoints from every source, and checkpoints that do n
 
 import re
 
+from flax import traverse_util
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -11,9 +12,10 @@ import pytest
 import segmentation_models_pytorch as smp
 import timm
 import torch
-from flax import traverse_util
 
-from medbench_jax import convert, models, weights
+from medbench_jax import convert
+from medbench_jax import models
+from medbench_jax import weights
 from tests import parity
 from tests.test_models import _init as _random_variables
 from tests.test_weight_sources import _save_trial

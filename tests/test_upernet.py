@@ -3,6 +3,7 @@ on timm encoders (random init, eval mode, loaded through weights.load from smp s
 the ViT variant's encoder and neck against timm and torch, encoder-only checkpoints and the
 auxiliary head."""
 
+from flax import traverse_util
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -11,10 +12,11 @@ import segmentation_models_pytorch as smp
 import timm
 import torch
 import torch.nn.functional as F
-from flax import traverse_util
 
-from medbench_jax import models, weights
-from medbench_jax.models import swin, upernet
+from medbench_jax import models
+from medbench_jax import weights
+from medbench_jax.models import swin
+from medbench_jax.models import upernet
 from tests import parity
 from tests import publishers
 from tests.test_models import _init as _random_variables

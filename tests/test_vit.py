@@ -8,11 +8,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import timm
-import torch
 from timm.layers import resample_abs_pos_embed
 from timm.models.vision_transformer import checkpoint_filter_fn
+import torch
 
-from medbench_jax import models, weights
+from medbench_jax import models
+from medbench_jax import weights
 from medbench_jax.models import vit
 from tests import parity
 

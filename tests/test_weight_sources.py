@@ -14,7 +14,8 @@ import safetensors.torch
 import timm
 import torch
 
-from medbench_jax import models, weights
+from medbench_jax import models
+from medbench_jax import weights
 from medbench_jax.trainer import state as trainer_state
 from tests import parity
 

@@ -15,11 +15,12 @@ import pytest
 import safetensors.torch
 import scipy.stats
 import timm
+from timm.models.swin_transformer import SwinTransformer as TimmSwin
 import torch
 import torchvision
-from timm.models.swin_transformer import SwinTransformer as TimmSwin
 
-from medbench_jax import models, weights
+from medbench_jax import models
+from medbench_jax import weights
 from medbench_jax.weights import torch_pickle
 from tests import parity
 

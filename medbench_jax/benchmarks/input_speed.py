@@ -3,6 +3,7 @@ beside it (`python -m medbench_jax.bench input`)."""
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator, Sequence
 import concurrent.futures
 import contextlib
 import itertools
@@ -10,7 +11,7 @@ import multiprocessing
 import pathlib
 import sys
 import time
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -34,7 +35,7 @@ class PngDataset:
     return len(self.paths)
 
   def __getitem__(self, i: int):
-    from PIL import Image  # pylint: disable=g-import-not-at-top
+    from PIL import Image
     with Image.open(self.paths[i]) as image:
       return self.transform(image.convert("RGB")), self.labels[i]
 
@@ -43,8 +44,8 @@ def torch_reference(paths: Sequence[str], labels: np.ndarray, *, crop: int,
                     batch_size: int, workers: int, mean: Sequence[float],
                     std: Sequence[float], steps: int, warmup: int) -> float:
   """images/s of the PyTorch reference pipeline (torch is imported only here)."""
-  import torch  # pylint: disable=g-import-not-at-top
-  from torchvision import transforms as T  # pylint: disable=g-import-not-at-top
+  import torch
+  from torchvision import transforms as T
   transform = T.Compose([T.RandomResizedCrop(crop), T.RandomHorizontalFlip(),
                          T.RandomRotation(7), T.ToTensor(), T.Normalize(mean, std)])
   loader = torch.utils.data.DataLoader(
@@ -57,13 +58,14 @@ def torch_reference(paths: Sequence[str], labels: np.ndarray, *, crop: int,
 
 def bench_input(config, config_name: str, *, steps: int, warmup: int,
                 torch_ref: bool) -> list[dict[str, Any]]:
-  from medbench_jax import config_lib  # pylint: disable=g-import-not-at-top
-  from medbench_jax.data import pipeline  # pylint: disable=g-import-not-at-top
-  from medbench_jax.data import prepare  # pylint: disable=g-import-not-at-top
-  from medbench_jax.data import sources  # pylint: disable=g-import-not-at-top
-  from medbench_jax.data.prepare.errors import Problems  # pylint: disable=g-import-not-at-top
+  from medbench_jax import config_checks
+  from medbench_jax import config_lib
+  from medbench_jax.data import pipeline
+  from medbench_jax.data import prepare
+  from medbench_jax.data import sources
+  from medbench_jax.data.prepare.errors import Problems
 
-  config_lib.validate(config)
+  config_checks.validate(config)
   # TFDS reports preparation progress on stdout, which is kept for the JSON lines.
   with contextlib.redirect_stdout(sys.stderr):
     builder = prepare.prepare_dataset(config.dataset)

@@ -33,6 +33,7 @@ and shapes shows what the cache saves of the first step.
 """
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
 import concurrent.futures
 import functools
 import multiprocessing
@@ -40,7 +41,7 @@ import os
 import resource
 import statistics
 import time
-from typing import Any, Callable, Iterator
+from typing import Any
 
 FRAMEWORKS = ("jax", "torch", "torch_compile")
 DTYPES = ("float32", "bfloat16")
@@ -69,10 +70,10 @@ def _time_steps(run_step: Callable[[], Any], steps: int) -> dict[str, float]:
 def _jax_model(model: str, batch_size: int, image_size: int, dtype: str, seed: int,
                num_outputs: int, model_kw: dict[str, Any]):
   """Our model, its initial variables, a random (B, S, S, 3) batch and an rng."""
-  import jax  # pylint: disable=g-import-not-at-top
-  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  import jax
+  import jax.numpy as jnp
 
-  from medbench_jax import models  # pylint: disable=g-import-not-at-top
+  from medbench_jax import models
 
   net = models.create(model, num_outputs, dtype=jnp.dtype(dtype), **model_kw)
   if getattr(net, "img_size", None) is not None:
@@ -97,7 +98,7 @@ def _flops(compiled) -> float | None:
 
 def _peak_device_memory_mb() -> float | None:
   """Peak memory in use on the first device, where it reports it (GPU, TPU; not CPU)."""
-  import jax  # pylint: disable=g-import-not-at-top
+  import jax
 
   stats = jax.devices()[0].memory_stats()
   peak = (stats or {}).get("peak_bytes_in_use")
@@ -109,7 +110,7 @@ def _time_input_window(run_step: Callable[[Any], Any], batches: Iterator,
   """The trainer's measure (trainer/loop.py): `steps` steps dispatched without blocking,
   each after waiting for its batch; mean wall and CPU seconds per step and the fraction
   of the wall time spent waiting for batches."""
-  import jax  # pylint: disable=g-import-not-at-top
+  import jax
 
   wait, outputs = 0.0, None
   start, cpu = time.perf_counter(), time.process_time()
@@ -130,9 +131,9 @@ def _first_and_steady(jitted: Callable, args: tuple, steps: int, carry: bool,
   carry: the output's first element replaces the first argument (a donated train state).
   batches: where given, each step after the first takes the next one as its second
   argument, timed as the trainer times it (_time_input_window)."""
-  import jax  # pylint: disable=g-import-not-at-top
+  import jax
 
-  from medbench_jax import runtime  # pylint: disable=g-import-not-at-top
+  from medbench_jax import runtime
 
   runtime.freeze_heap()  # as the trainer does for its first step
   start = time.perf_counter()
@@ -170,14 +171,14 @@ def _real_batches(config, batch_size: int) -> tuple[Iterator, Callable[[Any], An
   """The config's training input pipeline over its prepared data set (prepared here on
   first use, as the trainer's lead process does) and the normalisation the trainer's
   step applies to its uint8 images."""
-  import contextlib  # pylint: disable=g-import-not-at-top
-  import sys  # pylint: disable=g-import-not-at-top
+  import contextlib
+  import sys
 
-  from medbench_jax import config_lib  # pylint: disable=g-import-not-at-top
-  from medbench_jax import tasks  # pylint: disable=g-import-not-at-top
-  from medbench_jax.data import pipeline  # pylint: disable=g-import-not-at-top
-  from medbench_jax.data import prepare  # pylint: disable=g-import-not-at-top
-  from medbench_jax.data import sources  # pylint: disable=g-import-not-at-top
+  from medbench_jax import config_lib
+  from medbench_jax import tasks
+  from medbench_jax.data import pipeline
+  from medbench_jax.data import prepare
+  from medbench_jax.data import sources
 
   # TFDS reports preparation progress on stdout, which carries the bench's JSON lines.
   with contextlib.redirect_stdout(sys.stderr):
@@ -196,9 +197,9 @@ def jax_train_speed(model: str, batch_size: int, image_size: int, dtype: str,
                     seed: int = 0) -> dict[str, Any]:
   """Measures our model's jitted train step in this process; on the batches of the
   training pipeline of `input_config` (a config) where given, else on random ones."""
-  import jax  # pylint: disable=g-import-not-at-top
-  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  import optax  # pylint: disable=g-import-not-at-top
+  import jax
+  import jax.numpy as jnp
+  import optax
 
   batches, preprocess, close = None, lambda images: images, lambda: None
   if input_config is not None:
@@ -244,9 +245,9 @@ def jax_eval_speed(model: str, batch_size: int, image_size: int, dtype: str, ste
                    ten_crop: bool, num_outputs: int = NUM_LABELS,
                    model_kw: dict[str, Any] | None = None, seed: int = 0) -> dict[str, Any]:
   """Measures our model's jitted eval step (inference forward, sigmoid, crop mean)."""
-  import jax  # pylint: disable=g-import-not-at-top
+  import jax
 
-  from medbench_jax.tasks import base  # pylint: disable=g-import-not-at-top
+  from medbench_jax.tasks import base
 
   crops = TEN_CROPS if ten_crop else 1
   net, variables, images, _ = _jax_model(model, batch_size * crops, image_size, dtype, seed,
@@ -264,8 +265,8 @@ def jax_eval_speed(model: str, batch_size: int, image_size: int, dtype: str, ste
 
 def _timm_model(model: str, image_size: int, num_outputs: int, seed: int):
   """timm's `model` with our head size, channels_last, torch threads = CPUs."""
-  import timm  # pylint: disable=g-import-not-at-top
-  import torch  # pylint: disable=g-import-not-at-top
+  import timm
+  import torch
 
   torch.set_num_threads(os.cpu_count())
   torch.manual_seed(seed)
@@ -275,7 +276,7 @@ def _timm_model(model: str, image_size: int, num_outputs: int, seed: int):
 
 
 def _torch_first_and_steady(run_step: Callable[[], Any], steps: int) -> dict[str, Any]:
-  import torch  # pylint: disable=g-import-not-at-top
+  import torch
 
   start = time.perf_counter()
   run_step()
@@ -288,7 +289,7 @@ def torch_train_speed(model: str, batch_size: int, image_size: int, dtype: str, 
                       compile_model: bool, num_outputs: int = NUM_LABELS,
                       seed: int = 0) -> dict[str, Any]:
   """Measures timm's `model` train step in this process (imports torch)."""
-  import torch  # pylint: disable=g-import-not-at-top
+  import torch
 
   net = _timm_model(model, image_size, num_outputs, seed).train()
   optimizer = torch.optim.Adam(net.parameters(), lr=1e-4)
@@ -312,7 +313,7 @@ def torch_eval_speed(model: str, batch_size: int, image_size: int, dtype: str, s
                      compile_model: bool, ten_crop: bool, num_outputs: int = NUM_LABELS,
                      seed: int = 0) -> dict[str, Any]:
   """Measures timm's `model` eval step in this process (imports torch)."""
-  import torch  # pylint: disable=g-import-not-at-top
+  import torch
 
   net = _timm_model(model, image_size, num_outputs, seed).eval()
   crops = TEN_CROPS if ten_crop else 1
@@ -335,7 +336,7 @@ def _measure_here(model: str, framework: str, step: str, batch_size: int, image_
                   peak_tflops: float | None) -> dict[str, Any]:
   compile_model = framework == "torch_compile"
   if framework == "jax":
-    from medbench_jax import runtime  # pylint: disable=g-import-not-at-top
+    from medbench_jax import runtime
     runtime.use_compilation_cache(compilation_cache_dir)
     model_args = dict(num_outputs=num_outputs, model_kw=model_kw)
     result = (jax_train_speed(model, batch_size, image_size, dtype, steps,
@@ -399,13 +400,13 @@ def step_settings(config, step: str) -> dict[str, Any]:
   """What the trainer would run for `config`: model name, batch size (eval: the eval batch
   size), input size (what the eval preprocessing makes, as the trainer sizes the model),
   dtype, head size and model keyword arguments. The data set need not be prepared."""
-  from medbench_jax import config_lib  # pylint: disable=g-import-not-at-top
-  from medbench_jax import tasks  # pylint: disable=g-import-not-at-top
-  from medbench_jax.data import prepare  # pylint: disable=g-import-not-at-top
-  from medbench_jax.data import sources  # pylint: disable=g-import-not-at-top
-  from medbench_jax.trainer import trials  # pylint: disable=g-import-not-at-top
+  from medbench_jax import config_checks
+  from medbench_jax import tasks
+  from medbench_jax.data import prepare
+  from medbench_jax.data import sources
+  from medbench_jax.trainer import trials
 
-  config_lib.validate(config)
+  config_checks.validate(config)
   info = sources.dataset_info(config.dataset, prepare.builder_for(config.dataset))
   task = tasks.for_dataset(config, info)
   return {"model": config.model.name,

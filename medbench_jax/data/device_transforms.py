@@ -33,9 +33,10 @@ sharding, and a resumed run (the step is in the train state) repeats it exactly.
 from __future__ import annotations
 
 import ast
+from collections.abc import Sequence
 import dataclasses
 import math
-from typing import Any, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp

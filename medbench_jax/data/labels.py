@@ -14,10 +14,11 @@ default), or the reference study's rule (`study_fraction_indices`).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 import dataclasses
 import hashlib
 import random
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 from sklearn import model_selection

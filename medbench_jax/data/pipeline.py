@@ -21,6 +21,7 @@ for classification, image and mask for segmentation), as numpy arrays.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator, Sequence
 import dataclasses
 import functools
 import math
@@ -28,7 +29,7 @@ import os
 import signal
 import threading
 import time
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any
 
 import grain
 import jax.numpy as jnp

@@ -16,13 +16,14 @@ generator (data/labels.py).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 import dataclasses
 import json
-from typing import Any, Sequence
+from typing import Any
 
+from absl import logging
 import ml_collections
 import numpy as np
-from absl import logging
 
 from medbench_jax.data import labels as labels_lib
 from medbench_jax.data import prepare

@@ -23,9 +23,10 @@ hash under its salt; for the remaining split, the donor's group drawn last).
 
 from __future__ import annotations
 
+from collections.abc import Collection, Iterable, Mapping, Sequence
 import dataclasses
 import hashlib
-from typing import Collection, Iterable, Mapping, Sequence, TypeVar
+from typing import TypeVar
 
 from absl import logging
 

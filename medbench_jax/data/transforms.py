@@ -27,8 +27,9 @@ The reference study's classification preprocessing, from the original images
 from __future__ import annotations
 
 import ast
+from collections.abc import Callable, Sequence
 import math
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import cv2
 import numpy as np
@@ -209,9 +210,9 @@ def ten_crop(size: int, keys: Sequence[str] | None = None) -> Op:
 
     def apply(a, nearest):
       del nearest
-      crops = [a[t:t + size, l:l + size] for t, l in boxes]
+      crops = [a[top:top + size, left:left + size] for top, left in boxes]
       mirrored = a[:, ::-1]
-      crops += [mirrored[t:t + size, l:l + size] for t, l in boxes]
+      crops += [mirrored[top:top + size, left:left + size] for top, left in boxes]
       return np.stack(crops)
 
     return apply
@@ -223,7 +224,7 @@ def ten_crop(size: int, keys: Sequence[str] | None = None) -> Op:
 def seg_augment(size: int) -> Op:
   """The study's segmentation training augmentation (data/seg_augment.py)."""
   # albumentations takes seconds to import: only the specs that use it pay for it.
-  from medbench_jax.data import seg_augment as study  # pylint: disable=g-import-not-at-top
+  from medbench_jax.data import seg_augment as study
   return study.SegAugment(size)
 
 

@@ -3,15 +3,16 @@ PyTorch-key conversion."""
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable, Mapping
 import dataclasses
 import re
-from typing import Any, Callable, Iterable, Mapping
+from typing import Any
 
+from flax import traverse_util
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import traverse_util
 
 from medbench_jax.models import ops
 

@@ -13,8 +13,9 @@ has eps 1e-6; `ls_init_value=None` drops the layer scale (gamma) as in timm.
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 import re
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import flax.linen as nn
 import jax.numpy as jnp

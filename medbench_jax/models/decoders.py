@@ -23,10 +23,11 @@ fresh; a whole segmentation checkpoint must fit everything but the heads.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping, Sequence
 import dataclasses
 import inspect
 import math
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any
 
 import flax.linen as nn
 import jax.numpy as jnp

@@ -20,8 +20,9 @@ without ReLU.
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 import re
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import flax.linen as nn
 import jax.numpy as jnp

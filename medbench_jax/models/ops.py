@@ -14,13 +14,14 @@ each; the kernel gradient is one fused loop over 7x7 tiles plus a small matrix p
 
 from __future__ import annotations
 
+from collections.abc import Callable
 import functools
-from typing import Any, Callable
+from typing import Any
 
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 from jax import lax
+import jax.numpy as jnp
 
 Dtype = Any
 

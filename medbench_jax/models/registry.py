@@ -9,17 +9,19 @@ head reset and channel adaptation are driven by data, never special-cased by nam
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
 import dataclasses
 import difflib
-from typing import Any, Callable, Mapping
+from typing import Any
 
 import flax.linen as nn
 import numpy as np
 
+from medbench_jax.pixel_stats import IMAGENET_MEAN
+from medbench_jax.pixel_stats import IMAGENET_STD
+
 Converter = Callable[[Mapping[str, np.ndarray], Mapping[str, Any]], dict]
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 
 # Keys every pretrained config carries. Parameter paths are "/"-joined Flax paths under
 # "params" (e.g. "fc", "patch_embed/proj"); input_size is (H, W, C) because images are NHWC.

@@ -25,8 +25,9 @@ segmentation_models_pytorch's ResNet encoder gives a U-Net decoder.
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 import re
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import flax.linen as nn
 import jax.numpy as jnp

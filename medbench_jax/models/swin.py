@@ -13,10 +13,11 @@ as SimMIM's fine-tuning loader does (same offsets, cubic spline instead of linea
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 import functools
 import math
 import re
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import flax.linen as nn
 import jax.numpy as jnp

@@ -30,15 +30,17 @@ BatchNorm is PyTorch's (common.BatchNorm): train mode needs `mutable=['batch_sta
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 import re
-from typing import Sequence
 
 import flax.linen as nn
 import jax.numpy as jnp
 
-from medbench_jax.models import convnext, densenet, resnet  # noqa: F401  (register encoders)
+from medbench_jax.models import convnext  # noqa: F401  (register encoders)
 from medbench_jax.models import decoders
+from medbench_jax.models import densenet  # noqa: F401  (register encoders)
 from medbench_jax.models import registry
+from medbench_jax.models import resnet  # noqa: F401  (register encoders)
 
 DECODER_CHANNELS = (256, 128, 64, 32, 16)
 

@@ -46,16 +46,18 @@ encoders) as well as any classification checkpoint of the encoder; see decoders.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 import re
-from typing import Sequence
 
 import flax.linen as nn
 import jax.numpy as jnp
 
 from medbench_jax.models import common
-from medbench_jax.models import convnext, swin, vit  # noqa: F401  (register encoders)
+from medbench_jax.models import convnext  # noqa: F401  (register encoders)
 from medbench_jax.models import decoders
 from medbench_jax.models import registry
+from medbench_jax.models import swin  # noqa: F401  (register encoders)
+from medbench_jax.models import vit  # noqa: F401  (register encoders)
 
 POOL_SIZES = (1, 2, 3, 6)
 AUX_HEAD = "aux_head"

@@ -17,8 +17,9 @@ Two heads, as timm's `global_pool`:
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 import functools
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import flax.linen as nn
 import jax

@@ -10,11 +10,11 @@ import math
 import pathlib
 import re
 
+from matplotlib import colormaps
+from matplotlib import figure as mpl_figure
 import numpy as np
 import pandas as pd
 import scikit_posthocs
-from matplotlib import colormaps
-from matplotlib import figure as mpl_figure
 
 from medbench_jax.study import stats
 from medbench_jax.study import tables

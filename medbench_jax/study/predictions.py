@@ -23,10 +23,10 @@ Letters 21(11), 2014): midranks instead of the O(mn) placement values.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 import dataclasses
 import math
 import pathlib
-from typing import Callable
 
 import numpy as np
 import pandas as pd

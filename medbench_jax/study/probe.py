@@ -36,6 +36,7 @@ share (the first of them pays for it).
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 import copy
 import dataclasses
 import functools
@@ -44,18 +45,18 @@ import math
 import os
 import pathlib
 import time
-from typing import Any, Callable, Sequence
+from typing import Any
 
+from absl import logging
 import flax.linen as nn
 import grain
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-from absl import logging
 
+from medbench_jax import config_checks
 from medbench_jax import config_lib
-from medbench_jax import models
 from medbench_jax import runtime
 from medbench_jax import tasks
 from medbench_jax.data import pipeline
@@ -131,7 +132,7 @@ def candidate_config(config: ml_collections.ConfigDict, candidate: Candidate
   result.model.init = candidate.init
   if candidate.model != config.model.name:
     result.model.kw = ml_collections.ConfigDict()
-  config_lib.validate(result, model_fits_task=False)
+  config_checks.validate(result, model_fits_task=False)
   return result
 
 

@@ -18,9 +18,9 @@ there are no p-values, corrections or DeLong tests.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 import dataclasses
 import pathlib
-from typing import Sequence
 
 import pandas as pd
 

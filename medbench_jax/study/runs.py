@@ -22,8 +22,8 @@ import math
 import pathlib
 from typing import Any
 
-import pandas as pd
 from absl import logging
+import pandas as pd
 
 KEY_COLUMNS = ("task", "dataset", "model", "init", "label_fraction")
 _REQUIRED = ("task", "metric", "dataset", "model", "init", "label_fraction", "trials")

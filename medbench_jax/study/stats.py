@@ -7,10 +7,10 @@ what. Every metric here is better when higher (AUC, Dice, IoU).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 import dataclasses
 import math
 import warnings
-from typing import Sequence
 
 import numpy as np
 import pandas as pd

@@ -30,6 +30,7 @@ sweep: ROOT/sweep.json (the plan, read by medbench_jax/study/runs.py).
 from __future__ import annotations
 
 import collections
+from collections.abc import Iterable, Mapping, Sequence
 import copy
 import dataclasses
 import datetime
@@ -40,11 +41,12 @@ import os
 import re
 import signal
 import socket
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any
 
-import ml_collections
 from etils import epath
+import ml_collections
 
+from medbench_jax import config_checks
 from medbench_jax import config_lib
 
 # A workdir is: done (results.json), resumable (a checkpoint or a finished trial), new, or
@@ -342,7 +344,7 @@ class _ConfigLoader:
 
 
 def validate_apart_from_devices(config: ml_collections.ConfigDict) -> None:
-  """config_lib.validate, except config.mesh.fsdp against the devices.
+  """config_checks.validate, except config.mesh.fsdp against the devices.
 
   A point runs on devices the planner does not hold (a local slot, a SLURM allocation, a
   TPU slice); main checks config.mesh.fsdp against them when the point starts.
@@ -352,7 +354,7 @@ def validate_apart_from_devices(config: ml_collections.ConfigDict) -> None:
                    "a positive integer")
   on_one_device = copy.deepcopy(config)
   on_one_device.mesh.fsdp = 1
-  config_lib.validate(on_one_device)
+  config_checks.validate(on_one_device)
 
 
 def plan(sweep: Sweep, root: str | os.PathLike, *, source: str = "",
@@ -406,7 +408,7 @@ def datasets(points: Iterable[PlannedPoint]) -> list[dict[str, Any]]:
 def prepare_datasets(dataset_configs: Iterable[dict[str, Any]]) -> None:
   """Prepares each data set (generating phantom ones), so that runs started together do
   not all prepare the same one at once."""
-  from medbench_jax.data import prepare  # pylint: disable=g-import-not-at-top
+  from medbench_jax.data import prepare
   for dataset in dataset_configs:
     prepare.prepare_dataset(ml_collections.ConfigDict(dataset))
 

@@ -21,6 +21,7 @@ default ~/.cache/medbench_jax/xla), so a model compiles once per sweep.
 from __future__ import annotations
 
 import collections
+from collections.abc import Callable, Iterator, Mapping, Sequence
 import contextlib
 import dataclasses
 import datetime
@@ -33,7 +34,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from typing import Any, Callable, Iterator, Mapping, Sequence
+from typing import Any
 
 from etils import epath
 
@@ -201,7 +202,7 @@ class Attempt:
 
   def finish(self, returncode: int) -> str:
     """Records the outcome in status.json: done, preempted or failed (with the log's tail)."""
-    from medbench_jax import runtime  # pylint: disable=g-import-not-at-top
+    from medbench_jax import runtime
     self._log.close()
     if self._bucket_log:
       earlier = self._bucket_log.read_bytes() if self._bucket_log.exists() else b""
@@ -318,7 +319,7 @@ def summary(outcome: Mapping[str, str]) -> str:
 @contextlib.contextmanager
 def root_lock(root: epath.Path) -> Iterator[None]:
   """One runner per sweep root at a time (two would start the same points twice)."""
-  import fcntl  # pylint: disable=g-import-not-at-top
+  import fcntl
   root.mkdir(parents=True, exist_ok=True)
   with open(root / ".sweep.lock", "a+") as f:
     try:

@@ -25,6 +25,7 @@ without SLURM, waiting for each wave before submitting the next.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping, Sequence
 import dataclasses
 import os
 import re
@@ -32,7 +33,7 @@ import shlex
 import signal
 import subprocess
 import sys
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any
 
 from medbench_jax.study import sweep as sweep_lib
 from medbench_jax.study import sweep_local
@@ -81,7 +82,7 @@ class PointTask:
     self._process: subprocess.Popen | None = None
 
   def __call__(self, task: Task) -> str:
-    import submitit  # pylint: disable=g-import-not-at-top
+    import submitit
     env = submitit.JobEnvironment()
     point, lead = task.point, env.global_rank == 0
     for name, workdir in task.dependencies:
@@ -111,7 +112,7 @@ class PointTask:
 
   def checkpoint(self, task: Task) -> Any:
     """submitit's timeout/preemption hook: stop the point (it saves) and requeue."""
-    import submitit  # pylint: disable=g-import-not-at-top
+    import submitit
     if self._process is not None and self._process.poll() is None:
       self._process.send_signal(signal.SIGTERM)
       try:
@@ -166,7 +167,7 @@ def submit(plan: sweep_lib.Plan, parameters: Mapping[str, Any], *, cluster: str 
   With cluster=slurm this returns once all waves are queued; with local or debug it waits
   for each wave (they have no scheduler dependencies) and so returns when all have run.
   """
-  import submitit  # pylint: disable=g-import-not-at-top
+  import submitit
   folder = str(plan.root / ".submitit" / "%j")
   todo = [p for p in plan.points if sweep_lib.workdir_state(p.workdir) != sweep_lib.DONE]
   out(f"{len(plan.points)} points: {len(plan.points) - len(todo)} done, {len(todo)} to "

@@ -14,10 +14,10 @@ preempted slice does the same (`launch/tpu.sh create` it again, rerun the sweep)
 
 from __future__ import annotations
 
+from collections.abc import Callable
 import dataclasses
 import pathlib
 import shlex
-from typing import Callable
 
 from medbench_jax.study import sweep as sweep_lib
 from medbench_jax.study import sweep_local

@@ -9,10 +9,10 @@ correction over the tests of the one table. The baseline's cells are bold.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 import math
 import pathlib
 import re
-from typing import Sequence
 
 import numpy as np
 import pandas as pd

@@ -23,10 +23,10 @@ import json
 import math
 import pathlib
 
+from absl import logging
 import numpy as np
 import pandas as pd
 import scipy.stats
-from absl import logging
 from sklearn import linear_model
 from sklearn import metrics as sk_metrics
 from sklearn import model_selection

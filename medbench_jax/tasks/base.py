@@ -10,7 +10,8 @@ task's part of results.json.
 from __future__ import annotations
 
 import abc
-from typing import Any, Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import jax.numpy as jnp
 import ml_collections

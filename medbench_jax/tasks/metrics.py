@@ -6,11 +6,11 @@ as null in results.json), never a made-up value.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 import math
-from typing import Sequence
 
-import numpy as np
 from absl import logging
+import numpy as np
 from sklearn import metrics as sk_metrics
 
 

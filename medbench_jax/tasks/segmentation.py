@@ -17,8 +17,9 @@ not depend on how the split is batched or over how many devices.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
 import math
-from typing import Any, Callable, Mapping
+from typing import Any
 
 import jax
 import jax.numpy as jnp

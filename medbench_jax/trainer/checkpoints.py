@@ -25,10 +25,10 @@ import hashlib
 import json
 from typing import Any
 
-import grain
-import orbax.checkpoint as ocp
 from absl import logging
 from etils import epath
+import grain
+import orbax.checkpoint as ocp
 
 from medbench_jax import runtime
 

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import grain
-import numpy as np
 from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding
+import numpy as np
 
 from medbench_jax.data import pipeline
 from medbench_jax.data import transforms

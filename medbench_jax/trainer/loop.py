@@ -15,15 +15,16 @@ batch's statistics; "skip" (the step left the state as it was) logs and counts i
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
 import dataclasses
 import time
-from typing import Any, Callable, Iterator
+from typing import Any
 
+from absl import logging
+from clu import metric_writers
 import jax
 import ml_collections
 import numpy as np
-from absl import logging
-from clu import metric_writers
 
 from medbench_jax import runtime
 from medbench_jax.tasks import base as tasks_base

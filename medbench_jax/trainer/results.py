@@ -10,6 +10,7 @@ training throughput, peak host memory).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 import hashlib
 import json
 import math
@@ -17,7 +18,7 @@ import os
 import pathlib
 import resource
 import subprocess
-from typing import Any, Sequence
+from typing import Any
 
 import jax
 import numpy as np

@@ -12,13 +12,16 @@ assembled from each process's local part of the batch.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 import re
-from typing import Any, Sequence
+from typing import Any
 
 import jax
+from jax.sharding import Mesh
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 import ml_collections
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from medbench_jax import config_lib
 

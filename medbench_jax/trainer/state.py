@@ -6,16 +6,17 @@ example does; the learning rate lives in the optimizer state (optim.py).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 import functools
-from typing import Any, Callable
+from typing import Any
 
+from absl import logging
 import flax.linen as nn
+from flax.training import train_state
 import jax
 import jax.numpy as jnp
 import ml_collections
 import optax
-from absl import logging
-from flax.training import train_state
 
 from medbench_jax import models
 from medbench_jax import weights

@@ -13,12 +13,12 @@ import functools
 import os
 import time
 
-import jax
-import ml_collections
-import numpy as np
 from absl import logging
 from clu import metric_writers
 from etils import epath
+import jax
+import ml_collections
+import numpy as np
 
 from medbench_jax import config_lib
 from medbench_jax import paths

@@ -28,26 +28,27 @@ Sources `load` accepts (also as --config.model.init):
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
 import dataclasses
 import inspect
 import os
 import re
+from typing import Any
 import zipfile
-from typing import Any, Callable, Mapping
 
+from absl import logging
+from flax import traverse_util
 import jax
 import jax.numpy as jnp
 import numpy as np
-from absl import logging
-from flax import traverse_util
 
 from medbench_jax import models
-from medbench_jax.weights.torch_pickle import UnsafeCheckpointError  # noqa: F401  (re-export)
 from medbench_jax.weights import formats
 from medbench_jax.weights import haiku_pickle
 from medbench_jax.weights import safetensors_file
 from medbench_jax.weights import sources
 from medbench_jax.weights import torch_pickle
+from medbench_jax.weights.torch_pickle import UnsafeCheckpointError  # noqa: F401  (re-export)
 
 _PICKLE_EXTENSIONS = (".pkl", ".pickle")
 # Error messages list at most this many keys per category.

@@ -19,9 +19,10 @@ Choosing a format explicitly: prefix the path with its name (`moco:/ckpt/x.pth.t
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
 import dataclasses
 import re
-from typing import Any, Callable, Mapping
+from typing import Any
 
 import numpy as np
 

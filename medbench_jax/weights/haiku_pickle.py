@@ -20,9 +20,10 @@ and nothing of it runs. Any other global is refused with UnsafeCheckpointError.
 from __future__ import annotations
 
 import collections
+from collections.abc import Mapping
 import pickle
 import re
-from typing import Any, Mapping
+from typing import Any
 
 import numpy as np
 
@@ -47,7 +48,7 @@ class Record:
   `state` from BUILD. Subclassed per class name so NEWOBJ (which needs a type) works."""
   qualified_name = "?"
 
-  def __new__(cls, *args: Any) -> "Record":
+  def __new__(cls, *args: Any) -> Record:
     self = object.__new__(cls)
     self.args, self.state = args, None
     return self

@@ -13,12 +13,12 @@ import json
 import os
 from typing import Any
 
+from absl import logging
+from flax import traverse_util
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
 import safetensors.numpy
-from absl import logging
-from flax import traverse_util
 
 from medbench_jax.weights import safetensors_file
 
@@ -61,8 +61,8 @@ def resolve_timm(spec: str) -> str:
   if not offline:
     try:
       # Imported only here: offline runs and the other sources never need it.
-      import huggingface_hub  # pylint: disable=g-import-not-at-top
-      from huggingface_hub import errors  # pylint: disable=g-import-not-at-top
+      import huggingface_hub
+      from huggingface_hub import errors
       for filename in _TIMM_FILES:
         try:
           return huggingface_hub.hf_hub_download(f"timm/{repo}", filename,

@@ -32,8 +32,8 @@ import os
 import pickle
 import re
 import sys
-import zipfile
 from typing import Any
+import zipfile
 
 import ml_dtypes
 import numpy as np
@@ -124,7 +124,7 @@ class ConfigNode(dict):
 class _PendingTensor:
   """A tensor of a legacy-format file whose storage data follows the pickle."""
 
-  def __init__(self, storage: "_PendingStorage", offset, size, stride):
+  def __init__(self, storage: _PendingStorage, offset, size, stride):
     self.storage, self.offset, self.size, self.stride = storage, offset, size, stride
 
 

@@ -38,9 +38,10 @@ and sources.open_splits then work for it unchanged.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 import json
 import os
-from typing import TYPE_CHECKING, Any, Mapping
+from typing import Any, TYPE_CHECKING
 
 import ml_collections
 
@@ -65,7 +66,7 @@ def manual_dir_for(dataset_config: ml_collections.ConfigDict) -> str:
     return os.path.expanduser(d.manual_dir)
   if d.name in PHANTOM_DATASETS:
     # OpenCV loads with the phantom module: only phantom runs pay for it here.
-    from medbench_jax.data.prepare import phantom  # pylint: disable=g-import-not-at-top
+    from medbench_jax.data.prepare import phantom
     p = d.phantom
     return os.path.join(paths.CACHE_DIR, "phantom_cxr",
                         f"seed{p.seed}_{p.num_train}-{p.num_val}-{p.num_test}_{p.image_size}px"
@@ -121,10 +122,9 @@ def prepare_dataset(dataset_config: ml_collections.ConfigDict, *,
   d = dataset_config
   manual_dir = manual_dir_for(d)
   if d.name in PHANTOM_DATASETS:
-    # pylint: disable=g-import-not-at-top
+
     from medbench_jax.data.prepare import phantom
     from medbench_jax.data.prepare import staging
-    # pylint: enable=g-import-not-at-top
     p = d.phantom
     phantom.generate(manual_dir, seed=p.seed, num_train=p.num_train, num_val=p.num_val,
                      num_test=p.num_test, image_size=p.image_size,

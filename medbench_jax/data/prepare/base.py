@@ -36,23 +36,26 @@ Two siblings share this machinery: `ClassificationBuilder` (image, labels) and
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Mapping, Sequence
 import hashlib
 import os
 import pathlib
 import shutil
+from typing import Any
 import zipfile
-from typing import Any, Iterator, Mapping, Sequence
 
-import numpy as np
-import tensorflow_datasets as tfds
 from absl import logging
 from array_record.python import array_record_module
+import numpy as np
+import tensorflow_datasets as tfds
 
 from medbench_jax.data import splits as splits_lib
 from medbench_jax.data.prepare import staging
 from medbench_jax.data.prepare.decoders import ImageDecoder
-from medbench_jax.data.prepare.errors import DataFormatError, Problems
-from medbench_jax.data.prepare.masks import SegDecoder, SegRecord
+from medbench_jax.data.prepare.errors import DataFormatError
+from medbench_jax.data.prepare.errors import Problems
+from medbench_jax.data.prepare.masks import SegDecoder
+from medbench_jax.data.prepare.masks import SegRecord
 from medbench_jax.data.prepare.parsing import Record
 
 SPLITS = splits_lib.SPLITS

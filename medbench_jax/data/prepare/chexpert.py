@@ -4,18 +4,22 @@ LSR, ...)."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 import glob
 import math
 import pathlib
 import re
-from typing import Mapping, Sequence
 
 import numpy as np
 
 from medbench_jax.data import splits as splits_lib
-from medbench_jax.data.prepare.base import SPLITS, ClassificationBuilder
+from medbench_jax.data.prepare.base import ClassificationBuilder
+from medbench_jax.data.prepare.base import SPLITS
 from medbench_jax.data.prepare.errors import RowError
-from medbench_jax.data.prepare.parsing import Record, find_file, parse_number, read_csv
+from medbench_jax.data.prepare.parsing import find_file
+from medbench_jax.data.prepare.parsing import parse_number
+from medbench_jax.data.prepare.parsing import read_csv
+from medbench_jax.data.prepare.parsing import Record
 
 CHEXPERT_LABELS = ("No Finding", "Enlarged Cardiomediastinum", "Cardiomegaly",
                    "Lung Opacity", "Lung Lesion", "Edema", "Consolidation", "Pneumonia",

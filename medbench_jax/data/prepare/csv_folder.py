@@ -2,17 +2,21 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 import hashlib
 import json
 import math
-from typing import Any, Mapping
+from typing import Any
 
 import numpy as np
 import tensorflow_datasets as tfds
 
-from medbench_jax.data.prepare.base import SPLITS, ClassificationBuilder
+from medbench_jax.data.prepare.base import ClassificationBuilder
+from medbench_jax.data.prepare.base import SPLITS
 from medbench_jax.data.prepare.errors import RowError
-from medbench_jax.data.prepare.parsing import Record, parse_number, read_csv
+from medbench_jax.data.prepare.parsing import parse_number
+from medbench_jax.data.prepare.parsing import read_csv
+from medbench_jax.data.prepare.parsing import Record
 
 CSV_SPLIT_NAMES = {"train": "train", "val": "validation", "valid": "validation",
                    "validation": "validation", "test": "test"}

@@ -9,7 +9,9 @@ from medbench_jax.data import splits as splits_lib
 from medbench_jax.data.prepare import phantom
 from medbench_jax.data.prepare.base import ClassificationBuilder
 from medbench_jax.data.prepare.images import ImageIndex
-from medbench_jax.data.prepare.parsing import Record, read_csv, read_label_list
+from medbench_jax.data.prepare.parsing import read_csv
+from medbench_jax.data.prepare.parsing import read_label_list
+from medbench_jax.data.prepare.parsing import Record
 
 
 class ListClassificationBuilder(ClassificationBuilder, skip_registration=True):

@@ -21,7 +21,9 @@ import cv2
 import numpy as np
 import pydicom
 from pydicom.errors import InvalidDicomError
-from pydicom.pixels import apply_modality_lut, apply_voi, apply_windowing
+from pydicom.pixels import apply_modality_lut
+from pydicom.pixels import apply_voi
+from pydicom.pixels import apply_windowing
 
 from medbench_jax.data.prepare.errors import DataFormatError
 from medbench_jax.data.prepare.images import MAX_IMAGE_PIXELS

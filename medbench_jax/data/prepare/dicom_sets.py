@@ -26,9 +26,13 @@ import numpy as np
 
 from medbench_jax.data import splits as splits_lib
 from medbench_jax.data.prepare.base import ClassificationBuilder
-from medbench_jax.data.prepare.errors import Problems, RowError
+from medbench_jax.data.prepare.errors import Problems
+from medbench_jax.data.prepare.errors import RowError
 from medbench_jax.data.prepare.images import ImageIndex
-from medbench_jax.data.prepare.parsing import Record, parse_number, read_csv, read_label_list
+from medbench_jax.data.prepare.parsing import parse_number
+from medbench_jax.data.prepare.parsing import read_csv
+from medbench_jax.data.prepare.parsing import read_label_list
+from medbench_jax.data.prepare.parsing import Record
 
 
 def _find_one(manual_dir: pathlib.Path, name: str, instructions: str,

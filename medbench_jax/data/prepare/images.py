@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 import glob
 import io
 import os
 import pathlib
 import warnings
-from typing import Sequence
 
 import cv2
 import numpy as np

@@ -19,7 +19,8 @@ import PIL.Image
 
 from medbench_jax.data.prepare import dicom
 from medbench_jax.data.prepare.errors import DataFormatError
-from medbench_jax.data.prepare.images import read_image, to_stored
+from medbench_jax.data.prepare.images import read_image
+from medbench_jax.data.prepare.images import to_stored
 from medbench_jax.data.prepare.parsing import Record
 from medbench_jax.data.prepare.staging import Decoder
 

@@ -10,7 +10,8 @@ import zipfile
 import numpy as np
 
 from medbench_jax.data.prepare.base import ClassificationBuilder
-from medbench_jax.data.prepare.errors import DataFormatError, Problems
+from medbench_jax.data.prepare.errors import DataFormatError
+from medbench_jax.data.prepare.errors import Problems
 from medbench_jax.data.prepare.images import to_stored
 from medbench_jax.data.prepare.parsing import Record
 

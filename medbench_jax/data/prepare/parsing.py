@@ -6,16 +6,18 @@ so that one report lists every problem of a data set.
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Sequence
 import csv
 import dataclasses
 import gzip
 import os
 import pathlib
-from typing import Iterator, Sequence
 
 import numpy as np
 
-from medbench_jax.data.prepare.errors import DataFormatError, Problems, RowError
+from medbench_jax.data.prepare.errors import DataFormatError
+from medbench_jax.data.prepare.errors import Problems
+from medbench_jax.data.prepare.errors import RowError
 
 
 @dataclasses.dataclass(frozen=True, slots=True)

@@ -21,7 +21,8 @@ from medbench_jax.data.prepare.base import SegmentationBuilder
 from medbench_jax.data.prepare.cxr_lists import PhantomCxr
 from medbench_jax.data.prepare.errors import DataFormatError
 from medbench_jax.data.prepare.masks import SegRecord
-from medbench_jax.data.prepare.parsing import read_csv, read_label_list
+from medbench_jax.data.prepare.parsing import read_csv
+from medbench_jax.data.prepare.parsing import read_label_list
 
 
 class _Montgomery(SegmentationBuilder, skip_registration=True):

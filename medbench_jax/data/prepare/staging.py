@@ -7,20 +7,22 @@ good slots into ArrayRecords in record order without holding the data set in mem
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Iterator, Sequence
 import concurrent.futures
 import dataclasses
 import math
 import multiprocessing
 import os
 import pathlib
-from typing import Iterable, Iterator, Sequence
 
+from absl import logging
 import cv2
 import numpy as np
-from absl import logging
 
-from medbench_jax.data.prepare.errors import DataFormatError, Problems
-from medbench_jax.data.prepare.images import read_image, to_stored
+from medbench_jax.data.prepare.errors import DataFormatError
+from medbench_jax.data.prepare.errors import Problems
+from medbench_jax.data.prepare.images import read_image
+from medbench_jax.data.prepare.images import to_stored
 from medbench_jax.data.prepare.parsing import Record
 
 # Starting a worker process costs about a second: below this many images the
