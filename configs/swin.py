@@ -40,4 +40,4 @@ from medbench_jax import recipes
 def get_config(arg=None):
   return recipes.classification_config(
       arg, paper_model="swin_base_patch4_window7_224",
-      demo_model="swin_demo_patch4_window4_96")
+      demo_model="swin_demo_patch4_window4_64")

@@ -7,9 +7,10 @@
 #       [--logs=DIR] -- MAIN_FLAGS...
 #   e.g. launch/local_multiprocess.sh -- --config=configs/swin.py --workdir=/tmp/mp
 #
-# Each process gets --devices simulated CPU devices (XLA_FLAGS) and writes its output
-# to DIR/process_K.log (default: a new temporary folder, printed); a failed process's
-# last lines are shown. Exit status: 0 when every process succeeded, else the first
+# Each process runs on the CPU (JAX_PLATFORMS=cpu: on a GPU or TPU host every process
+# would otherwise claim every accelerator) with --devices simulated CPU devices
+# (XLA_FLAGS), and writes its output to DIR/process_K.log (default: a new temporary
+# folder, printed); a failed process's last lines are shown. Exit status: 0 when every process succeeded, else the first
 # failure's.
 #
 # --dry_run (or DRY_RUN=1) prints the commands instead of running them.
@@ -54,7 +55,7 @@ port="${port:-$(free_port)}"
 
 if [[ -n "${DRY_RUN:-}" ]]; then
   for ((i = 0; i < processes; i++)); do
-    printf 'XLA_FLAGS=--xla_force_host_platform_device_count=%s ' "${devices}"
+    printf 'JAX_PLATFORMS=cpu XLA_FLAGS=--xla_force_host_platform_device_count=%s ' "${devices}"
     printf '%q ' python3 -m medbench_jax.main "$@" --coordinator_address="127.0.0.1:${port}" \
       --num_processes="${processes}" --process_id="${i}"
     printf '\n'
@@ -67,8 +68,8 @@ mkdir -p "${logs}"
 echo "Logs: ${logs}/process_K.log"
 pids=()
 for ((i = 0; i < processes; i++)); do
-  XLA_FLAGS="--xla_force_host_platform_device_count=${devices}" PYTHONUNBUFFERED=1 \
-    python3 -m medbench_jax.main "$@" --coordinator_address="127.0.0.1:${port}" \
+  JAX_PLATFORMS=cpu XLA_FLAGS="--xla_force_host_platform_device_count=${devices}" \
+    PYTHONUNBUFFERED=1 python3 -m medbench_jax.main "$@" --coordinator_address="127.0.0.1:${port}" \
     --num_processes="${processes}" --process_id="${i}" > "${logs}/process_${i}.log" 2>&1 &
   pids+=("$!")
 done

@@ -4,19 +4,24 @@
 #   launch/tpu.sh create NAME --zone=ZONE --type=TYPE [--version=V] [--project=P] [--spot]
 #   launch/tpu.sh setup  NAME --zone=ZONE [--project=P]
 #   launch/tpu.sh train  NAME --zone=ZONE [--project=P] -- MAIN_FLAGS...
-#   launch/tpu.sh run    NAME --zone=ZONE [--project=P] -- COMMAND...
+#   launch/tpu.sh run    NAME --zone=ZONE [--project=P] [--worker=W] -- COMMAND...
 #   launch/tpu.sh delete NAME --zone=ZONE [--project=P]
 #
 # create  a TPU VM (--type=v4-8, v5litepod-8, ...) or pod slice (v4-32, ...); the
 #         software version defaults to tpu-ubuntu2204-base.
 # setup   copies this checkout's tracked files to ~/medbench_jax on every host and
-#         installs requirements.txt and jax[tpu] of the pinned version there.
+#         installs requirements.txt and requirements-tpu.txt (jax[tpu] at the jax pin)
+#         into ~/medbench_jax/.venv, a Python 3.11 environment made by uv (the images'
+#         own Python, 3.10 on tpu-ubuntu2204-base, is too old for the pins): uv is
+#         installed with the image's pip and downloads its own build of Python 3.11.
 # train   runs `python3 -m medbench_jax.main MAIN_FLAGS --multiprocess` on every host at
-#         once (gcloud ssh --worker=all); jax.distributed finds the other hosts itself.
+#         once (gcloud ssh --worker=all), in the environment of setup; jax.distributed
+#         finds the other hosts itself.
 #         Put the workdir on a bucket every host can write, e.g.
 #         --workdir=gs://BUCKET/workdirs/swinb_cxr14.
-# run     runs any command in ~/medbench_jax on every host (the sweep runner's
-#         --backend=tpu uses it).
+# run     runs any command in ~/medbench_jax, in the environment of setup, on every host,
+#         or on host W alone with --worker=W (the sweep runner's --backend=tpu runs a
+#         point per chip that way).
 # delete  deletes the VM or slice.
 #
 # --dry_run (or DRY_RUN=1) prints the commands instead of running them.
@@ -24,6 +29,10 @@ set -euo pipefail
 
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 REMOTE_DIR="medbench_jax"  # below each host's home directory
+PYTHON_VERSION="3.11"  # what requirements.txt is pinned for
+UV_VERSION="0.13.9"
+# Every remote command runs in the checkout, in the environment setup made.
+REMOTE_ENV="cd ${REMOTE_DIR} && . .venv/bin/activate"
 
 usage() {
   sed -n '/^#!/d; /^#/!q; s/^# \{0,1\}//p' "${BASH_SOURCE[0]}"
@@ -69,7 +78,7 @@ main() {
   [[ $# -gt 0 && "$1" != -* ]] || die "${action}: the TPU name is missing"
   local name="$1"
   shift
-  local zone="" project="" type="" version="tpu-ubuntu2204-base" spot=""
+  local zone="" project="" type="" version="tpu-ubuntu2204-base" spot="" worker="all"
   while [[ $# -gt 0 ]]; do
     case "$1" in
       --zone=*) zone="${1#*=}" ;;
@@ -77,6 +86,11 @@ main() {
       --type=*) type="${1#*=}" ;;
       --version=*) version="${1#*=}" ;;
       --spot) spot="--spot" ;;
+      --worker=*)
+        [[ "${action}" == "run" ]] || die "${action}: unknown option '$1'"
+        worker="${1#*=}"
+        [[ "${worker}" =~ ^[0-9]+$ ]] || die "run: --worker=${worker} must be a host index"
+        ;;
       --dry_run) DRY_RUN=1 ;;
       --) shift; break ;;
       *) die "${action}: unknown option '$1'" ;;
@@ -97,24 +111,24 @@ main() {
         --version="${version}" "${extra[@]}"
       ;;
     setup)
-      local jax_version
-      jax_version="$(sed -n 's/^jax==\([^ ]*\).*/\1/p' "${REPO}/requirements.txt")"
-      [[ -n "${jax_version}" ]] || die "setup: no jax==VERSION line in requirements.txt"
       local archive="/tmp/medbench_jax_$$.tar.gz"
       run bash -c "cd $(quoted "${REPO}") && git ls-files -z | tar --null -T - -czf $(quoted "${archive}")"
       run "${vm[@]}" scp "${archive}" "${name}:${REMOTE_DIR}.tar.gz" "${where[@]}" --worker=all
-      run "${vm[@]}" ssh "${name}" "${where[@]}" --worker=all --command="mkdir -p ${REMOTE_DIR} && tar -xzf ${REMOTE_DIR}.tar.gz -C ${REMOTE_DIR} && cd ${REMOTE_DIR} && python3 -m pip install -q -r requirements.txt 'jax[tpu]==${jax_version}'"
+      # The remote shell expands the ~.
+      # shellcheck disable=SC2088
+      local uv="~/.local/bin/uv"
+      run "${vm[@]}" ssh "${name}" "${where[@]}" --worker=all --command="mkdir -p ${REMOTE_DIR} && tar -xzf ${REMOTE_DIR}.tar.gz -C ${REMOTE_DIR} && cd ${REMOTE_DIR} && python3 -m pip install -q --user uv==${UV_VERSION} && ${uv} venv -q --allow-existing --python ${PYTHON_VERSION} .venv && ${uv} pip install -q --python .venv/bin/python -r requirements.txt -r requirements-tpu.txt && .venv/bin/python -c 'import jax; print(jax.devices())'"
       run rm -f "${archive}"
       ;;
     train)
       [[ $# -gt 0 ]] || die "train: give medbench_jax.main's flags after --"
       run "${vm[@]}" ssh "${name}" "${where[@]}" --worker=all \
-        --command="cd ${REMOTE_DIR} && $(quoted python3 -m medbench_jax.main "$@" --multiprocess)"
+        --command="${REMOTE_ENV} && $(quoted python3 -m medbench_jax.main "$@" --multiprocess)"
       ;;
     run)
       [[ $# -gt 0 ]] || die "run: give the command after --"
-      run "${vm[@]}" ssh "${name}" "${where[@]}" --worker=all \
-        --command="cd ${REMOTE_DIR} && $(quoted "$@")"
+      run "${vm[@]}" ssh "${name}" "${where[@]}" --worker="${worker}" \
+        --command="${REMOTE_ENV} && $(quoted "$@")"
       ;;
     delete)
       run "${vm[@]}" delete "${name}" "${where[@]}" --quiet

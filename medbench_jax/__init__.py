@@ -2,7 +2,7 @@
 
 Map of the package (arrows run one way: entry points -> trainer -> tasks ->
 models / weights / data; data never imports models or the trainer; models never
-import data; registries are leaf modules):
+import data; registries are leaf modules). docs/architecture.md describes it in full.
 
   main.py          `python -m medbench_jax.main`: flags -> runtime -> prepare -> trainer
   evaluate.py      re-test a finished run's best checkpoints, here or on another data set
@@ -13,7 +13,9 @@ import data; registries are leaf modules):
   runtime.py       process start-up: jax.distributed, TF off accelerators, lead/barrier,
                    preemption signals, compilation cache
   paths.py         the cache and default workdirs; atomic JSON writes (a leaf)
-  config_lib.py    the config schema, arg parsing, validation (each component its part)
+  pixel_stats.py   pixel normalizations by name: mean and std (a leaf)
+  config_lib.py    the config schema, arg parsing, the wording of config errors (a leaf)
+  config_checks.py validate: each component checks its config section (entry level)
   recipes.py       the CPU demo and the study's protocol per task, for configs/ files
   trainer/         the one fine-tuning loop: state and update step, optimizer, sharding
                    (data x fsdp mesh), checkpoints, fit, evaluation, trials -> results.json
@@ -26,13 +28,14 @@ import data; registries are leaf modules):
                    label policies and fractions, sources, grain pipelines, transforms
   study/           sweeps over many runs, the report (statistics, tables, plots), and
                    transferability estimates (LogME, linear probe)
+  benchmarks/      input pipeline, train/eval step and soak measurements (behind bench)
 
-Data flow of a run: config file -> main (flags, runtime.start) -> config_lib.validate ->
+Data flow of a run: config file -> main (flags, runtime.start) -> config_checks.validate ->
 lead process: data.prepare.prepare_dataset (others wait at a barrier) ->
 trainer.trials.train_and_evaluate: data.sources.open_splits -> tasks.for_dataset (the
 data set's kind picks the task) -> per trial: grain pipelines (data.pipeline) -> model
 (models.create) with initial weights (weights.load) -> jitted, sharded update steps
-(trainer.loop.fit) with evaluation, early stopping and checkpoints -> the best checkpoint
+(trainer.loop.Loop.fit) with evaluation, early stopping and checkpoints -> the best checkpoint
 on the test split -> trial_K/result.json and test_predictions.npz -> results.json.
 """
 

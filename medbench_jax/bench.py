@@ -9,6 +9,8 @@ r"""Benchmarks that print figures (JSON lines, and a table on stderr), never pas
   python -m medbench_jax.bench eval --config=FILE [--ten_crop] [...]
   python -m medbench_jax.bench soak --config=configs/swin.py --workdir=DIR \
       [--steps=5000] [--eval_every=50] [--sample_every=5] [--warmup_steps=N]
+  python -m medbench_jax.bench lower --config=FILE[:ARG] --platforms=cpu,cuda,tpu \
+      [--model=NAME] [--compile [--tpu_topologies=v4:1x1x1,v5e:1x1]]
 
 `input`: images/s of the training input pipeline (pipeline.train_dataset over the
 prepared data set of the config: for the default config the phantom set, generated
@@ -17,7 +19,7 @@ unless --notorch_reference, the same figure for the reference code's pipeline: a
 PyTorch DataLoader decoding the original PNGs every step (PIL, RGB,
 RandomResizedCrop, flip, rotation 7, ToTensor, Normalize), same batch size, worker
 count and output size (data sets whose examples are image files; not MedMNIST's
-arrays). Ours ships uint8 one-channel crops (normalisation and the
+arrays). Ours ships uint8 one-channel crops (normalization and the
 RGB broadcast run on the accelerator); the reference ships float32 RGB tensors:
 each is measured as the training loop consumes it.
 
@@ -41,7 +43,15 @@ random data).
 --compare_torch measures timm's model of the same name in a fresh process (eager, and
 with --torch_compile also through torch.compile). --compilation_cache=DIR uses JAX's
 persistent compilation cache there: run twice to see the first step of a cached run.
-See medbench_jax.benchmarks.train_speed.
+See medbench_jax.benchmarks.train_speed. Our lines are also appended to
+CACHE_DIR/bench/<device kind>.jsonl, where `sweep --dry_run` finds step times.
+`lower`: the trainer's train and eval steps of the config (--model: another model, with
+its defaults) lowered for each of --platforms without their devices, one JSON line per
+(step, platform) with counts of StableHLO operations (convolution, grouped_convolution,
+dot_general, custom_call, host_callback): which kernels each platform gets. --compile adds
+per-device memory and FLOPs of each step compiled for the local backend and, ahead of
+time through the libtpu wheel, for the TPU chips of --tpu_topologies.
+See medbench_jax.benchmarks.lower.
 `soak`: a long run of `python -m medbench_jax.main` (`--steps` steps, evaluating and
 checkpointing every `--eval_every`, no early stopping), watched from outside through
 /proc (Linux) every `--sample_every` seconds: resident memory of the trainer and of
@@ -106,8 +116,16 @@ _TORCH_COMPILE = flags.DEFINE_bool("torch_compile", False,
 _TEN_CROP = flags.DEFINE_bool("ten_crop", False, "eval: ten crops per image.")
 _COMPILATION_CACHE = flags.DEFINE_string(
     "compilation_cache", "", "train/eval: JAX persistent compilation cache directory.")
+_PLATFORMS = flags.DEFINE_list("platforms", ["cpu", "cuda", "tpu"],
+                               "lower: the platforms to lower the steps for.")
+_COMPILE = flags.DEFINE_bool(
+    "compile", False, "lower: also compile, for the local backend and the TPU topologies, "
+    "and report per-device memory and FLOPs.")
+_TPU_TOPOLOGIES = flags.DEFINE_list(
+    "tpu_topologies", ["v4:1x1x1", "v5e:1x1"],
+    "lower --compile: TPU topologies compiled for ahead of time (needs the libtpu wheel).")
 
-BENCHMARKS = ("input", "train", "eval", "soak")
+BENCHMARKS = ("input", "train", "eval", "lower", "soak")
 _DEFAULT_STEPS = {"input": 50, "train": 5, "eval": 5, "soak": 5000}
 _TABLE_KEYS = ("framework", "first_step_s", "compile_s", "step_s", "images_per_s",
                "input_wait", "mfu", "peak_rss_mb", "peak_device_memory_mb",
@@ -160,10 +178,11 @@ def main(argv):
         "--config=FILE [--steps=N]; train|eval [--config=FILE[:ARGS] [--real_input "
         "(train)]] [--model=NAME] [--batch=B] [--image_size=S] [--dtype=bfloat16] "
         "[--steps=N] [--peak_tflops=T] [--compare_torch [--torch_compile]] "
-        "[--ten_crop (eval)] [--compilation_cache=DIR]; soak --config=FILE --workdir=DIR "
-        "[--steps=5000] [--eval_every=50].")
+        "[--ten_crop (eval)] [--compilation_cache=DIR]; lower --config=FILE[:ARG] "
+        "[--platforms=cpu,cuda,tpu] [--model=NAME] [--compile]; soak --config=FILE "
+        "--workdir=DIR [--steps=5000] [--eval_every=50].")
   benchmark = argv[1]
-  steps = _STEPS.value or _DEFAULT_STEPS[benchmark]
+  steps = _STEPS.value or _DEFAULT_STEPS.get(benchmark)
   config_name = config_flags.get_config_filename(flags.FLAGS["config"])
   if benchmark == "soak":
     from medbench_jax.benchmarks import soak
@@ -173,6 +192,17 @@ def main(argv):
         config_name, _WORKDIR.value, steps=steps, eval_every=_EVAL_EVERY.value,
         sample_every_s=_SAMPLE_EVERY.value,
         warmup=_WARMUP_STEPS.value if _WARMUP_STEPS.value is not None else steps // 10)]
+  elif benchmark == "lower":
+    from medbench_jax.benchmarks import lower
+    runtime.start()
+    config = _CONFIG.value
+    if _MODEL.present and _MODEL.value != config.model.name:
+      # The config's model.kw (sizes, drop rates) belong to its model, not to another.
+      config.model.name, config.model.kw = _MODEL.value, {}
+    lines = lower.bench_lower(config, _PLATFORMS.value, compile_steps=_COMPILE.value,
+                              tpu_topologies=_TPU_TOPOLOGIES.value)
+    for line in lines:
+      line["config"] = config_name
   elif benchmark == "input":
     runtime.start()
     lines = input_speed.bench_input(_CONFIG.value, config_name, steps=steps, warmup=_WARMUP.value,
@@ -187,6 +217,8 @@ def main(argv):
       for line in lines:
         line["config"] = config_name
     print(format_table(lines), file=sys.stderr, flush=True)
+    for line in lines:  # the sweep planner's step times, per device kind
+      train_speed.record(line)
   for line in lines:
     logging.info("%s", line)
     print(json.dumps(line), flush=True)

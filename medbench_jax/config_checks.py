@@ -14,6 +14,7 @@ from medbench_jax.data import device_transforms
 from medbench_jax.data import sources
 from medbench_jax.data import transforms
 from medbench_jax.data.prepare import registry as data_registry
+from medbench_jax.tasks import segmentation
 from medbench_jax.trainer import optim
 from medbench_jax.trainer import sharding
 
@@ -47,6 +48,7 @@ def validate(config: ml_collections.ConfigDict, *, model_fits_task: bool = True)
   check(config.model.dtype in ("float32", "bfloat16"), "model.dtype", config.model.dtype,
         ("float32", "bfloat16"))
   sources.validate_dataset_config(config.dataset)
+  segmentation.validate(config)
   optim.validate(config.optim)
   sharding.validate(config)
   normalizations = (*config_lib.NORMALIZATIONS, config_lib.MODEL_NORMALIZATION)
@@ -76,6 +78,6 @@ def validate(config: ml_collections.ConfigDict, *, model_fits_task: bool = True)
       raise ValueError(f"config.input.{key}: {e}") from None
   if config.input.augment_on_device:
     try:
-      device_transforms.parse(config.input.pp_train)
+      device_transforms.device_ops(config.input.pp_train)
     except ValueError as e:
       raise ValueError(f"config.input.pp_train: {e}") from None

@@ -26,10 +26,23 @@ SEGMENTATION_DECODERS = ("unet", "upernet")
 
 
 def default_config() -> ml_collections.ConfigDict:
+  """Every key of a run with its default, one helper per section; the dict is locked."""
   c = ml_collections.ConfigDict()
   c.seed = 0
   c.num_trials = 1
+  _add_dataset(c)
+  _add_input(c)
+  _add_model(c)
+  _add_segmentation(c)
+  _add_mesh(c)
+  _add_optim(c)
+  _add_train(c)
+  c.lock()
+  return c
 
+
+def _add_dataset(c: ml_collections.ConfigDict) -> None:
+  """config.dataset: the data set, where it lives, and its labels' policies."""
   c.dataset = ml_collections.ConfigDict()
   c.dataset.name = "phantom_cxr"
   # Folder with the data set as its publisher distributes it (generated for the phantom).
@@ -66,6 +79,9 @@ def default_config() -> ml_collections.ConfigDict:
   c.dataset.phantom = ml_collections.ConfigDict(dict(
       seed=0, num_train=3000, num_val=500, num_test=1000, image_size=256))
 
+
+def _add_input(c: ml_collections.ConfigDict) -> None:
+  """config.input: batches and the preprocessing specs (data/transforms.py)."""
   c.input = ml_collections.ConfigDict()
   c.input.batch_size = 64  # global, across all devices and processes
   c.input.eval_batch_size = 64
@@ -78,6 +94,9 @@ def default_config() -> ml_collections.ConfigDict:
   # step, on the accelerators (data/device_transforms.py lists the ops it can run).
   c.input.augment_on_device = False
 
+
+def _add_model(c: ml_collections.ConfigDict) -> None:
+  """config.model: the architecture, its initial weights and its compute dtype."""
   c.model = ml_collections.ConfigDict()
   c.model.name = "swin_base_patch4_window7_224"
   # "random", a checkpoint file (format detected; FORMAT:PATH names it, e.g.
@@ -86,14 +105,22 @@ def default_config() -> ml_collections.ConfigDict:
   # timm:NAME.TAG (Hugging Face hub cache). See medbench_jax/weights/__init__.py.
   c.model.init = "random"
   # Compute dtype: bfloat16 computes activations in bf16 while parameters, optimizer state,
-  # normalisation statistics, softmax and losses stay float32.
+  # norm layers' statistics, softmax and losses stay float32.
   c.model.dtype = "float32"
   c.model.kw = ml_collections.ConfigDict()  # extra keyword args for models.create
 
-  # Segmentation data sets only (tasks/segmentation.py): "auto" is the reference study's
-  # choice, Dice (BCE for DRIVE); or dice | bce | bce_dice | softmax_ce_dice.
-  c.segmentation = ml_collections.ConfigDict(dict(loss="auto"))
 
+def _add_segmentation(c: ml_collections.ConfigDict) -> None:
+  """config.segmentation: the loss of segmentation tasks."""
+  # Segmentation data sets only (tasks/segmentation.py): "auto" is the reference study's
+  # choice, Dice (BCE for DRIVE); or dice | bce | bce_dice | softmax_ce_dice. val_loss,
+  # the validation loss early stopping watches: per_image (each image's own loss, averaged)
+  # or pooled (the study's: pooled over batches of input.batch_size images).
+  c.segmentation = ml_collections.ConfigDict(dict(loss="auto", val_loss="per_image"))
+
+
+def _add_mesh(c: ml_collections.ConfigDict) -> None:
+  """config.mesh: how devices share the batch and the parameters."""
   # Devices: data parallel over `data`; fsdp > 1 shards the large parameters and their
   # optimizer state over groups of that many devices (trainer/sharding.py).
   c.mesh = ml_collections.ConfigDict()
@@ -103,6 +130,9 @@ def default_config() -> ml_collections.ConfigDict:
       (r".*", "replicate"))
   c.mesh.fsdp_min_size = 2**20  # elements; smaller tensors stay replicated
 
+
+def _add_optim(c: ml_collections.ConfigDict) -> None:
+  """config.optim: optimizer and learning-rate schedule (trainer/optim.py)."""
   c.optim = ml_collections.ConfigDict()
   c.optim.optimizer = "adam"
   c.optim.lr = 2e-4
@@ -119,11 +149,15 @@ def default_config() -> ml_collections.ConfigDict:
   c.optim.warmup_epochs = 0.0  # > 0: warmup in epochs (overrides warmup_steps)
   c.optim.min_lr_ratio = 0.0
 
+
+def _add_train(c: ml_collections.ConfigDict) -> None:
+  """config.train: the loop's length, cadence, early stopping and failure policy."""
   c.train = ml_collections.ConfigDict()
   c.train.num_epochs = 200
   c.train.eval_every_steps = 0  # 0 = once per epoch
-  # Early stopping: stop after this many evaluations without a lower val loss;
-  # the plateau schedule halves the lr after patience // 2 (the study's rule).
+  # Early stopping (the study's rule): stop at the (patience + 1)-th evaluation in a row
+  # without a lower val loss; the plateau schedule multiplies the lr by
+  # optim.plateau_factor at the (patience // 2 + 1)-th (ReduceLROnPlateau, patience // 2).
   c.train.patience = 10
   c.train.log_every_steps = 50
   # A step whose loss or gradients are not finite: "stop" ends the run naming the step,
@@ -135,9 +169,6 @@ def default_config() -> ml_collections.ConfigDict:
   # "START:STOP": capture a profiler trace of steps [START, STOP) into the trial's
   # TensorBoard folder (TensorBoard's profile plugin shows it); "" = off.
   c.train.profile_steps = ""
-
-  c.lock()
-  return c
 
 
 def parse_arg(arg: str | None, **defaults: Any) -> ml_collections.ConfigDict:

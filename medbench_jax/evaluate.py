@@ -20,7 +20,6 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 import dataclasses
-import functools
 import json
 import os
 import sys
@@ -39,7 +38,7 @@ from medbench_jax import config_lib
 from medbench_jax import paths
 from medbench_jax import runtime
 
-# Finding names that differ between data sets for the same finding (normalised forms).
+# Finding names that differ between data sets for the same finding (as `_finding_key`s).
 SYNONYMS = (
     ("effusion", "pleural effusion", "pe"),
     ("fibrosis", "pulmonary fibrosis"),
@@ -50,7 +49,8 @@ SYNONYMS = (
 _WORKDIR = flags.DEFINE_string("workdir", None, "A finished run's workdir.")
 
 
-def _normalised(name: str) -> str:
+def _finding_key(name: str) -> str:
+  """The name a finding is matched by: lower case, single spaces, SYNONYMS merged."""
   name = " ".join(name.lower().replace("_", " ").split())
   return next((group[0] for group in SYNONYMS if name in group), name)
 
@@ -58,9 +58,9 @@ def _normalised(name: str) -> str:
 def match_classes(source: Sequence[str], target: Sequence[str]
                   ) -> list[tuple[int, int]]:
   """(source index, target index) of the classes two data sets share, by name."""
-  index = {_normalised(n): i for i, n in enumerate(target)}
-  return [(i, index[_normalised(n)]) for i, n in enumerate(source)
-          if _normalised(n) in index]
+  index = {_finding_key(n): i for i, n in enumerate(target)}
+  return [(i, index[_finding_key(n)]) for i, n in enumerate(source)
+          if _finding_key(n) in index]
 
 
 @dataclasses.dataclass
@@ -85,7 +85,6 @@ def evaluate_run(workdir: str, config: ml_collections.ConfigDict) -> dict:
 
   from medbench_jax import tasks
   from medbench_jax import weights
-  from medbench_jax.data import pipeline
   from medbench_jax.data import sources
   from medbench_jax.trainer import evaluation
   from medbench_jax.trainer import results as results_lib
@@ -110,27 +109,21 @@ def evaluate_run(workdir: str, config: ml_collections.ConfigDict) -> dict:
       eval_class_names=tuple(n for n in shared if n in splits.info.eval_class_names) or shared)
   task = tasks.for_dataset(config, info)
   key = "mask" if task.name == "segmentation" else "labels"
-  test = SelectedClasses(splits.test, data_columns, key)
+  test_split = SelectedClasses(splits.test, data_columns, key)
 
   mesh = sharding.make_mesh()
-  data_sharding = sharding.batch_sharding(mesh)
   model = state_lib.create_model(config, run_task.num_outputs)
-  normalize = functools.partial(pipeline.normalize, **config_lib.normalization(config))
   apply_fn = lambda variables, x, train: model.apply(variables, x, train=train)[
       ..., list(model_columns)]
-  eval_step = jax.jit(task.make_eval_step(apply_fn, normalize), out_shardings=data_sharding)
-  dataset = functools.partial(
-      pipeline.eval_dataset, test, pp_spec=task.pp_eval(test=True), keys=task.keys,
-      local_batch_size=config.input.eval_batch_size // jax.process_count(),
-      num_threads=config.input.num_workers, process_index=jax.process_index(),
-      process_count=jax.process_count())
+  evaluator = evaluation.Evaluator.create(config, task, apply_fn, state_lib.normalizer(config),
+                                          sharding.batch_sharding(mesh))
 
   trials = []
   for k, trial in enumerate(run["trials"]):
     variables = weights.load(config.model.name, f"run:{workdir}/trial_{k}",
                              run_task.num_outputs, keep_head=True, **config.model.kw.to_dict())
     variables = jax.device_put(variables, sharding.replicated(mesh))
-    metrics = task.metrics(evaluation.predict(eval_step, variables, dataset(), data_sharding))
+    metrics = task.metrics(evaluator.predict(variables, test_split, test=True))
     logging.info("trial %d on %s: %s", k, config.dataset.name, task.describe(metrics, True))
     trials.append(results_lib.trial_record(
         seed=trial["seed"], best_step=trial["best_step"],

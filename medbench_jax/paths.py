@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import pathlib
+import threading
 from typing import Any
 
 # Generated data sets, prepared ArrayRecords and JAX's compilation cache live here unless
@@ -26,18 +27,45 @@ def default_workdir(config_arg: str) -> str:
   return os.path.join("workdirs", name + (f"_{suffix}" if suffix else ""))
 
 
+def write_atomic(path: str | os.PathLike, data: bytes | str) -> None:
+  """Writes a file so that readers see the old one or the whole new one, never part of it.
+
+  A local file is written beside its final name, flushed to disk (fsync) and renamed over
+  it (os.replace); the folder is then synced so the rename survives a power loss too. A
+  bucket object (gs://..., through etils.epath) is written whole: object stores publish
+  an object only once its upload completes. str is written as UTF-8.
+  """
+  data = data.encode() if isinstance(data, str) else data
+  name = os.fspath(path)
+  if "://" in name:
+    from etils import epath  # only sweeps over buckets need it
+    epath.Path(name).write_bytes(data)
+    return
+  path = pathlib.Path(name)
+  # Unique per writer, so that two processes writing the same file never share one.
+  tmp = path.with_name(f"{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
+  try:
+    with open(tmp, "wb") as f:
+      f.write(data)
+      f.flush()
+      os.fsync(f.fileno())
+    os.replace(tmp, path)
+  except BaseException:
+    tmp.unlink(missing_ok=True)
+    raise
+  folder = os.open(path.parent, os.O_RDONLY)
+  try:
+    os.fsync(folder)
+  finally:
+    os.close(folder)
+
+
 def write_json(path: str | os.PathLike, obj: Any) -> None:
-  """Writes JSON so that readers see the old file or the whole new one, never half of it.
+  """Writes JSON (indent 2) with write_atomic: never seen half-written.
 
   NaN is refused (JSON has none): callers write undefined metrics as null.
   """
-  path = pathlib.Path(path)
-  tmp = path.with_name(path.name + ".tmp")
-  with open(tmp, "w") as f:
-    f.write(json.dumps(obj, indent=2, allow_nan=False))
-    f.flush()
-    os.fsync(f.fileno())
-  os.replace(tmp, path)
+  write_atomic(path, json.dumps(obj, indent=2, allow_nan=False))
 
 
 def read_json(path: str | os.PathLike) -> Any:

@@ -1,4 +1,4 @@
-"""Pixel normalisations by name: the mean and std (RGB, for pixels in [0, 1]) that a
+"""Pixel normalizations by name: the mean and std (RGB, for pixels in [0, 1]) that a
 model's input is standardised with. A leaf: configs and the model registry both read it."""
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)

@@ -5,6 +5,7 @@ r"""Prepares a data set once: publisher's files -> validated ArrayRecords.
   python -m medbench_jax.prepare --dataset=csv_folder --manual_dir=DIR --csv=labels.csv \
       --csv_labels=Effusion,Nodule [--csv_path_column=path] [--csv_split_column=split] \
       [--csv_image_dir=images] [--csv_patient_column=patient]
+  python -m medbench_jax.prepare --list
 
 Every label row and image is checked before anything is written; all problems come
 in one report naming file and line (exit status 1). With --skip_bad the rest is
@@ -17,6 +18,10 @@ Training (medbench_jax.main) prepares on first use too; this command does it ahe
 with all cores, and shows the report without starting a run. For the phantom sets
 (phantom_cxr, phantom_cxr_seg), --manual_dir is the generated folder: a phantom found
 there is prepared as it was generated, an empty folder gets the default one.
+
+--list prints every data set with its task, access tier (open, registration,
+credentialed, user), whether its terms allow publishing trained models, licence, URL
+and citation (data/prepare/licences.py), and prepares nothing.
 """
 
 import contextlib
@@ -32,6 +37,7 @@ import ml_collections
 from medbench_jax import config_lib
 from medbench_jax import paths
 from medbench_jax.data import prepare
+from medbench_jax.data.prepare import licences
 from medbench_jax.data.prepare import registry
 from medbench_jax.data.prepare.errors import DataFormatError
 
@@ -54,6 +60,9 @@ _KEEP_ASPECT = flags.DEFINE_bool(
     "(config.dataset.keep_aspect; the paper setting: --image_size=1024 --keep_aspect).")
 _SKIP_BAD = flags.DEFINE_bool(
     "skip_bad", False, "Prepare the good examples and count the bad ones instead of failing.")
+_LIST = flags.DEFINE_bool(
+    "list", False, "Print the data sets with their licence, access tier and citation; "
+    "prepare nothing.")
 _WORKERS = flags.DEFINE_integer("workers", None, "Decoding processes; default: all cores.")
 # --dataset=csv_folder only: the layout (data/prepare/csv_folder.py CsvConfig).
 _CSV = {key: flags.DEFINE_string(f"csv_{key}" if key != "csv" else "csv", default,
@@ -79,6 +88,12 @@ def dataset_config() -> ml_collections.ConfigDict:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  if _LIST.value:
+    print(licences.format_table(licences.table()), flush=True)
+    return
+  missing = [f"--{f.name}" for f in (_DATASET, _MANUAL_DIR) if not f.value]
+  if missing:
+    raise app.UsageError(f"{' and '.join(missing)} required (or --list)")
   start = time.perf_counter()
   try:
     # TFDS prints progress on stdout, which is kept for the JSON lines.
@@ -93,5 +108,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  flags.mark_flags_as_required(["dataset", "manual_dir"])
   app.run(main)

@@ -1,7 +1,9 @@
 """Process start-up and coordination, shared by every entry point.
 
-`start()` keeps TensorFlow (there only for TFDS and TensorBoard writers) off the
-accelerators, quietens libraries' INFO chatter, and joins a multi-process run;
+`start()` checks that the platforms JAX_PLATFORMS names have their plugins installed,
+keeps TensorFlow (there only for TFDS and TensorBoard writers) off the accelerators,
+quietens libraries' INFO chatter, joins a multi-process run and logs the backend and its
+devices first thing;
 `is_lead()` picks the process that writes shared files; `barrier(name)` waits for
 all processes on the coordination service (not a device collective, whose timeout
 is far shorter than, say, preparing a data set).
@@ -19,7 +21,9 @@ from the last checkpoint.
 from __future__ import annotations
 
 import gc
+import importlib.util
 import logging as py_logging
+import os
 import signal
 
 from absl import logging
@@ -38,6 +42,18 @@ EXIT_PREEMPTED = 75
 
 _preemption_signal: str | None = None
 
+# Accelerator platforms (JAX_PLATFORMS names) -> the modules of their PJRT plugins (any one
+# will do) and how to install them at the pins of requirements.txt.
+ACCELERATOR_PLUGINS = {
+    "cuda": (("jax_cuda12_plugin", "jax_cuda13_plugin"),
+             "pip install -r requirements-cuda12.txt (or pip install -e '.[cuda12]')"),
+    "tpu": (("libtpu",), "pip install -r requirements-tpu.txt (or pip install -e '.[tpu]')"),
+    "rocm": (("jax_rocm7_plugin",), "pip install 'jax[rocm7-local]' at the jax pin of "
+             "requirements.txt"),
+}
+# Device files of accelerators that JAX without their plugin would leave idle.
+_ACCELERATOR_DEVICE_FILES = {"cuda": "/dev/nvidia0", "tpu": "/dev/accel0"}
+
 
 class Preempted(Exception):
   """Raised at a step boundary after the state was saved because SIGTERM/SIGINT came."""
@@ -50,6 +66,44 @@ class _QuietLibraries(py_logging.Filter):
   def filter(self, record: py_logging.LogRecord) -> bool:
     return (record.levelno >= py_logging.WARNING or
             not any(lib in record.pathname for lib in self._LIBRARIES))
+
+
+def check_platforms(platforms: str | None = None) -> None:
+  """Fails, naming the install command, when `platforms` (JAX_PLATFORMS by default, a
+  comma-separated list) names an accelerator whose JAX plugin is not installed: without it
+  JAX would fail with an unhelpful error, or run on the CPU."""
+  if platforms is None:
+    platforms = os.environ.get("JAX_PLATFORMS", "")
+  for platform in filter(None, (p.strip().lower() for p in platforms.split(","))):
+    if platform == "gpu":
+      platform = "cuda"
+    if platform not in ACCELERATOR_PLUGINS:
+      continue
+    modules, install = ACCELERATOR_PLUGINS[platform]
+    if not any(importlib.util.find_spec(m) for m in modules):
+      raise RuntimeError(
+          f"JAX_PLATFORMS={platforms} asks for {platform}, but JAX's {platform} plugin is not "
+          f"installed (none of {', '.join(modules)}): {install}. Unset JAX_PLATFORMS (or set "
+          "it to cpu) to run on the CPU.")
+
+
+def log_backend() -> None:
+  """The first log lines of a run: the backend and how many devices it computes on."""
+  try:
+    devices = jax.devices()
+  except RuntimeError as e:
+    raise RuntimeError(f"JAX found no usable backend (JAX_PLATFORMS="
+                       f"{os.environ.get('JAX_PLATFORMS', '')!r}): {e}") from e
+  backend = jax.default_backend()
+  logging.info("JAX backend: %s (%s), %d local device(s), %d global device(s), process %d "
+               "of %d.", backend, devices[0].device_kind, jax.local_device_count(),
+               jax.device_count(), jax.process_index(), jax.process_count())
+  if backend == "cpu":
+    for platform, device_file in _ACCELERATOR_DEVICE_FILES.items():
+      if os.path.exists(device_file):
+        logging.warning("This host has %s (%s) but JAX runs on the CPU: %s, or set "
+                        "JAX_PLATFORMS=%s to make this an error.", platform, device_file,
+                        ACCELERATOR_PLUGINS[platform][1], platform)
 
 
 def keep_tensorflow_off_accelerators() -> None:
@@ -69,6 +123,7 @@ def start(*, coordinator_address: str | None = None, num_processes: int | None =
   the same model and shapes skips most of the compilation. heartbeat_timeout_s: how soon
   the loss of another process ends this one (module docstring).
   """
+  check_platforms()
   logging.get_absl_handler().addFilter(_QuietLibraries())
   keep_tensorflow_off_accelerators()
   use_compilation_cache(compilation_cache_dir)
@@ -81,6 +136,7 @@ def start(*, coordinator_address: str | None = None, num_processes: int | None =
   elif multiprocess:
     jax.distributed.initialize(heartbeat_timeout_seconds=heartbeat_timeout_s,
                                shutdown_timeout_seconds=SHUTDOWN_TIMEOUT_S)
+  log_backend()
   if jax.process_count() > 1:
     logging.info("Process %d of %d: if another process is lost, this one stops within "
                  "%d s; rerun every process to resume from the last checkpoint.",

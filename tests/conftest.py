@@ -1,4 +1,5 @@
-"""Test setup: 8 simulated CPU devices, parsed absl flags, a small prepared phantom set."""
+"""Test setup: 8 simulated CPU devices, parsed absl flags, a small prepared phantom set,
+the time limit of the slow tests."""
 
 import os
 
@@ -12,6 +13,16 @@ import pytest  # noqa: E402
 
 # grain reads absl flags; under pytest nobody calls app.run.
 flags.FLAGS.mark_as_parsed()
+
+# The limit of a slow test that sets none (the default, 300 s, is the other tests'): full-size
+# models on 2 CPU cores.
+SLOW_TIMEOUT_S = 1800
+
+
+def pytest_collection_modifyitems(items):
+  for item in items:
+    if item.get_closest_marker("slow") and not item.get_closest_marker("timeout"):
+      item.add_marker(pytest.mark.timeout(SLOW_TIMEOUT_S))
 
 
 @pytest.fixture(scope="session")

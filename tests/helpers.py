@@ -1,5 +1,73 @@
-"""Helpers shared by the test files: the repository root, and the ways tests start runs."""
+"""Helpers shared by the test files: the repository root, the tests' tiny configs, and the
+ways tests start runs of the command lines."""
 
+import os
 import pathlib
+import socket
+import subprocess
+import sys
+
+import ml_collections
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
+TINY = "tests/configs/tiny.py"
+TINY_SEGMENTATION = "tests/configs/tiny_segmentation.py"
+
+
+def load_tiny(arg: str | None = None, manual_dir: str | os.PathLike | None = None,
+              ) -> ml_collections.ConfigDict:
+  """The tests' tiny classification config (tests/configs/tiny.py) for `arg`; with
+  `manual_dir`, on the phantom set there."""
+  from tests.configs import tiny
+  config = tiny.get_config(arg or None)
+  if manual_dir is not None:
+    config.dataset.manual_dir = str(manual_dir)
+  return config
+
+
+def subprocess_env(devices: int = 1, **extra: str) -> dict[str, str]:
+  """The environment of a command line a test starts: `devices` simulated CPU devices,
+  unbuffered output, the package importable from the repository."""
+  return dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+              PYTHONUNBUFFERED="1", PYTHONPATH=str(REPO), **extra)
+
+
+def run_module(module: str, *args: str, devices: int = 1, wait: bool = True,
+               timeout: float = 1200) -> str | subprocess.Popen:
+  """`python -m module args` from the repository root as a user runs it: its output
+  (stdout and stderr) once it succeeded, or the running process (wait=False)."""
+  proc = subprocess.Popen([sys.executable, "-m", module, *args], cwd=REPO,
+                          env=subprocess_env(devices), stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, text=True)
+  if not wait:
+    return proc
+  out, _ = proc.communicate(timeout=timeout)
+  assert proc.returncode == 0, out[-4000:]
+  return out
+
+
+def main(workdir: os.PathLike, phantom_dir: os.PathLike, config: str, *extra: str,
+         devices: int = 1, wait: bool = True) -> str | subprocess.Popen:
+  """`python -m medbench_jax.main` of `config` (a --config= flag) on the phantom set."""
+  return run_module("medbench_jax.main", config, f"--workdir={workdir}",
+                    f"--config.dataset.manual_dir={phantom_dir}", *extra, devices=devices,
+                    wait=wait)
+
+
+def free_port() -> int:
+  """A TCP port of 127.0.0.1 nobody listens on (for a jax.distributed coordinator)."""
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+def scalars(event_dir: os.PathLike, tag: str) -> list[float]:
+  """The values of a TensorBoard scalar a run wrote, in step order."""
+  import tensorflow as tf
+  values = {}
+  for path in pathlib.Path(event_dir).glob("events.out.tfevents.*"):
+    for event in tf.compat.v1.train.summary_iterator(str(path)):
+      for v in event.summary.value:
+        if v.tag == tag:
+          values[event.step] = float(tf.make_ndarray(v.tensor))
+  return [values[k] for k in sorted(values)]

@@ -15,19 +15,19 @@ PIL = "interpolation='pil_bilinear'"
 def test_default_swin_config_is_the_cpu_demo_and_valid():
   config = swin_config.get_config()
   config_checks.validate(config)
-  assert config.model.name == "swin_demo_patch4_window4_96"
+  assert config.model.name == "swin_demo_patch4_window4_64"
   assert config.dataset.name == "phantom_cxr"
 
 
 def test_the_demo_keeps_its_data_path():
   d = swin_config.get_config().dataset
-  assert (d.image_size, d.keep_aspect, d.phantom.image_size) == (112, False, 256)
+  assert (d.image_size, d.keep_aspect, d.phantom.image_size) == (72, False, 256)
   assert (d.label_fraction_method, d.label_fraction_seed, d.uncertain_policy) == (
       "stratified", 0, "u_ones")
   config = swin_config.get_config()
   assert (config.input.pp_train, config.input.pp_eval, config.input.pp_test) == (
-      "resize(112)|center_crop(96)|flip_lr", "resize(112)|center_crop(96)",
-      "resize(112)|ten_crop(96)")
+      "resize(72)|center_crop(64)|flip_lr", "resize(72)|center_crop(64)",
+      "resize(72)|ten_crop(64)")
 
 
 def test_paper_variant():
@@ -67,6 +67,24 @@ def test_paper_setting_per_data_set(arg, dataset, values):
   assert {k: config.dataset[k] for k in values} == values
   if dataset == "phantom_cxr":
     assert config.dataset.phantom.image_size == 1024
+
+
+@pytest.mark.parametrize("data", ["rsna_pneumonia", "vindr_cxr"])
+def test_benchmark_transformers_recipe(data):
+  """recipe=bt: BenchmarkTransformers' optimizer and schedule over the paper setting."""
+  paper = swin_config.get_config(f"data={data}")
+  config = swin_config.get_config(f"data={data},recipe=bt")
+  config_checks.validate(config)
+  assert (config.optim.optimizer, config.optim.momentum, config.optim.nesterov,
+          config.optim.weight_decay, config.optim.lr) == ("sgd", 0.9, False, 0.0, 1e-2)
+  assert (config.optim.schedule, config.optim.warmup_epochs) == ("warmup_cosine", 20.0)
+  assert config.optim.lr * config.optim.min_lr_ratio == pytest.approx(1e-5)
+  assert (config.input.batch_size, config.train.num_epochs, config.train.patience) == (
+      64, 200, 10)
+  assert config.dataset == paper.dataset and config.input.pp_train == paper.input.pp_train
+  assert swin_config.get_config("recipe=bt").dataset.image_size == 1024  # implies paper
+  with pytest.raises(ValueError, match="recipe='timm'.*allowed"):
+    swin_config.get_config("recipe=timm")
 
 
 def test_anno_percent_alias():

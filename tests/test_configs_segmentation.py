@@ -49,6 +49,7 @@ def test_paper_setting_builds_the_papers_model(module, paper_model, demo_model):
   assert (config.model.name, config.dataset.name) == (paper_model, "montgomery")
   assert (config.dataset.image_size, config.num_trials) == (224, 10)
   assert config.model.init == "/ckpt/encoder.pth" and not config.model.kw.to_dict()
+  assert config.segmentation.val_loss == "pooled"  # the study's validation loss
   _assert_builds(config)
   # `paper` on the phantom data and another encoder of the family.
   config = module.get_config(f"paper,model={demo_model}")
@@ -59,3 +60,5 @@ def test_paper_setting_builds_the_papers_model(module, paper_model, demo_model):
 def test_unknown_segmentation_data_is_named():
   with pytest.raises(ValueError, match="data='chestxray14' for segmentation"):
     unet_resnet50.get_config("data=chestxray14")
+  with pytest.raises(ValueError, match="recipe='bt' for segmentation"):
+    unet_resnet50.get_config("data=montgomery,recipe=bt")

@@ -18,9 +18,8 @@ from medbench_jax import models
 from medbench_jax import weights
 from medbench_jax.trainer import state
 from tests import parity
+from tests.helpers import REPO
 from tests.publishers import moco
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.fixture(scope="module")

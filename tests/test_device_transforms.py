@@ -5,9 +5,9 @@ fixed seeds: a correct sampler passes at p > 1e-3, and each check is shown to re
 deliberately wrong sampler at p < 1e-8.
 """
 
-import importlib.util
+import dataclasses
+import inspect
 import math
-import pathlib
 
 import jax
 import jax.numpy as jnp
@@ -20,8 +20,8 @@ from scipy import stats
 from medbench_jax import config_checks
 from medbench_jax.data import device_transforms
 from medbench_jax.data import transforms
+from tests import helpers
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
 DRAWS = 20_000
 PASS_P, FAIL_P = 1e-3, 1e-8
 # Stored image shape of the distribution tests (square: torchvision's fallback to the
@@ -248,6 +248,29 @@ def test_deterministic_ops_match_the_host_ops():
   assert diff.max() < 2.0 and diff.mean() < 0.6, (diff.max(), diff.mean())
 
 
+def test_resize_to_height_and_width_matches_the_host_op():
+  image = _smooth_image(96, 120)
+  spec = "resize((80, 72))"
+  host = transforms.parse(spec)({"image": image}, None)["image"]
+  ours = _device_warp(spec, [{}], {"image": image})["image"]
+  assert ours.shape == host.shape == (80, 72, 1)
+  diff = np.abs(ours - host)
+  assert diff.max() < 2.0 and diff.mean() < 0.6, (diff.max(), diff.mean())
+
+
+def test_host_and_device_ops_share_one_table():
+  """A device op is registered on its host op and takes that op's arguments, as parsed."""
+  for name, op in transforms.OPS.items():
+    if op.device is not None:
+      fields = {field.name for field in dataclasses.fields(op.device)}
+      assert fields == set(inspect.signature(op.host).parameters), name
+  ops = device_transforms.device_ops(
+      "random_resized_crop(64, scale=[0.25, 1.0])|flip_lr|resize(72, keys=['image'])")
+  assert [type(op) for op in ops] == [device_transforms.RandomResizedCrop,
+                                      device_transforms.FlipLR, device_transforms.Resize]
+  assert ops[0].scale == (0.25, 1.0) and ops[1].p == 0.5 and ops[2].keys == ("image",)
+
+
 def test_masks_move_with_the_image_by_nearest_neighbour():
   image = _smooth_image()
   mask = (image > 127).astype(np.uint8)
@@ -328,21 +351,17 @@ def test_an_empty_spec_ships_the_stored_images_unchanged():
     ("seg_augment(224)|flip_lr", "'seg_augment(224)' cannot run"),
     ("rotate(7, interpolation='bicubic')", "interpolation='bicubic'"),
     ("resize()", "Bad arguments for preprocessing op 'resize()'"),
+    ("random_resized_crop(64, interpolation='pil_bilinear')",
+     "interpolation='pil_bilinear' has no device version"),
+    ("random_crop(3)", "Unknown preprocessing op 'random_crop(3)'"),
 ])
 def test_ops_without_a_device_version_are_refused(spec, message):
   with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
-    device_transforms.parse(spec)
-
-
-def _tiny_config():
-  spec = importlib.util.spec_from_file_location("tiny", REPO / "tests" / "configs" / "tiny.py")
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config()
+    device_transforms.device_ops(spec)
 
 
 def test_config_refuses_a_train_spec_without_device_version():
-  config = _tiny_config()
+  config = helpers.load_tiny()
   config.input.augment_on_device = True
   config.input.pp_train = "random_resized_crop(64)|ten_crop(64)"
   with pytest.raises(ValueError, match=r"config\.input\.pp_train: 'ten_crop\(64\)' cannot"):
@@ -359,7 +378,7 @@ def test_training_augments_on_device_from_stored_images(tmp_path, phantom_dir, m
   from medbench_jax.data import sources
   from medbench_jax.tasks import base
   from medbench_jax.trainer import trials
-  config = _tiny_config()
+  config = helpers.load_tiny()
   config.dataset.manual_dir = str(phantom_dir)
   config.input.augment_on_device = True
   config.train.max_steps = 4

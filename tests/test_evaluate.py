@@ -7,7 +7,7 @@ import json
 import pytest
 
 from medbench_jax import evaluate
-from tests import test_trainer
+from tests import helpers
 
 CXR14 = ("Atelectasis", "Cardiomegaly", "Effusion", "Infiltration", "Mass", "Nodule",
          "Pneumonia", "Pneumothorax", "Consolidation", "Edema", "Emphysema", "Fibrosis",
@@ -35,15 +35,15 @@ def test_findings_are_matched_by_name_and_synonym():
 @pytest.fixture(scope="module")
 def finished_run(tmp_path_factory, phantom_dir):
   workdir = tmp_path_factory.mktemp("run")
-  test_trainer._main(workdir, phantom_dir, f"--config={test_trainer.TINY}")
+  helpers.main(workdir, phantom_dir, f"--config={helpers.TINY}")
   return workdir
 
 
 def _evaluate(workdir, *overrides):
-  return test_trainer._run_module("medbench_jax.evaluate", f"--workdir={workdir}",
-                                  *overrides)
+  return helpers.run_module("medbench_jax.evaluate", f"--workdir={workdir}", *overrides)
 
 
+@pytest.mark.e2e
 def test_evaluate_reproduces_the_runs_own_test_metrics(finished_run):
   out = _evaluate(finished_run)
   run = json.loads((finished_run / "results.json").read_text())
@@ -54,6 +54,7 @@ def test_evaluate_reproduces_the_runs_own_test_metrics(finished_run):
   assert json.loads(out.strip().splitlines()[-1])["mean"] == run["summary"]["mean"]
 
 
+@pytest.mark.e2e
 def test_external_validation_scores_the_shared_findings(finished_run, phantom_dir, tmp_path):
   """The phantom test images as another publisher might label them: other names, another
   order, a finding the run never learnt. Same images, so each shared finding's AUC is the

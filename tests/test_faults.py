@@ -6,7 +6,10 @@ when it reads that line. A rerun must end with the results of an uninterrupted r
 (CPU, same seed) after training on the same batches in the same order; damaged or
 hostile input must fail with an error naming the culprit, having run or written
 nothing. Runs of the tiny config share one uninterrupted reference run (a module
-fixture); the long scenarios are marked slow.
+fixture). A run is killed and resumed once per task kind: classification before a
+checkpoint's manifest (the other stages are slow tests), segmentation inside a train step.
+The runs of the command line are marked e2e, the long scenarios slow; damaged files are
+made in-process, in seconds.
 """
 
 import dataclasses
@@ -19,7 +22,6 @@ import re
 import resource
 import shutil
 import signal
-import socket
 import struct
 import subprocess
 import sys
@@ -31,26 +33,20 @@ import zlib
 import numpy as np
 import pytest
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
-TINY = "--config=tests/configs/tiny.py:epochs=2,workers=2"  # 12 steps, evaluations at 4, 8, 12
+from tests import helpers
+from tests import study_sweep
+
+# Both 12 steps (2 epochs of 6), evaluations and `latest` checkpoints at steps 4, 8, 12.
+TINY = f"--config={helpers.TINY}:epochs=2,workers=2"
+SEGMENTATION = f"--config={helpers.TINY_SEGMENTATION}:epochs=2,workers=2"
 SLOW = pytest.mark.slow
+E2E = pytest.mark.e2e
 HOOK_TIMEOUT_S = 900
-
-
-def _load_tiny(phantom_dir):
-  sys.path.insert(0, str(REPO / "tests" / "configs"))
-  try:
-    import tiny
-  finally:
-    sys.path.pop(0)
-  config = tiny.get_config("epochs=2,workers=2")
-  config.dataset.manual_dir = str(phantom_dir)
-  return config
 
 
 def _prepared(phantom_dir):
   from medbench_jax.data import prepare
-  config = _load_tiny(phantom_dir)
+  config = helpers.load_tiny("epochs=2,workers=2", phantom_dir)
   return config, prepare.prepare_dataset(config.dataset, workers=1)
 
 
@@ -63,13 +59,11 @@ class Process:
   def __init__(self, module, *args, hook=None, batch_log=None, devices=1, prefix=()):
     runner = [f"--hook={hook}"] if hook else []
     runner += [f"--batch_log={batch_log}"] if batch_log else []
-    env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
-               PYTHONUNBUFFERED="1", PYTHONPATH=str(REPO))
     # Its own process group, as a batch job has: signals can go to the whole group.
     self.proc = subprocess.Popen(
         [*prefix, sys.executable, "tests/fault_runner.py", *runner, module, *args],
-        cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-        start_new_session=True)
+        cwd=helpers.REPO, env=helpers.subprocess_env(devices), stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT, text=True, start_new_session=True)
     self.lines = []
     self._queue = queue.Queue()
     threading.Thread(target=self._read, daemon=True).start()
@@ -108,8 +102,9 @@ class Process:
     assert self.finish() == -signal.SIGKILL
 
 
-def _main(workdir, phantom_dir, *extra, **kw) -> Process:
-  return Process("medbench_jax.main", TINY, f"--workdir={workdir}",
+def _hooked_main(workdir, phantom_dir, *extra, config=TINY, **kw) -> Process:
+  """`medbench_jax.main` of `config` on the phantom set, through the fault runner."""
+  return Process("medbench_jax.main", config, f"--workdir={workdir}",
                  f"--config.dataset.manual_dir={phantom_dir}", *extra, **kw)
 
 
@@ -135,15 +130,19 @@ def _trials(results: dict) -> list:
   return [{k: v for k, v in t.items() if k != "cost"} for t in results["trials"]]
 
 
-@pytest.fixture(scope="module")
-def reference(tmp_path_factory, phantom_dir) -> Run:
-  """The uninterrupted run every interrupted one must reproduce."""
-  root = tmp_path_factory.mktemp("reference")
-  _succeeds(_main(root / "run", phantom_dir, batch_log=root / "batches.txt"))
+def _uninterrupted(root: pathlib.Path, phantom_dir, config: str) -> Run:
+  _succeeds(_hooked_main(root / "run", phantom_dir, config=config,
+                         batch_log=root / "batches.txt"))
   results = json.loads((root / "run" / "results.json").read_text())
   batches = _batches(root / "batches.txt")
   assert len(batches) == 12 and len(set(batches)) == 12
   return Run(root / "run", results, batches)
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, phantom_dir) -> Run:
+  """The uninterrupted classification run every interrupted one must reproduce."""
+  return _uninterrupted(tmp_path_factory.mktemp("reference"), phantom_dir, TINY)
 
 
 def _assert_resumed_identically(reference: Run, workdir, killed_log, resumed_log, out,
@@ -169,14 +168,16 @@ def _has_manifest(step_dir) -> bool:
 # ---------------------------------------------------------------- preemption
 
 
-@pytest.mark.parametrize("signum", [signal.SIGTERM, pytest.param(signal.SIGINT, marks=SLOW)],
+@pytest.mark.parametrize("signum", [pytest.param(signal.SIGTERM, marks=E2E),
+                                    pytest.param(signal.SIGINT, marks=SLOW)],
                          ids=["SIGTERM", "SIGINT"])
+@pytest.mark.timeout(900)  # with the reference run, when it starts the module's e2e runs
 def test_preemption_saves_exits_75_and_the_rerun_ends_identically(
     reference, tmp_path, phantom_dir, signum):
   """The signal goes to the whole process group, as SLURM and a terminal send it: the
   trainer saves at the next step boundary while its grain workers keep serving it."""
   workdir = tmp_path / "run"
-  run = _main(workdir, phantom_dir, batch_log=tmp_path / "killed.txt")
+  run = _hooked_main(workdir, phantom_dir, batch_log=tmp_path / "killed.txt")
   run.wait_for(r"\] step 6/12 ")
   os.killpg(run.proc.pid, signum)
   assert run.finish() == 75, run.output[-5000:]
@@ -188,7 +189,7 @@ def test_preemption_saves_exits_75_and_the_rerun_ends_identically(
   assert _has_manifest(workdir / "trial_0" / "ckpt" / "latest" / str(saved))
   assert not (workdir / "results.json").exists()
 
-  out = _succeeds(_main(workdir, phantom_dir, batch_log=tmp_path / "resumed.txt"))
+  out = _succeeds(_hooked_main(workdir, phantom_dir, batch_log=tmp_path / "resumed.txt"))
   _assert_resumed_identically(reference, workdir, tmp_path / "killed.txt",
                               tmp_path / "resumed.txt", out, saved)
 
@@ -197,16 +198,17 @@ def test_preemption_saves_exits_75_and_the_rerun_ends_identically(
 
 
 @pytest.mark.parametrize("hook,resumes_from", [
-    pytest.param("manifest@8", 4, id="after-checkpoint-rename-before-manifest"),
+    pytest.param("manifest@8", 4, id="after-checkpoint-rename-before-manifest", marks=E2E),
     pytest.param("checkpoint@8", 4, id="while-writing-a-checkpoint", marks=SLOW),
     pytest.param("train_step@6", 4, id="inside-a-train-step", marks=SLOW),
     pytest.param("validation@2", 4, id="during-validation", marks=SLOW),
     pytest.param("test@1", 12, id="during-test-evaluation", marks=SLOW),
 ])
+@pytest.mark.timeout(900)
 def test_sigkill_then_rerun_resumes_from_the_last_complete_checkpoint(
     reference, tmp_path, phantom_dir, hook, resumes_from):
   workdir = tmp_path / "run"
-  run = _main(workdir, phantom_dir, hook=hook, batch_log=tmp_path / "killed.txt")
+  run = _hooked_main(workdir, phantom_dir, hook=hook, batch_log=tmp_path / "killed.txt")
   run.kill_at(r"^FAULT-HOOK " + hook.replace("@", " "))
   latest = workdir / "trial_0" / "ckpt" / "latest"
   if hook == "manifest@8":
@@ -216,11 +218,33 @@ def test_sigkill_then_rerun_resumes_from_the_last_complete_checkpoint(
   assert _has_manifest(latest / str(resumes_from))
   assert not (workdir / "results.json").exists()
 
-  out = _succeeds(_main(workdir, phantom_dir, batch_log=tmp_path / "resumed.txt"))
+  out = _succeeds(_hooked_main(workdir, phantom_dir, batch_log=tmp_path / "resumed.txt"))
   _assert_resumed_identically(reference, workdir, tmp_path / "killed.txt",
                               tmp_path / "resumed.txt", out, resumes_from)
   if hook == "manifest@8":
     assert f"Deleting {latest / '8'}: a checkpoint whose saving was cut short" in out
+
+
+@E2E
+@pytest.mark.timeout(900)
+def test_sigkill_mid_segmentation_training_then_rerun_ends_identically(tmp_path, phantom_dir):
+  """A U-Net run with grain workers killed inside step 7, in its second epoch: the rerun
+  resumes from step 4, replays the first epoch's end, and ends with an uninterrupted run's
+  batches and results."""
+  reference = _uninterrupted(tmp_path / "reference", phantom_dir, SEGMENTATION)
+  assert reference.results["task"] == "segmentation"
+  workdir = tmp_path / "run"
+  run = _hooked_main(workdir, phantom_dir, config=SEGMENTATION, hook="train_step@7",
+                     batch_log=tmp_path / "killed.txt")
+  run.kill_at(r"^FAULT-HOOK train_step 7")
+  assert sorted(os.listdir(workdir / "trial_0" / "ckpt" / "latest")) == ["4"]
+  assert _has_manifest(workdir / "trial_0" / "ckpt" / "latest" / "4")
+  assert not (workdir / "results.json").exists()
+
+  out = _succeeds(_hooked_main(workdir, phantom_dir, config=SEGMENTATION,
+                               batch_log=tmp_path / "resumed.txt"))
+  _assert_resumed_identically(reference, workdir, tmp_path / "killed.txt",
+                              tmp_path / "resumed.txt", out, 4)
 
 
 def test_sigkill_while_preparing_then_rerun_prepares_the_same_data(tmp_path, phantom_dir):
@@ -300,14 +324,29 @@ def _edit_progress(step_dir):
   return path
 
 
+@pytest.fixture(scope="module")
+def saved_checkpoint(tmp_path_factory) -> pathlib.Path:
+  """A trial's ckpt folder whose `latest` holds step 12 as the trainer saves it: a train
+  state, the data iterator's position and the progress, with their manifest."""
+  from etils import epath
+
+  from medbench_jax.trainer import checkpoints
+  folder = tmp_path_factory.mktemp("saved") / "trial_0" / "ckpt"
+  ckpt = checkpoints.Checkpoints(epath.Path(folder))
+  ckpt.save_latest(12, _small_train_state(12), _iterator(), {"step": 12})
+  ckpt.close()
+  assert _has_manifest(folder / "latest" / "12")
+  return folder
+
+
 @pytest.mark.parametrize("damage", [_truncate, _flip_bytes, _delete_file, _edit_progress],
                          ids=["truncated", "bytes-flipped", "file-deleted", "json-edited"])
-def test_damaged_checkpoint_is_refused_naming_the_file(reference, tmp_path, damage):
+def test_damaged_checkpoint_is_refused_naming_the_file(saved_checkpoint, tmp_path, damage):
   from etils import epath
 
   from medbench_jax.trainer import checkpoints
   trial = tmp_path / "trial_0"
-  shutil.copytree(reference.workdir / "trial_0" / "ckpt", trial / "ckpt")
+  shutil.copytree(saved_checkpoint, trial / "ckpt")
   damaged = damage(trial / "ckpt" / "latest" / "12")
   with pytest.raises(checkpoints.CheckpointError) as error:
     # The files are checked before orbax reads anything: no template state is needed.
@@ -318,6 +357,8 @@ def test_damaged_checkpoint_is_refused_naming_the_file(reference, tmp_path, dama
   assert (trial / "ckpt" / "latest" / "12").is_dir()  # nothing deleted
 
 
+@E2E
+@pytest.mark.timeout(900)
 def test_rerun_over_a_damaged_checkpoint_stops_instead_of_retraining(
     reference, tmp_path, phantom_dir):
   workdir = tmp_path / "run"
@@ -325,7 +366,7 @@ def test_rerun_over_a_damaged_checkpoint_stops_instead_of_retraining(
   for finished in ("results.json", "trial_0/result.json"):  # as if killed before the test
     (workdir / finished).unlink()
   damaged = _truncate(workdir / "trial_0" / "ckpt" / "latest" / "12")
-  run = _main(workdir, phantom_dir)
+  run = _hooked_main(workdir, phantom_dir)
   assert run.finish() == 1
   assert f"is damaged: {damaged} differs from what was saved" in run.output
   assert "starting from step 0" not in run.output and "Training for" not in run.output
@@ -333,13 +374,18 @@ def test_rerun_over_a_damaged_checkpoint_stops_instead_of_retraining(
 
 
 @pytest.mark.parametrize("name", ["results.json", "trial_0/result.json"])
-def test_results_cut_in_half_are_named(reference, tmp_path, phantom_dir, name):
+def test_results_cut_in_half_are_named(tmp_path, phantom_dir, name):
+  from medbench_jax import paths
   from medbench_jax.trainer import trials
   config, _ = _prepared(phantom_dir)
+  # A finished run's files, in the trainer's formats.
   workdir = tmp_path / "run"
-  shutil.copytree(reference.workdir, workdir)
-  if name != "results.json":
-    (workdir / "results.json").unlink()
+  trial = study_sweep.classification_trial(workdir, 0, 0, "phantom_cxr", 1.0)
+  paths.write_json(workdir / "trial_0" / "result.json", trial)
+  if name == "results.json":
+    study_sweep.write_results(workdir, task="classification", dataset="phantom_cxr",
+                              model=config.model.name, init="random", fraction=1.0,
+                              trials=[trial], num_trials=1)
   path = workdir / name
   path.write_bytes(path.read_bytes()[:path.stat().st_size // 2])
   with pytest.raises(ValueError, match=re.escape(f"{path} is not valid JSON") +
@@ -355,7 +401,7 @@ def test_prepared_file_cut_short_is_named(tmp_path, phantom_dir, victim):
   _prepared(phantom_dir)
   copy = tmp_path / "phantom"
   shutil.copytree(phantom_dir, copy)
-  config = _load_tiny(copy)
+  config = helpers.load_tiny("epochs=2,workers=2", copy)
   data_dir = pathlib.Path(prepare.builder_for(config.dataset).data_path)
   (path,) = [p for p in data_dir.iterdir() if victim.replace(".", "-") in p.name.replace(
       ".", "-")]
@@ -426,6 +472,7 @@ def _tmpfs_namespace(mount_point: pathlib.Path, size: str) -> list:
 
 
 @SLOW
+@pytest.mark.timeout(1800)
 def test_full_disk_while_checkpointing_stops_and_the_rerun_resumes(
     reference, tmp_path, phantom_dir):
   """The workdir is a 64 MB tmpfs, filled up just before `latest` step 8 is saved."""
@@ -451,7 +498,7 @@ def test_full_disk_while_checkpointing_stops_and_the_rerun_resumes(
   assert "[trial 0] step 9/12" not in run.output  # stopped, not carried on
   assert sorted(p.name for p in latest.iterdir() if p.name.isdigit()) == ["4"]
 
-  out = _succeeds(_main(copy, phantom_dir, batch_log=tmp_path / "resumed.txt"))
+  out = _succeeds(_hooked_main(copy, phantom_dir, batch_log=tmp_path / "resumed.txt"))
   _assert_resumed_identically(reference, copy, tmp_path / "killed.txt",
                               tmp_path / "resumed.txt", out, 4)
 
@@ -459,14 +506,16 @@ def test_full_disk_while_checkpointing_stops_and_the_rerun_resumes(
 # ---------------------------------------------------------------- numerics
 
 
-def _tiny_resnet_step(skip_nonfinite: bool):
+def _tiny_step(skip_nonfinite: bool):
+  """A jitted train step of a model with parameters and BatchNorm statistics, compiled in
+  a second, and its initial state."""
 
   import functools
 
+  import flax.linen as nn
   import jax
 
   from medbench_jax import config_lib
-  from medbench_jax import models
   from medbench_jax.data import pipeline
   from medbench_jax.tasks import classification
   from medbench_jax.trainer import optim
@@ -475,7 +524,15 @@ def _tiny_resnet_step(skip_nonfinite: bool):
   info = type("Info", (), dict(task="multi-label", class_names=("a", "b"),
                                eval_class_names=("a", "b")))
   task = classification.Classification(config, info)
-  model = models.create("resnet18", 2)
+
+  class ConvBatchNormHead(nn.Module):
+
+    @nn.compact
+    def __call__(self, x, train=False):
+      x = nn.BatchNorm(use_running_average=not train)(nn.Conv(8, (3, 3))(x))
+      return nn.Dense(2)(nn.relu(x).mean(axis=(1, 2)))
+
+  model = ConvBatchNormHead()
   variables = model.init(jax.random.key(0), np.zeros((1, 32, 32, 3), np.float32))
   state = state_lib.create_state(model, variables, optim.make_optimizer(config.optim, 10))
   step = jax.jit(functools.partial(
@@ -497,7 +554,7 @@ def test_skip_policy_keeps_the_state_of_a_nonfinite_step():
   bad = {"image": good["image"], "labels": good["labels"].copy()}
   bad["labels"][3, 1] = np.nan
 
-  state, step = _tiny_resnet_step(skip_nonfinite=True)
+  state, step = _tiny_step(skip_nonfinite=True)
   skipped, metrics = step(state, bad)
   assert int(metrics["skipped"]) == 1 and not np.isfinite(metrics["loss"])
   assert int(metrics["batch"]["labels_nonfinite"]) == 1
@@ -510,12 +567,14 @@ def test_skip_policy_keeps_the_state_of_a_nonfinite_step():
   assert not _tree_equal(updated.params, state.params)
 
   # Without the policy the same batch ruins the parameters: what "stop" guards against.
-  state, step = _tiny_resnet_step(skip_nonfinite=False)
+  state, step = _tiny_step(skip_nonfinite=False)
   ruined, metrics = step(state, bad)
   assert int(metrics["skipped"]) == 0
   assert not all(np.isfinite(x).all() for x in __import__("jax").tree.leaves(ruined.params))
 
 
+@E2E
+@pytest.mark.timeout(600)
 def test_nonfinite_loss_stops_naming_step_lr_and_batch_keeping_the_last_checkpoint(
     tmp_path, phantom_dir):
   from etils import epath
@@ -523,7 +582,7 @@ def test_nonfinite_loss_stops_naming_step_lr_and_batch_keeping_the_last_checkpoi
 
   from medbench_jax.trainer import checkpoints
   workdir = tmp_path / "run"
-  run = _main(workdir, phantom_dir, hook="nan@6")
+  run = _hooked_main(workdir, phantom_dir, hook="nan@6")
   assert run.finish() == 1, run.output[-5000:]
   message = re.search(r"NonFiniteError: (.*)", run.output).group(1)
   assert "non-finite loss nan, gradient norm nan at step 6 (learning rate " in message
@@ -538,9 +597,11 @@ def test_nonfinite_loss_stops_naming_step_lr_and_batch_keeping_the_last_checkpoi
 
 
 @SLOW
+@pytest.mark.timeout(1200)
 def test_skip_policy_counts_skipped_updates_in_results(tmp_path, phantom_dir):
   workdir = tmp_path / "run"
-  out = _succeeds(_main(workdir, phantom_dir, "--config.train.nonfinite=skip", hook="nan@6"))
+  out = _succeeds(_hooked_main(workdir, phantom_dir, "--config.train.nonfinite=skip",
+                               hook="nan@6"))
   assert "non-finite update skipped (train.nonfinite=skip)" in out and "at step 6 " in out
   results = json.loads((workdir / "results.json").read_text())
   assert results["trials"][0]["skipped_updates"] == 1
@@ -550,13 +611,8 @@ def test_skip_policy_counts_skipped_updates_in_results(tmp_path, phantom_dir):
 # ---------------------------------------------------------------- a lost host
 
 
-def _free_port() -> int:
-  with socket.socket() as s:
-    s.bind(("127.0.0.1", 0))
-    return s.getsockname()[1]
-
-
 @SLOW
+@pytest.mark.timeout(2400)
 @pytest.mark.parametrize("victim", [1, 0], ids=["worker-lost", "coordinator-lost"])
 def test_losing_a_process_stops_the_other_in_bounded_time_and_both_resume(
     tmp_path, phantom_dir, victim):
@@ -564,9 +620,9 @@ def test_losing_a_process_stops_the_other_in_bounded_time_and_both_resume(
   workdir = tmp_path / "run"
 
   def start_both():
-    address = f"--coordinator_address=127.0.0.1:{_free_port()}"
-    return [_main(workdir, phantom_dir, address, "--num_processes=2", f"--process_id={i}",
-                  devices=2) for i in range(2)]
+    address = f"--coordinator_address=127.0.0.1:{helpers.free_port()}"
+    return [_hooked_main(workdir, phantom_dir, address, "--num_processes=2",
+                         f"--process_id={i}", devices=2) for i in range(2)]
 
   processes = start_both()
   processes[0].wait_for(r"\] step 6/12 ")

@@ -24,8 +24,9 @@ LEAVES = {
     # `normalization()` reads a model's pretrained config from the model registry.
     "medbench_jax.config_lib": {"medbench_jax.pixel_stats", "medbench_jax.models"},
 }
-# Lower layers never import these (DESIGN's arrows: entry points -> trainer -> tasks ->
-# models / weights / data; data never imports models or the trainer; models never data).
+# Lower layers never import these (the arrows of docs/architecture.md: entry points -> trainer
+# -> tasks -> models / weights / data; data never imports models or the trainer; models never
+# data).
 FORBIDDEN = {
     "medbench_jax.data": ("medbench_jax.models", "medbench_jax.trainer", "medbench_jax.tasks",
                           "medbench_jax.study"),

@@ -1,4 +1,7 @@
-"""models/ops.py: each rewritten layer against PyTorch's, values and gradients."""
+"""models/ops.py: each rewritten layer against PyTorch's, values and gradients, in both forms:
+the XLA:CPU rewrite (what a program lowered for the CPU runs) and the native one (GPU, TPU)."""
+
+import functools
 
 import flax
 import jax
@@ -120,3 +123,68 @@ def test_pointwise_conv_is_nn_conv():
     np.testing.assert_allclose(ours.apply(variables, x), reference.apply(variables, x),
                                atol=1e-5)
 
+
+
+# --- the native forms (GPUs, TPUs), computed here on the CPU ----------------------------
+
+@pytest.mark.parametrize("size,height,width", [(7, 9, 11), (3, 5, 8)])
+def test_native_depthwise_conv_matches_torch_in_float64(size, height, width):
+  inputs = _inputs(np.random.default_rng(size), (2, height, width, 6), size)
+  expected = _torch_depthwise(*inputs)
+  with jax.enable_x64(True):
+    y, vjp = jax.vjp(ops.depthwise_conv_native, *map(jnp.asarray, inputs[:3]))
+    actual = (y.reshape(-1, 6), *vjp(jnp.asarray(inputs[3]).reshape(y.shape)))
+  for name, a, e in zip(_NAMES, actual, expected):
+    np.testing.assert_allclose(np.asarray(a), e, rtol=1e-12, atol=1e-12, err_msg=name)
+
+
+def test_native_layer_norm_matches_the_cpu_form():
+  """Values and gradients, float64 (to rounding) and bf16 input with float32 statistics."""
+  rng = np.random.default_rng(2)
+  x = 30 + rng.normal(size=(2, 5, 7, 24))
+  scale, bias = rng.normal(size=24), rng.normal(size=24)
+  with jax.enable_x64(True):
+    for dtype, tolerance in ((jnp.float64, 1e-12), (jnp.bfloat16, 1e-2)):
+      args = (jnp.asarray(x, dtype), jnp.asarray(scale), jnp.asarray(bias))
+      forms = [functools.partial(f, epsilon=1e-6, dtype=dtype)
+               for f in (ops.layer_norm_cpu, ops.layer_norm_native)]
+      (y_cpu, vjp_cpu), (y_native, vjp_native) = (jax.vjp(f, *args) for f in forms)
+      assert y_cpu.dtype == y_native.dtype == dtype
+      dy = jnp.asarray(rng.normal(size=x.shape), dtype)
+      for a, e in zip((y_native, *vjp_native(dy)), (y_cpu, *vjp_cpu(dy))):
+        np.testing.assert_allclose(np.asarray(a, np.float64), np.asarray(e, np.float64),
+                                   rtol=tolerance, atol=tolerance)
+
+
+def test_native_pointwise_conv_is_the_matrix_product():
+  x = jax.random.normal(jax.random.PRNGKey(0), (2, 9, 9, 8))
+  kernel = jax.random.normal(jax.random.PRNGKey(1), (1, 1, 8, 16))
+  for stride in (1, 2):
+    native = ops.pointwise_conv_native(x, kernel, stride)
+    assert native.shape == (2, -(-9 // stride), -(-9 // stride), 16)
+    np.testing.assert_allclose(native, ops.pointwise_conv_cpu(x, kernel, stride), atol=1e-5)
+
+
+# (in, out) along one axis: 2x and 3x nearest (repeats), nearest by other factors, bilinear
+# up and down with and without aligned corners, and from a single pixel.
+@pytest.mark.parametrize("nearest,in_size,out_size,align_corners", [
+    (True, 4, 8, None), (True, 3, 9, None), (True, 5, 7, None), (True, 8, 3, None),
+    (False, 4, 8, False), (False, 5, 7, True), (False, 9, 4, False), (False, 1, 6, False)])
+def test_native_resample_matches_the_cpu_form(nearest, in_size, out_size, align_corners):
+  from medbench_jax.models import decoders
+
+  matrix = (np.eye(in_size)[decoders._nearest_indices(in_size, out_size)] if nearest
+            else decoders._linear_matrix(in_size, out_size, align_corners))
+  x = jax.random.normal(jax.random.PRNGKey(0), (2, in_size, 3, 4))
+  forms = [functools.partial(ops.resample_cpu, axis=1, matrix=matrix, nearest=nearest),
+           functools.partial(ops.resample_native, axis=1, matrix=matrix)]
+  (y_cpu, vjp_cpu), (y_native, vjp_native) = (jax.vjp(f, x) for f in forms)
+  assert y_native.shape == (2, out_size, 3, 4)
+  dy = jax.random.normal(jax.random.PRNGKey(1), y_cpu.shape)
+  np.testing.assert_allclose(y_native, y_cpu, atol=1e-6)
+  np.testing.assert_allclose(vjp_native(dy)[0], vjp_cpu(dy)[0], atol=1e-5)
+
+
+def test_native_resample_takes_interpolation_matrices_only():
+  with pytest.raises(ValueError, match="at most two"):
+    ops.resample_native(jnp.ones((1, 3, 1, 1)), 1, np.ones((2, 3)))

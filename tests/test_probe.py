@@ -2,8 +2,6 @@
 jax.image.resize, pixel sampling, and the probe file the report reads."""
 
 import json
-import os
-import pathlib
 import subprocess
 import sys
 
@@ -24,21 +22,13 @@ from medbench_jax.study import report
 from medbench_jax.study import transferability
 from medbench_jax.trainer import sharding
 from medbench_jax.trainer import state as state_lib
+from tests import helpers
 from tests import parity
 from tests import study_sweep
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
-
 
 def _tiny(phantom_dir, arg="model=resnet18"):
-  sys.path.insert(0, str(REPO / "tests" / "configs"))
-  try:
-    import tiny
-  finally:
-    sys.path.pop(0)
-  config = tiny.get_config(arg)
-  config.dataset.manual_dir = str(phantom_dir)
-  return config
+  return helpers.load_tiny(arg, phantom_dir)
 
 
 @pytest.fixture(scope="module")
@@ -202,13 +192,13 @@ def test_max_examples_is_a_seeded_choice_the_same_for_every_candidate(classifica
 
 
 def _probe_cli(config_arg, phantom_dir, *flags):
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2",
-             PYTHONPATH=str(REPO))
   cmd = [sys.executable, "-m", "medbench_jax.probe", f"--config={config_arg}",
          f"--config.dataset.manual_dir={phantom_dir}", *flags]
-  return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+  return subprocess.run(cmd, cwd=helpers.REPO, env=helpers.subprocess_env(2),
+                        capture_output=True, text=True, timeout=900)
 
 
+@pytest.mark.e2e
 def test_cli_scores_two_candidates_and_the_report_reads_the_file(
     classification, torchvision_resnet18, phantom_dir, tmp_path):
   _, path = torchvision_resnet18

@@ -1,14 +1,12 @@
 """data/prepare/registry.py: names and tasks without loading any builder; import hygiene."""
 
-import pathlib
 import subprocess
 import sys
 
 import pytest
 
 from medbench_jax.data.prepare import registry
-
-REPO = pathlib.Path(__file__).resolve().parents[1]
+from tests.helpers import REPO
 
 # Parsing a config file, checking its data set and listing the data sets.
 _LIST_IN_A_FRESH_PROCESS = """

@@ -103,6 +103,11 @@ def test_markers_follow_the_corrected_p_values(sweep):
     cell = [c.strip() for c in line.split("|")][column]
     assert cell.startswith(f"{row['mean']:.4f} ± ")
     assert cell.endswith(f") {marks}" if marks else ")"), (cell, marks)
+    # Beside the sample std, the paper's np.std (ddof=0) of the same trials.
+    summary = pd.read_csv(out / "summary.csv").set_index([*KEY])
+    std_paper = summary.loc[tuple(row[k] for k in KEY), "std_paper"]
+    assert f"[{std_paper:.4f}]" in cell, (cell, std_paper)
+  assert "ddof=0" in header
   assert "**" in section  # the baseline's cell
 
 

@@ -82,8 +82,8 @@ def test_a_different_draw_for_the_mask_would_be_caught():
 def test_grain_random_map_is_deterministic_and_picklable():
   rng = np.random.default_rng(2)
   examples = [{k: v for k, v in _example(rng).items() if k != "fov"} for _ in range(8)]
-  augment = pickle.loads(pickle.dumps(pipeline.Augment(f"seg_augment({SIZE})",
-                                                       ("image", "mask"))))
+  augment = pickle.loads(pickle.dumps(pipeline.TrainPreprocess(f"seg_augment({SIZE})",
+                                                               ("image", "mask"))))
 
   def run():
     ds = grain.MapDataset.source(examples).random_map(augment, seed=7)

@@ -1,10 +1,14 @@
 """DRIVE and image + mask folder builders on miniature copies of their layouts."""
 
+import hashlib
+
 import cv2
 import numpy as np
 import pytest
 
+from medbench_jax.data import prepare
 from medbench_jax.data.prepare.errors import DataFormatError
+from medbench_jax.data.prepare.errors import Problems
 from tests import dicom_files
 from tests import layouts
 
@@ -37,6 +41,26 @@ def test_drive_colour_images_vessels_and_fov(tmp_path):
     np.testing.assert_array_equal(example["image"], rgb)
     np.testing.assert_array_equal(example["mask"][..., 0], vessels)
     np.testing.assert_array_equal(example["fov"][..., 0], fov)
+
+
+def test_drive_validates_on_four_of_the_twenty_training_images(tmp_path):
+  """Exactly 20 %: a 20 % hash draw over DRIVE's 20 training images gave one image."""
+  root = tmp_path / "DRIVE"
+  for part, numbers in (("training", range(21, 41)), ("test", range(1, 21))):
+    (root / part / "images").mkdir(parents=True)
+    for number in numbers:
+      (root / part / "images" / f"{number:02d}_{part}.tif").touch()
+  builder = prepare.get_builder("drive", 16, tmp_path / "tfds")
+  result = builder.read_records(root, Problems())
+  names = {split: [r.name for r in records] for split, records in result.items()}
+  assert (len(names["train"]), len(names["validation"]), len(names["test"])) == (16, 4, 20)
+  assert set(names["train"]) | set(names["validation"]) == {
+      f"{n}_training" for n in range(21, 41)}
+  # The images with the smallest sha1("drive:validation:NAME"), the one draw's image among them.
+  by_hash = sorted(names["train"] + names["validation"], key=lambda n: hashlib.sha1(
+      f"drive:validation:{n}".encode()).digest())
+  assert sorted(names["validation"]) == sorted(by_hash[:4])
+  assert "31_training" in names["validation"]
 
 
 def test_generic_folder_with_dicom_images_and_a_missing_mask(tmp_path):

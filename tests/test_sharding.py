@@ -1,6 +1,6 @@
 """trainer/sharding.py: the data x fsdp mesh, FSDP rules, and what they do to a real train
-state on 8 simulated devices; FSDP training equals replicated training; checkpoints move
-between device counts."""
+state on 8 simulated devices; training on 1 device, on 8 and with FSDP gives the same
+losses; checkpoints move between device counts."""
 
 import re
 import signal
@@ -15,7 +15,7 @@ from medbench_jax import models
 from medbench_jax.trainer import optim
 from medbench_jax.trainer import sharding
 from medbench_jax.trainer import state as state_lib
-from tests import test_trainer
+from tests import helpers
 
 RULES = config_lib.default_config().mesh.fsdp_rules
 
@@ -70,30 +70,36 @@ def test_train_state_is_really_sharded_over_fsdp():
 
 
 def _losses(workdir):
-  return test_trainer._scalars(workdir / "tb" / "trial_0", "train/loss")
+  return helpers.scalars(workdir / "tb" / "trial_0", "train/loss")
 
 
-def test_fsdp_training_equals_replicated_training(tmp_path, phantom_dir):
-  config = f"--config={test_trainer.TINY}"
+@pytest.mark.e2e
+def test_one_device_eight_devices_and_fsdp_give_the_same_losses(tmp_path, phantom_dir):
+  """`python -m medbench_jax.main` on 1 device, on 8 replicated devices and on 8 FSDP
+  devices: the same 5 training losses."""
+  config = f"--config={helpers.TINY}"
   steps = "--config.train.max_steps=5"
-  test_trainer._main(tmp_path / "dp", phantom_dir, config, steps, devices=8)
-  out = test_trainer._main(tmp_path / "fsdp", phantom_dir, config, steps,
-                           "--config.mesh.fsdp=8", "--config.mesh.fsdp_min_size=256",
-                           devices=8)
+  fsdp = ("--config.mesh.fsdp=8", "--config.mesh.fsdp_min_size=256")
+  losses = {}
+  for name, devices, extra in (("1", 1, ()), ("8", 8, ()), ("fsdp", 8, fsdp)):
+    out = helpers.main(tmp_path / name, phantom_dir, config, steps, *extra, devices=devices)
+    assert f"Devices: {devices} (cpu)" in out
+    losses[name] = _losses(tmp_path / name)
   sharded = re.search(r"FSDP over groups of 8 devices: (\d+) of (\d+) parameter tensors", out)
   assert sharded and int(sharded.group(1)) > 0, out[-3000:]
-  replicated, fsdp = _losses(tmp_path / "dp"), _losses(tmp_path / "fsdp")
-  assert len(replicated) == 5 and len(set(replicated)) == 5
-  np.testing.assert_allclose(fsdp, replicated, rtol=1e-4)
+  assert len(losses["1"]) == 5 and len(set(losses["1"])) == 5  # a real comparison
+  np.testing.assert_allclose(losses["8"], losses["1"], rtol=1e-4)
+  np.testing.assert_allclose(losses["fsdp"], losses["8"], rtol=1e-4)
 
 
+@pytest.mark.e2e
 def test_checkpoint_from_8_fsdp_devices_resumes_on_1(tmp_path, phantom_dir):
   """Preempted on 8 devices with FSDP, resumed on 1 replicated device: the losses after the
   resume are those of a run that used 1 device throughout."""
-  config = f"--config={test_trainer.TINY}:epochs=4"
-  test_trainer._main(tmp_path / "one", phantom_dir, config, devices=1)
-  proc = test_trainer._main(tmp_path / "moved", phantom_dir, config, "--config.mesh.fsdp=8",
-                            "--config.mesh.fsdp_min_size=256", devices=8, wait=False)
+  config = f"--config={helpers.TINY}:epochs=4"
+  helpers.main(tmp_path / "one", phantom_dir, config, devices=1)
+  proc = helpers.main(tmp_path / "moved", phantom_dir, config, "--config.mesh.fsdp=8",
+                      "--config.mesh.fsdp_min_size=256", devices=8, wait=False)
   log = []
   for line in proc.stdout:
     log.append(line)
@@ -103,7 +109,7 @@ def test_checkpoint_from_8_fsdp_devices_resumes_on_1(tmp_path, phantom_dir):
   assert proc.returncode == 75, "".join(log)[-3000:]  # runtime.EXIT_PREEMPTED
   saved = re.search(r"preempted: state saved at step (\d+)", "".join(log))
   assert saved, "".join(log)[-3000:]
-  out = test_trainer._main(tmp_path / "moved", phantom_dir, config, devices=1)
+  out = helpers.main(tmp_path / "moved", phantom_dir, config, devices=1)
   step = int(saved.group(1))
   assert f"Resuming trial 0 from step {step}" in out
   reference = _losses(tmp_path / "one")

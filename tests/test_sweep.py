@@ -11,9 +11,8 @@ import pytest
 from medbench_jax.study import runs
 from medbench_jax.study import sweep
 from medbench_jax.study import sweep_catalog
-
-REPO = pathlib.Path(__file__).resolve().parents[1]
-TINY = "tests/configs/tiny.py"
+from tests.helpers import REPO
+from tests.helpers import TINY
 
 
 @pytest.fixture(autouse=True)

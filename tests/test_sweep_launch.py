@@ -3,7 +3,6 @@ srun commands they print with --dry_run, and a real two-process run over 127.0.0
 
 import json
 import os
-import pathlib
 import re
 import shlex
 import shutil
@@ -14,8 +13,8 @@ import sys
 import pytest
 
 from medbench_jax.study import sweep
+from tests.helpers import REPO
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
 LAUNCH = REPO / "launch"
 SCRIPTS = ("tpu.sh", "slurm_multinode.sbatch", "local_multiprocess.sh")
 
@@ -60,6 +59,7 @@ def test_help_prints_the_usage(script):
     (("train", "--zone=z"), "train: the TPU name is missing"),
     (("train", "t1", "--zone=z"), "train: give medbench_jax.main's flags after --"),
     (("delete", "t1", "--zone=z", "--worker=0"), "delete: unknown option '--worker=0'"),
+    (("run", "t1", "--zone=z", "--worker=x", "--", "ls"), "run: --worker=x must be a host index"),
 ])
 def test_tpu_script_rejects_bad_arguments(args, message):
   out = _bash("tpu.sh", *args, check=False)
@@ -85,7 +85,14 @@ def test_tpu_script_dry_run_prints_the_gcloud_commands(tmp_path):
   assert pack[:2] == ["bash", "-c"] and pack[2].endswith(f"-czf {archive}")
   assert scp == [*vm, "scp", archive, "t1:medbench_jax.tar.gz", "--zone=z", "--worker=all"]
   assert install[:8] == [*vm, "ssh", "t1", "--zone=z", "--worker=all"]
-  assert "pip install -q -r requirements.txt 'jax[tpu]==0.10.2'" in install[8]
+  # Python 3.11 (uv's own build: the image's is 3.10) in ~/medbench_jax/.venv, with the pins.
+  remote_setup = shlex.split(install[8].removeprefix("--command="))
+  assert "uv==" in " ".join(remote_setup)
+  venv = remote_setup.index("venv")
+  assert remote_setup[venv + 1:venv + 6] == ["-q", "--allow-existing", "--python", "3.11",
+                                             ".venv"]
+  assert ("pip install -q --python .venv/bin/python -r requirements.txt -r "
+          "requirements-tpu.txt") in " ".join(remote_setup)
   assert clean == ["rm", "-f", archive]
   # The remote shell gets main's flags back word for word, special characters included.
   flags = ["--config=configs/swin.py:data=chestxray14,trials=10", "--workdir=gs://b/w x",
@@ -93,8 +100,15 @@ def test_tpu_script_dry_run_prints_the_gcloud_commands(tmp_path):
   (train,) = commands("train", "t1", "--zone=z", "--", *flags)
   assert train[:8] == [*vm, "ssh", "t1", "--zone=z", "--worker=all"]
   remote = train[8].removeprefix("--command=")
-  assert shlex.split(remote) == ["cd", "medbench_jax", "&&", "python3", "-m",
-                                 "medbench_jax.main", *flags, "--multiprocess"]
+  in_venv = ["cd", "medbench_jax", "&&", ".", ".venv/bin/activate", "&&"]
+  assert shlex.split(remote) == [*in_venv, "python3", "-m", "medbench_jax.main", *flags,
+                                 "--multiprocess"]
+  # `run` on one host of the slice, with an environment, as the sweep's TPU slots do.
+  (one,) = commands("run", "t1", "--zone=z", "--worker=3", "--", "env", "TPU_VISIBLE_CHIPS=1",
+                    "python3", "-V")
+  assert one[:8] == [*vm, "ssh", "t1", "--zone=z", "--worker=3"]
+  assert shlex.split(one[8].removeprefix("--command=")) == [
+      *in_venv, "env", "TPU_VISIBLE_CHIPS=1", "python3", "-V"]
 
 
 SLURM_ENV = {"SLURM_JOB_ID": "123456", "SLURM_JOB_NODELIST": "gpu[017-018]",
@@ -143,9 +157,10 @@ def test_local_multiprocess_dry_run_and_arguments():
   assert [line[-1] for line in lines] == ["--process_id=0", "--process_id=1",
                                           "--process_id=2"]
   for line in lines:
-    assert line[:4] == ["XLA_FLAGS=--xla_force_host_platform_device_count=4", "python3", "-m",
-                        "medbench_jax.main"]
-    assert line[6:8] == ["--coordinator_address=127.0.0.1:4321", "--num_processes=3"]
+    # On the CPU whatever accelerators the host has: no process claims them all.
+    assert line[:5] == ["JAX_PLATFORMS=cpu", "XLA_FLAGS=--xla_force_host_platform_device_count=4",
+                        "python3", "-m", "medbench_jax.main"]
+    assert line[7:9] == ["--coordinator_address=127.0.0.1:4321", "--num_processes=3"]
   bad = _bash("local_multiprocess.sh", "--processes=two", "--", "--workdir=/w", check=False)
   assert bad.returncode == 2 and "--processes=two must be a positive integer" in bad.stderr
   bad = _bash("local_multiprocess.sh", "--config=x", check=False)
@@ -184,31 +199,37 @@ def test_tpu_backend_runs_each_point_through_the_launcher(tmp_path, phantom_dir)
   env = {**os.environ, "PYTHONPATH": str(REPO),
          **_fake_tools(tmp_path, gcloud=GCLOUD.format(record=record))}
   cmd = [sys.executable, "-m", "medbench_jax.sweep", f"--sweep={sweep_file}", f"--root={root}",
-         "--backend=tpu", "--tpu=t1", "--zone=europe-west4-a"]
+         "--backend=tpu", "--tpu=t1", "--zone=europe-west4-a", "--tpu_type=v4-8"]
   dry = subprocess.run([*cmd, "--dry_run"], capture_output=True, text=True, env=env,
                        cwd=REPO, timeout=600)
   assert dry.returncode == 0, dry.stderr[-2000:]
   lines = dry.stdout.splitlines()
   assert lines[3] == "2 points: 1 done, 1 new"
-  assert lines[4].startswith(f"note: {root} is a local path")
-  launcher = shlex.split(lines[5])
-  assert launcher[:6] == ["bash", str(LAUNCH / "tpu.sh"), "run", "t1",
-                          "--zone=europe-west4-a", "--"]
-  assert launcher[6:9] == ["python3", "-m", "medbench_jax.main"]
-  assert launcher[-1] == "--multiprocess" and f"--workdir={root}/seed=1" in launcher
+  assert lines[4] == "t1: v4-8, 1 host(s) x 4 chips (TPU v4); 4 slot(s) of 1 chip(s)"
+  assert lines[5].startswith(f"note: {root} is a local path")
+  launcher = shlex.split(lines[6])
+  assert launcher[:8] == ["bash", str(LAUNCH / "tpu.sh"), "run", "t1",
+                          "--zone=europe-west4-a", "--worker=0", "--", "env"]
+  main_at = launcher.index("python3")
+  assert "TPU_VISIBLE_CHIPS=0" in launcher[8:main_at]
+  assert launcher[main_at:main_at + 3] == ["python3", "-m", "medbench_jax.main"]
+  assert "--multiprocess" not in launcher and f"--workdir={root}/seed=1" in launcher
+  assert "seed=1 -> worker 0, device(s) 0" in dry.stdout
   assert not record.exists()
 
   run = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=REPO, timeout=600)
   # The stand-in gcloud trains nothing: the point ran once and is reported as failed.
   assert run.returncode == 1, run.stdout + run.stderr[-2000:]
-  assert len(record.read_text().splitlines()) == 1
+  prepare, point = record.read_text().splitlines()
+  # First every host prepares the data sets, since points share hosts.
+  assert "--worker=all" in prepare and "--prepare_only" in prepare
   gcloud = (record.parent / (record.name + ".last")).read_text().split("\0")[:-1]
   assert gcloud[:7] == ["compute", "tpus", "tpu-vm", "ssh", "t1", "--zone=europe-west4-a",
-                        "--worker=all"]
+                        "--worker=0"]
   remote = shlex.split(gcloud[7].removeprefix("--command="))
-  assert remote[:6] == ["cd", "medbench_jax", "&&", "python3", "-m", "medbench_jax.main"]
-  assert remote[6:] == launcher[9:]
+  assert remote[:3] == ["cd", "medbench_jax", "&&"]
+  assert remote[3:] == launcher[7:]
   status = sweep.read_status(root / "seed=1")
-  assert status["state"] == "failed" and status["slot"] == "TPU t1 in europe-west4-a"
+  assert status["state"] == "failed" and status["slot"] == "worker 0 TPU chip(s) 0"
   assert status["reason"].startswith("exited without writing results.json")
   assert re.search(r"failed: seed=1: exited without", run.stdout)

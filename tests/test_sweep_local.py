@@ -21,11 +21,11 @@ import pandas as pd
 import pytest
 import scipy.stats
 
+from medbench_jax.study import slots as slots_lib
 from medbench_jax.study import sweep
 from medbench_jax.study import sweep_local
-
-REPO = pathlib.Path(__file__).resolve().parents[1]
-TINY = "tests/configs/tiny.py"
+from tests.helpers import REPO
+from tests.helpers import TINY
 
 # Stand-in for medbench_jax.main: `python fake_main.py WORKDIR BEHAVIOUR`.
 FAKE_MAIN = textwrap.dedent("""
@@ -52,7 +52,8 @@ def _fake(tmp_path):
   script = tmp_path / "fake_main.py"
   script.write_text(FAKE_MAIN)
 
-  def command(point):
+  def command(point, slot=None):
+    del slot  # the slot's devices are in the environment
     return [sys.executable, str(script), str(point.workdir), point.overrides["seed"]]
 
   return command
@@ -72,7 +73,7 @@ def _plan(root, behaviours: dict[str, str], chains: dict[str, str] = None):
 
 def _run(plan, command, slots=None, environ=None):
   lines = []
-  outcome = sweep_local.run(plan, slots or [sweep_local.Slot({})], command=command,
+  outcome = sweep_local.run(plan, slots or [slots_lib.Slot({})], command=command,
                             environ=environ or os.environ, out=lines.append)
   return outcome, lines
 
@@ -118,7 +119,7 @@ def test_parallel_slots_run_at_once_on_disjoint_simulated_devices_and_cores(tmp_
   plan = _plan(tmp_path, {"a": "3", "b": "3"})
   environ = dict(os.environ, XLA_FLAGS="--xla_cpu_enable_fast_math=false "
                  "--xla_force_host_platform_device_count=8")
-  slots = sweep_local.device_slots(2, "cpu", environ)
+  slots = slots_lib.local_slots(2, platform="cpu", environ=environ)
   outcome, _ = _run(plan, fake, slots, environ)
   assert set(outcome.values()) == {"done"}
   seen = [json.loads((p.workdir / "env.json").read_text()) for p in plan.points]
@@ -133,27 +134,13 @@ def test_parallel_slots_run_at_once_on_disjoint_simulated_devices_and_cores(tmp_
     assert sorted(seen[0]["cores"] + seen[1]["cores"]) == cores[:2 * (len(cores) // 2)]
 
 
-def test_device_slots_split_gpus_and_tpu_chips(monkeypatch):
-  slots = sweep_local.device_slots(2, "gpu", {"CUDA_VISIBLE_DEVICES": "0,1,2,3"})
-  assert [s.env for s in slots] == [{"CUDA_VISIBLE_DEVICES": "0,1"},
-                                    {"CUDA_VISIBLE_DEVICES": "2,3"}]
-  with pytest.raises(ValueError, match="--parallel=3 needs at least 3 GPUs; found 2"):
-    sweep_local.device_slots(3, "gpu", {"CUDA_VISIBLE_DEVICES": "4,5"})
-  monkeypatch.setattr(sweep_local, "_tpu_chips", lambda: ["0", "1", "2", "3"])
-  tpu = [s.env for s in sweep_local.device_slots(2, "tpu", {})]
-  assert [e["TPU_VISIBLE_CHIPS"] for e in tpu] == ["0,1", "2,3"]
-  assert {e["TPU_CHIPS_PER_PROCESS_BOUNDS"] for e in tpu} == {"1,2,1"}
-  assert tpu[0]["TPU_PROCESS_PORT"] != tpu[1]["TPU_PROCESS_PORT"]
-  assert sweep_local.device_slots(1, "tpu", {}) == [sweep_local.Slot({})]
-
-
 DRIVER = textwrap.dedent("""
     import json, sys
-    from medbench_jax.study import sweep, sweep_local
+    from medbench_jax.study import slots, sweep, sweep_local
     points = sweep.grid({tiny!r}, {{"seed": {{"a": "wait", "b": "0"}}}})
     plan = sweep.plan(sweep.Sweep("stop", points), {root!r}, validate=False)
-    command = lambda p: [sys.executable, {script!r}, str(p.workdir), p.overrides["seed"]]
-    outcome = sweep_local.run(plan, [sweep_local.Slot({{}})], command=command)
+    command = lambda p, s: [sys.executable, {script!r}, str(p.workdir), p.overrides["seed"]]
+    outcome = sweep_local.run(plan, [slots.Slot({{}})], command=command)
     print(json.dumps(outcome))
 """)
 
@@ -278,6 +265,8 @@ FAST_SWEEP = """
 """
 
 
+@pytest.mark.e2e
+@pytest.mark.timeout(1800)
 def test_local_sweep_end_to_end_with_an_interruption_a_chain_a_failure_and_the_report(
     tmp_path, phantom_dir):
   """The tests' tiny Swin from random init and from a timm checkpoint, 2 trials each; a run
@@ -340,6 +329,7 @@ FULL_SWEEP = """
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(3600)
 def test_local_sweep_end_to_end_two_models_two_inits_two_fractions_three_trials(
     tmp_path, phantom_dir):
   ckpts = _torch_checkpoints(tmp_path / "ckpt")

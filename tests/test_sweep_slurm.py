@@ -14,9 +14,8 @@ import submitit
 
 from medbench_jax.study import sweep
 from medbench_jax.study import sweep_slurm
-
-REPO = pathlib.Path(__file__).resolve().parents[1]
-TINY = "tests/configs/tiny.py"
+from tests.helpers import REPO
+from tests.helpers import TINY
 
 FAKE_SBATCH = """#!/bin/bash
 # Records the submission file and answers as sbatch does.
@@ -60,11 +59,13 @@ def test_waves_are_job_arrays_of_one_point_per_task_chained_by_dependencies(
     (bin_dir / tool).chmod(stat.S_IRWXU)
   monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
   plan = _plan(tmp_path / "root", phantom_dir)
-  parameters = sweep_slurm.parse_parameters(
-      ["slurm_partition=gpu", "nodes=2", "gpus_per_node=4", "slurm_array_parallelism=8"])
-  assert parameters["tasks_per_node"] == 4  # one process per GPU
+  # An allocation of 2 nodes x 4 GPUs: 8 points at once, each one process on one GPU.
+  allocation = sweep_slurm.parse_parameters(["slurm_partition=gpu", "nodes=2",
+                                             "gpus_per_node=4"])
+  assert allocation.parameters["slurm_array_parallelism"] == 8
+  assert len(allocation.slots()) == 8
   lines = []
-  jobs = sweep_slurm.submit(plan, parameters, out=lines.append)
+  jobs = sweep_slurm.submit(plan, allocation.parameters, out=lines.append)
   # submitit submits a one-task wave as a plain job.
   assert [j.job_id for j in jobs] == ["1001", "1002_0", "1002_1", "1003"]
   assert lines[1:] == ["job 1001: prepare 1 data set(s)", "wave 1: 2 task(s), job 1002",
@@ -76,8 +77,8 @@ def test_waves_are_job_arrays_of_one_point_per_task_chained_by_dependencies(
   assert prepare["ntasks-per-node"] == "1"
   assert wave1["array"] == "0-1%2" and "array" not in wave2
   for flags in (wave1, wave2):
-    assert flags["nodes"] == "2" and flags["ntasks-per-node"] == "4"
-    assert flags["gpus-per-node"] == "4" and flags["partition"] == "gpu"
+    assert flags["nodes"] == "1" and flags["ntasks-per-node"] == "1"
+    assert flags["gpus-per-node"] == "1" and flags["partition"] == "gpu"
     assert flags["job-name"] == "medbench-slurm"
   assert wave1["dependency"] == "afterany:1001" and wave2["dependency"] == "afterany:1002"
   assert "srun" in (record / "sbatch_1002.sh").read_text()
@@ -118,15 +119,34 @@ def test_tasks_get_the_flags_for_what_jax_distributed_reads(monkeypatch):
 def test_parameters_are_checked():
   with pytest.raises(ValueError, match="expected KEY=VALUE"):
     sweep_slurm.parse_parameters(["nodes"])
-  assert sweep_slurm.parse_parameters(["gpus_per_node=0"])["tasks_per_node"] == 1
+  assert sweep_slurm.parse_parameters(["gpus_per_node=0"]).parameters["tasks_per_node"] == 1
+  with pytest.raises(ValueError, match="a multiple of gpus_per_node"):
+    sweep_slurm.parse_parameters(["gpus_per_node=4"], devices_per_point=6)
+  with pytest.raises(ValueError, match="needs 2 nodes of 8 GPUs; the allocation has nodes=1"):
+    sweep_slurm.parse_parameters(["gpus_per_node=8"], devices_per_point=16)
 
 
+@pytest.mark.parametrize("per_point,task,at_once", [
+    (1, {"nodes": 1, "gpus_per_node": 1, "tasks_per_node": 1}, 32),
+    (4, {"nodes": 1, "gpus_per_node": 4, "tasks_per_node": 1}, 8),
+    # Larger than a node: one process per GPU over 2 nodes (jax.distributed).
+    (16, {"nodes": 2, "gpus_per_node": 8, "tasks_per_node": 8}, 2)])
+def test_each_array_task_asks_for_its_points_gpus(per_point, task, at_once):
+  allocation = sweep_slurm.parse_parameters(["nodes=4", "gpus_per_node=8", "timeout_min=60"],
+                                            devices_per_point=per_point)
+  assert allocation.parameters == {**task, "slurm_array_parallelism": at_once,
+                                   "timeout_min": 60}
+  assert len(allocation.slots()) == at_once
+
+
+@pytest.mark.e2e
+@pytest.mark.timeout(900)
 def test_local_executor_runs_a_two_point_array(tmp_path, phantom_dir, monkeypatch):
   monkeypatch.setenv("MEDBENCH_CACHE", str(tmp_path / "cache"))
   monkeypatch.setenv("XLA_FLAGS", "")
   plan = _plan(tmp_path / "root", phantom_dir, chain=False, **{"train.max_steps": 4})
   jobs = sweep_slurm.submit(plan, sweep_slurm.parse_parameters(
-      ["gpus_per_node=0", "timeout_min=60"]), cluster="local", out=lambda s: None)
+      ["gpus_per_node=0", "timeout_min=60"]).parameters, cluster="local", out=lambda s: None)
   prepare, *points = jobs
   assert prepare.result() is None
   assert [job.result() for job in points] == ["done", "done"]

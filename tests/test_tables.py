@@ -2,6 +2,7 @@
 
 import math
 
+import numpy as np
 import pandas as pd
 import pytest
 
@@ -28,6 +29,13 @@ def test_cells_and_p_values():
   assert tables.format_cell(row) == "0.8123 ± 0.0046 (2/3)"
   assert tables.format_cell(row.copy().replace({3.0: 2.0})) == "0.8123 ± 0.0046 (2)"
   assert tables.format_cell(pd.Series({"mean": 0.8, "std": math.nan, "n": 1})) == "0.8000 (1)"
+  # The paper's convention (np.std, ddof=0) in brackets, where the summary has it.
+  values = np.array([0.80, 0.81, 0.83])
+  row = pd.Series({"mean": values.mean(), "std": values.std(ddof=1),
+                   "std_paper": values.std(ddof=0), "n": 3})
+  assert tables.format_cell(row) == "0.8133 ± 0.0153 [0.0125] (3)"
+  assert tables.format_cell(pd.Series({"mean": 0.8, "std": math.nan, "std_paper": 0.0,
+                                       "n": 1})) == "0.8000 (1)"
   assert tables.format_p(0.0123) == "0.012" and tables.format_p(2.5e-5) == "2.50e-05"
   assert tables.format_p(math.nan) == "—"
   assert tables.format_fraction(0.01) == "1%" and tables.format_fraction(1.0) == "100%"
@@ -54,7 +62,8 @@ def test_models_by_inits_marks_what_survives_correction():
   setting = _setting()
   text, tests = tables.models_by_inits(setting, setting, ("resnet50", "imagenet"), alpha=0.05)
   lines = text.splitlines()
-  assert lines[0] == "| model \\ init | imagenet | random |"
+  assert lines[0] == ("| model \\ init: mean ± std (ddof=1) [std (ddof=0), as the paper] (n) "
+                      "| imagenet | random |")
   assert lines[2] == "| resnet50 | **0.8000 ± 0.0100 (3)** | 0.7000 ± 0.0100 (3) *†‡ |"
   # p = 0.04 survives neither Holm (0.08) nor BH (0.06) over these three tests.
   assert lines[3] == "| swin | 0.8300 ± 0.0100 (3) * | 0.7900 ± 0.0100 (3) |"

@@ -37,9 +37,27 @@ def study_dice_loss(y_true, y_pred, smooth=1.0):
                                                  + smooth))
 
 
-def _task(classes=("lungs",), loss="auto", name="phantom", fov=False):
+# The study's validation loss (BenchmarkTransferLearning Version2): evaluate_segmentation
+# (trainer.py) runs a DataLoader over the validation set with the training batch size,
+# shuffle=False, drop_last=False (engine.py), takes `loss = criterion(mask, outputs)` per
+# batch, with torch_dice_coef_loss (utils.py) over the flattened batch, and returns
+# MetricLogger.avg after `losses.update(loss.item(), bsz)`: sum(loss * bsz) / sum(bsz).
+def study_validation_loss(masks, probs, batch_size):
+  total, count = 0.0, 0
+  for start in range(0, len(masks), batch_size):
+    y, p = masks[start:start + batch_size], probs[start:start + batch_size]
+    loss = 1.0 - (2.0 * np.sum(y * p) + 1.0) / (np.sum(y) + np.sum(p) + 1.0)
+    total += loss * len(y)
+    count += len(y)
+  return total / count
+
+
+def _task(classes=("lungs",), loss="auto", name="phantom", fov=False, val_loss="per_image",
+          batch_size=64):
   config = config_lib.default_config()
   config.segmentation.loss = loss
+  config.segmentation.val_loss = val_loss
+  config.input.batch_size = batch_size
   info = types.SimpleNamespace(name=name, task="segmentation", class_names=classes,
                                eval_class_names=classes, has_fov=fov)
   return segmentation.Segmentation(config, info)
@@ -84,16 +102,84 @@ def test_dice_and_mean_dice_reproduce_the_studys_functions(k):
   assert 0.1 < got["dice"] < 0.95  # a partial overlap, not a degenerate case
 
 
-def test_metrics_per_class_and_the_loss():
+def test_metrics_per_class():
   truth, pred = _masks(seed=1, k=2)
   task = _task(classes=("left", "right"))
   counts = _counts(truth, pred)
-  result = task.metrics({**counts, "loss": np.array([0.5, 0.25])})
+  parts = task._loss_parts(jnp.asarray(pred, jnp.float32), jnp.asarray(truth, jnp.float32))
+  result = task.metrics({**counts, **parts})
   for c, name in enumerate(("left", "right")):
     assert result[f"dice/{name}"] == pytest.approx(study_dice(pred[..., c], truth[..., c]))
     assert result[f"mean_dice/{name}"] == pytest.approx(
         study_mean_dice_coef(truth[..., c:c + 1], pred[..., c:c + 1]))
-  assert result["loss"] == 0.375 and result["dice"] == pytest.approx(study_dice(pred, truth))
+  assert result["dice"] == pytest.approx(study_dice(pred, truth))
+
+
+def _hand_made_batch():
+  """Five 4 x 4 images: logits and masks, three of the masks empty."""
+  low, high = -4.0, 3.0
+  logits = np.full((5, 4, 4, 1), low, np.float32)
+  masks = np.zeros((5, 4, 4, 1), np.float32)
+  masks[0, :2, :2] = 1  # found, with one pixel too many
+  logits[0, :2, :2] = high
+  logits[0, 2, 0] = high
+  logits[1, 3, 3] = 0.5  # empty mask, one weak false positive
+  # 2: empty mask, nothing predicted
+  masks[3, 1:, 1:] = 1  # half found
+  logits[3, 1:3, 1:] = 1.0
+  logits[4, :, :2] = high  # empty mask, a large false positive
+  return logits, masks
+
+
+def _validation_loss(task, logits, masks):
+  """The task's validation loss through its evaluation step, batched as the trainer may."""
+  step = jax.jit(task.make_eval_step(lambda variables, images, train: jnp.asarray(images),
+                                     lambda x: x))
+  outputs = [step({}, {"image": logits[i:i + 3], "mask": masks[i:i + 3]})
+             for i in range(0, len(logits), 3)]
+  predictions = {k: np.concatenate([np.asarray(o[k]) for o in outputs]) for k in outputs[0]}
+  return task.metrics(predictions)["loss"]
+
+
+@pytest.mark.parametrize("batch_size", [1, 2, 4, 5, 32])
+def test_pooled_validation_loss_is_the_studys(batch_size):
+  logits, masks = _hand_made_batch()
+  probs = 1 / (1 + np.exp(-logits.astype(np.float64)))
+  expected = study_validation_loss(masks, probs, batch_size)
+  task = _task(loss="dice", val_loss="pooled", batch_size=batch_size)
+  assert _validation_loss(task, logits, masks) == pytest.approx(expected, abs=1e-6)
+
+
+def test_per_image_validation_loss_differs_from_the_pooled_one_on_empty_masks():
+  logits, masks = _hand_made_batch()
+  probs = 1 / (1 + np.exp(-logits.astype(np.float64)))
+  per_image = _validation_loss(_task(loss="dice", val_loss="per_image"), logits, masks)
+  pooled = _validation_loss(_task(loss="dice", val_loss="pooled", batch_size=32), logits, masks)
+  # Per image is the study's formula over batches of one image.
+  assert per_image == pytest.approx(study_validation_loss(masks, probs, 1), abs=1e-6)
+  assert pooled == pytest.approx(study_validation_loss(masks, probs, 32), abs=1e-6)
+  assert abs(per_image - pooled) > 0.05, (per_image, pooled)
+  # Why: image 2 (empty mask, 16 pixels at p = sigmoid(-4)) costs 1 - 1 / (Σp + 1) on its
+  # own, but barely moves the loss of a batch it joins.
+  alone = study_validation_loss(masks[2:3], probs[2:3], 1)
+  assert alone > 0.2
+  with_image_0 = [_validation_loss(_task(loss="dice", val_loss="pooled", batch_size=2),
+                                   logits[i], masks[i]) for i in ([0], [0, 2])]
+  assert abs(with_image_0[1] - with_image_0[0]) < alone / 5
+
+
+def test_pooled_bce_is_the_mean_over_pixels():
+  logits, masks = _hand_made_batch()
+  bce = torch.nn.functional.binary_cross_entropy_with_logits(torch.tensor(logits),
+                                                             torch.tensor(masks))
+  for val_loss in ("pooled", "per_image"):
+    task = _task(name="drive", val_loss=val_loss, batch_size=5)
+    assert _validation_loss(task, logits, masks) == pytest.approx(float(bce), abs=1e-6)
+
+
+def test_validation_loss_setting_is_checked():
+  with pytest.raises(ValueError, match="segmentation.val_loss='batch'.*pooled"):
+    _task(val_loss="batch")
 
 
 def test_empty_test_set_and_all_empty_masks():
@@ -112,9 +198,9 @@ def test_dice_loss_is_the_studys_over_the_flattened_batch():
   expected = study_dice_loss(torch.tensor(masks), torch.sigmoid(torch.tensor(logits)))
   got = _task(loss="dice").loss(jnp.asarray(logits), {"mask": jnp.asarray(masks)})
   assert float(got) == pytest.approx(float(expected), abs=1e-6)
-  # Per image (validation): each image's own Dice loss.
+  # Per image: each image's own Dice loss.
   per_image = _task(loss="dice")._loss_terms(jnp.asarray(logits), jnp.asarray(masks),
-                                             (1, 2, 3))
+                                             pooled=False)
   for i in range(4):
     assert float(per_image[i]) == pytest.approx(float(study_dice_loss(
         torch.tensor(masks[i]), torch.sigmoid(torch.tensor(logits[i])))), abs=1e-6)
@@ -177,7 +263,8 @@ def test_eval_step_resizes_to_the_mask_and_counts_inside_the_field_of_view():
   np.testing.assert_array_equal(out["intersection"], (predicted * truth).sum(axis=(1, 2)))
   np.testing.assert_array_equal(out["prediction_sum"], predicted.sum(axis=(1, 2)))
   np.testing.assert_array_equal(out["target_sum"], truth.sum(axis=(1, 2)))
-  assert out["loss"].shape == (3,) and np.all(np.asarray(out["loss"]) > 0)
+  assert out["pixel_loss"].shape == (3,) and out["soft_intersection"].shape == (3, 1)
+  np.testing.assert_allclose(out["soft_target_sum"][:, 0], masks.sum(axis=(1, 2, 3)))
   assert out["prediction_sum"].sum() < (1 / (1 + np.exp(-upsampled)) > 0.5).sum()
 
 

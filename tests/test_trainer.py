@@ -1,68 +1,23 @@
 """End to end: config -> phantom data -> grain -> sharded jit loop -> orbax -> results.
 
-In-process runs use the 8 simulated devices from conftest; the kill/resume and the
-1-vs-8-device checks run `python -m medbench_jax.main` as users do.
+In-process runs use the 8 simulated devices from conftest; the multi-process check runs
+`python -m medbench_jax.main` as users do. Killing and resuming a run is tested in
+test_faults.py (both task kinds); one device against eight, with and without FSDP, in
+test_sharding.py.
 """
 
 import json
-import os
-import pathlib
-import re
-import signal
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 from sklearn.metrics import roc_auc_score
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
-TINY = "tests/configs/tiny.py"
-
-
-def _load_tiny(arg=""):
-  sys.path.insert(0, str(REPO / "tests" / "configs"))
-  try:
-    import tiny
-  finally:
-    sys.path.pop(0)
-  return tiny.get_config(arg or None)
-
-
-def _run_module(module, *args, devices=1, wait=True):
-  """`python -m module args` as a user runs it; its output, or the process (wait=False)."""
-  env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
-             PYTHONUNBUFFERED="1", PYTHONPATH=str(REPO))
-  proc = subprocess.Popen([sys.executable, "-m", module, *args], cwd=REPO, env=env,
-                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-  if not wait:
-    return proc
-  out, _ = proc.communicate(timeout=1200)
-  assert proc.returncode == 0, out[-4000:]
-  return out
-
-
-def _main(workdir, phantom_dir, config, *extra, devices=1, wait=True):
-  return _run_module("medbench_jax.main", config, f"--workdir={workdir}",
-                     f"--config.dataset.manual_dir={phantom_dir}", *extra, devices=devices,
-                     wait=wait)
-
-
-def _scalars(event_dir, tag):
-  import tensorflow as tf
-  values = {}
-  for path in pathlib.Path(event_dir).glob("events.out.tfevents.*"):
-    for event in tf.compat.v1.train.summary_iterator(str(path)):
-      for v in event.summary.value:
-        if v.tag == tag:
-          values[event.step] = float(tf.make_ndarray(v.tensor))
-  return [values[k] for k in sorted(values)]
+from tests import helpers
 
 
 def _prepared_tiny(phantom_dir):
   from medbench_jax.data import prepare
-  config = _load_tiny()
-  config.dataset.manual_dir = str(phantom_dir)
+  config = helpers.load_tiny(manual_dir=phantom_dir)
   prepare.prepare_dataset(config.dataset)
   return config
 
@@ -103,11 +58,11 @@ def test_run_writes_results_checkpoints_and_tensorboard(tmp_path, phantom_dir):
   assert list((tmp_path / "trial_0" / "ckpt" / "latest").iterdir())
   assert list((tmp_path / "trial_0" / "ckpt" / "best").iterdir())
   tb = tmp_path / "tb" / "trial_0"
-  losses = _scalars(tb, "train/loss")
+  losses = helpers.scalars(tb, "train/loss")
   assert len(losses) == 12 and all(np.isfinite(losses))  # 2 epochs x 6 steps
   for tag in ("train/lr", "val/loss", "val/mean_auc", "perf/images_per_s",
               "perf/input_wait_fraction", "perf/step_time_s", "test/mean_auc"):
-    assert _scalars(tb, tag), tag
+    assert helpers.scalars(tb, tag), tag
 
   # A finished workdir is reported, not retrained.
   mtime = (tmp_path / "results.json").stat().st_mtime_ns
@@ -122,18 +77,19 @@ def test_test_metrics_equal_sklearn_on_gathered_ten_crop_predictions(phantom_dir
 
   import jax
 
-  from medbench_jax import models
   from medbench_jax import tasks
   from medbench_jax.data import pipeline
   from medbench_jax.data import sources
   from medbench_jax.data import transforms
   from medbench_jax.trainer import evaluation
   from medbench_jax.trainer import sharding
+  from medbench_jax.trainer import state as state_lib
   config = _prepared_tiny(phantom_dir)
   splits = sources.open_splits(config.dataset)
   task = tasks.for_dataset(config, splits.info)
-  model = models.create("resnet18", 4)
-  variables = model.init(jax.random.key(0), np.zeros((1, 64, 64, 3), np.float32))
+  # The config's tiny Swin: the reference below runs it 400 times, in seconds.
+  model = state_lib.create_model(config, 4)
+  variables = state_lib.init_variables(config, model, 4, 64, seed=0)
   mean, std = (0.5,) * 3, (0.25,) * 3
   mesh = sharding.make_mesh()
   eval_step = jax.jit(task.make_eval_step(
@@ -146,10 +102,11 @@ def test_test_metrics_equal_sklearn_on_gathered_ten_crop_predictions(phantom_dir
   # Reference: one image at a time, unsharded, ten crops averaged after the sigmoid.
   labels, probs = [], []
   crop = transforms.parse("resize(72)|ten_crop(64)")
+  apply = jax.jit(model.apply)  # compiled once, for one image's ten crops
   for i in range(len(splits.test)):
     ex = splits.test[i]
     x = pipeline.normalize(crop(ex, None)["image"], mean, std)
-    p = jax.nn.sigmoid(model.apply(variables, x)).mean(axis=0)
+    p = jax.nn.sigmoid(apply(variables, x)).mean(axis=0)
     labels.append(ex["labels"])
     probs.append(np.asarray(p))
   labels, probs = np.array(labels), np.array(probs)
@@ -162,53 +119,8 @@ def test_test_metrics_equal_sklearn_on_gathered_ten_crop_predictions(phantom_dir
       assert abs(result[f"auc/{name}"] - roc_auc_score(labels[:, c], probs[:, c])) <= 1e-6
 
 
-@pytest.mark.parametrize("config_file", [TINY, "tests/configs/tiny_segmentation.py"])
-def test_sigkill_then_rerun_resumes_and_ends_identically(tmp_path, phantom_dir, config_file):
-  config = f"--config={config_file}:epochs=4,workers=2"
-  _main(tmp_path / "reference", phantom_dir, config)
-  reference = json.loads((tmp_path / "reference" / "results.json").read_text())
-
-  proc = _main(tmp_path / "killed", phantom_dir, config, wait=False)
-  log = []
-  for line in proc.stdout:
-    log.append(line)
-    if re.search(r"step 14/24", line):
-      proc.send_signal(signal.SIGKILL)
-      break
-  proc.wait(timeout=60)
-  assert proc.returncode == -signal.SIGKILL, "".join(log)[-3000:]
-  assert not (tmp_path / "killed" / "results.json").exists()
-
-  out = _main(tmp_path / "killed", phantom_dir, config)
-  resumed_from = re.search(r"Resuming trial 0 from step (\d+)", out)
-  assert resumed_from and int(resumed_from.group(1)) in (8, 12), out[-3000:]
-  resumed = json.loads((tmp_path / "killed" / "results.json").read_text())
-  without_cost = lambda results: [{k: v for k, v in trial.items() if k != "cost"}
-                                  for trial in results["trials"]]
-  assert without_cost(resumed) == without_cost(reference)
-
-
-def test_eight_devices_give_the_one_device_losses(tmp_path, phantom_dir):
-  config = f"--config={TINY}"
-  losses = {}
-  for devices in (1, 8):
-    workdir = tmp_path / f"d{devices}"
-    out = _main(workdir, phantom_dir, config, "--config.train.max_steps=5", devices=devices)
-    assert f"Devices: {devices} (cpu)" in out
-    losses[devices] = _scalars(workdir / "tb" / "trial_0", "train/loss")
-  assert len(losses[1]) == 5
-  np.testing.assert_allclose(losses[8], losses[1], rtol=1e-4)
-  assert len(set(losses[1])) == 5  # the losses change step to step: a real comparison
-
-
-def _free_port() -> int:
-  import socket
-  with socket.socket() as s:
-    s.bind(("127.0.0.1", 0))
-    return s.getsockname()[1]
-
-
 @pytest.mark.slow
+@pytest.mark.timeout(1200)
 def test_two_processes_over_loopback_match_one_process(tmp_path, phantom_dir):
   """Multi-host: two processes with 2 devices each (jax.distributed, gloo collectives over
   127.0.0.1) train on the same global batches as one process with 4 devices.
@@ -217,20 +129,22 @@ def test_two_processes_over_loopback_match_one_process(tmp_path, phantom_dir):
   the single process's examples; random augmentation is seeded per process-local index,
   so it is replaced by a deterministic resize to compare losses.
   """
-  config, steps = f"--config={TINY}", "--config.train.max_steps=5"
+  config, steps = f"--config={helpers.TINY}", "--config.train.max_steps=5"
   deterministic = "--config.input.pp_train=resize(64)"
   single = tmp_path / "single"
-  _main(single, phantom_dir, config, steps, deterministic, devices=4)
+  helpers.main(single, phantom_dir, config, steps, deterministic, devices=4)
   multi = tmp_path / "multi"
-  address = f"--coordinator_address=127.0.0.1:{_free_port()}"
-  procs = [_main(multi, phantom_dir, config, steps, deterministic, address, "--num_processes=2",
-                 f"--process_id={i}", devices=2, wait=False) for i in range(2)]
+  address = f"--coordinator_address=127.0.0.1:{helpers.free_port()}"
+  procs = [helpers.main(multi, phantom_dir, config, steps, deterministic, address,
+                        "--num_processes=2", f"--process_id={i}", devices=2, wait=False)
+           for i in range(2)]
   outs = [p.communicate(timeout=600)[0] for p in procs]
   for p, out in zip(procs, outs):
     assert p.returncode == 0, out[-4000:]
   assert "Devices: 4 (cpu)" in outs[0]
-  np.testing.assert_allclose(_scalars(multi / "tb" / "trial_0", "train/loss"),
-                             _scalars(single / "tb" / "trial_0", "train/loss"), rtol=1e-4)
+  np.testing.assert_allclose(helpers.scalars(multi / "tb" / "trial_0", "train/loss"),
+                             helpers.scalars(single / "tb" / "trial_0", "train/loss"),
+                             rtol=1e-4)
   results = [json.loads((d / "results.json").read_text()) for d in (single, multi)]
   np.testing.assert_allclose(results[1]["trials"][0]["test"]["mean_auc"],
                              results[0]["trials"][0]["test"]["mean_auc"], rtol=1e-5)

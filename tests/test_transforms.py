@@ -123,6 +123,7 @@ def test_rotate_keeps_shape_and_fills_corners_with_zero():
     ("random_crop(3)", "Unknown preprocessing op 'random_crop(3)'"),
     ("resize(", "Cannot parse"),
     ("resize(1, 2, 3)", "Bad arguments for preprocessing op"),
+    ("rotate(7, interpolation='bicubic')", "interpolation='bicubic'"),
 ])
 def test_bad_specs_are_named(spec, message):
   with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):

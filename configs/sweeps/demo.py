@@ -24,7 +24,7 @@ SMALL = {
     "dataset.phantom.num_train": 128, "dataset.phantom.num_val": 32,
     "dataset.phantom.num_test": 32, "dataset.phantom.image_size": 96,
     "input.batch_size": 16, "input.eval_batch_size": 32, "input.num_workers": 0,
-    "optim.warmup_epochs": 0.5, "train.log_every_steps": 4,
+    "optim.lr": 3e-4, "optim.warmup_epochs": 0.5, "train.log_every_steps": 4,
 }
 
 

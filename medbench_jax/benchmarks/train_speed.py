@@ -20,7 +20,7 @@ from a config's training pipeline, the fraction of the time waiting for input.
 The train step is the fine-tuning step of the study on random data: train mode (BatchNorm
 batch statistics updated, stochastic depth at the model's default rate), multi-label BCE on
 random labels (ChestX-ray14's 14 unless told the head size), Adam; with `input_config` the
-config's augmented uint8 batches instead, normalised in the step as the trainer does. JAX
+config's augmented uint8 batches instead, normalized in the step as the trainer does. JAX
 jits it with the state donated, as the trainer does; PyTorch runs timm's model of the
 same name with os.cpu_count() threads, channels_last, optionally through torch.compile.
 The eval step is the forward pass in inference mode and the sigmoid, averaged over the
@@ -36,8 +36,10 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 import concurrent.futures
 import functools
+import json
 import multiprocessing
 import os
+import re
 import resource
 import statistics
 import time
@@ -169,7 +171,7 @@ def _first_and_steady(jitted: Callable, args: tuple, steps: int, carry: bool,
 
 def _real_batches(config, batch_size: int) -> tuple[Iterator, Callable[[Any], Any]]:
   """The config's training input pipeline over its prepared data set (prepared here on
-  first use, as the trainer's lead process does) and the normalisation the trainer's
+  first use, as the trainer's lead process does) and the normalization the trainer's
   step applies to its uint8 images."""
   import contextlib
   import sys
@@ -443,3 +445,25 @@ def bench_step(step: str, model: str, *, batch_size: int, image_size: int, dtype
   for theirs in results[1:]:
     results[0][f"speed_vs_{theirs['framework']}"] = theirs["step_s"] / results[0]["step_s"]
   return results
+
+
+def cache_file(device_kind: str, cache_dir: str | None = None) -> str:
+  """Where `bench train|eval` results on `device_kind` accumulate (one JSON line each):
+  CACHE_DIR/bench/<device kind>.jsonl, read by the sweep planner (study/planner.py)."""
+  from medbench_jax import paths
+
+  name = re.sub(r"[^A-Za-z0-9._-]+", "_", device_kind).strip("_") or "unknown"
+  return os.path.join(cache_dir or os.path.join(paths.CACHE_DIR, "bench"), f"{name}.jsonl")
+
+
+def record(line: dict[str, Any], cache_dir: str | None = None) -> str | None:
+  """Appends one of our (JAX) measurements to its device kind's cache file, stamped with
+  the time; returns the file (None for PyTorch's lines, which the planner does not use)."""
+  if line.get("framework") != "jax" or not line.get("device"):
+    return None
+  path = cache_file(line["device"], cache_dir)
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  stamped = {**line, "time": time.strftime("%Y-%m-%dT%H:%M:%S")}
+  with open(path, "a") as f:  # one short write per line: appends from two runs interleave whole
+    f.write(json.dumps(stamped) + "\n")
+  return path

@@ -3,7 +3,9 @@
 With `config.input.augment_on_device`, the host pipeline ships the stored uint8 images
 untouched and the training spec (`config.input.pp_train`, the same string) runs here,
 on the accelerators, vectorised over the global batch and sharded like it: a pod slice
-or an 8-GPU node is then no longer bound by its hosts' CPUs. Ops, arguments and random
+or an 8-GPU node is then no longer bound by its hosts' CPUs. The spec is parsed by
+transforms.parse_spec against the one op table, transforms.OPS, where each class below
+is registered as the device implementation of its host op: names, arguments and random
 distributions are those of transforms.py (torchvision's semantics):
 
   random_resized_crop(size[, scale=(a, b), ratio=(c, d)])   area ~ U(scale) x image
@@ -12,7 +14,8 @@ distributions are those of transforms.py (torchvision's semantics):
   flip_lr[(p=0.5)]   rotate(degrees[, interpolation="nearest"])   angle ~ U(-d, d)
       about the centre, zero fill
   resize(size)   center_crop(size)                            deterministic
-and each takes `keys=(...)` as the host op does.
+and each takes `keys=(...)` as the host op does. Ops without a device implementation
+(ten_crop, seg_augment) and `interpolation="pil_bilinear"` are refused.
 
 Every op maps its output pixels' coordinates back into its input; the maps of all ops
 are chained per example and the stored array is sampled once: images bilinearly, masks
@@ -32,7 +35,6 @@ sharding, and a resumed run (the step is in the train state) repeats it exactly.
 
 from __future__ import annotations
 
-import ast
 from collections.abc import Sequence
 import dataclasses
 import math
@@ -43,8 +45,8 @@ import jax.numpy as jnp
 
 from medbench_jax.data import transforms
 
-SPATIAL_KEYS = ("image", "mask", "fov")
-MASK_KEYS = ("mask", "fov")
+SPATIAL_KEYS = transforms.SPATIAL_KEYS
+MASK_KEYS = transforms.MASK_KEYS
 # The host op's tries before falling back to the central crop (torchvision's).
 _CROP_TRIES = 10
 Params = dict[str, jax.Array]
@@ -85,6 +87,16 @@ def _resized_box_stage(top: Any, left: Any, height: Any, width: Any, out_shape: 
   return Stage(matrix, box[:2], box[:2] + box[2:] - 1, resample="linear")
 
 
+def _check_interpolation(op: str, interpolation: str) -> None:
+  """The device resamples images bilinearly: the host's default area filter is
+  approximated so (see above), PIL's antialiased bilinear is not."""
+  transforms.check_interpolation(interpolation)
+  if interpolation != "area":
+    raise ValueError(f"{op}: interpolation={interpolation!r} has no device version; "
+                     "on the device: 'area' (resampled bilinearly)")
+
+
+@transforms.register_device("random_resized_crop")
 @dataclasses.dataclass(frozen=True)
 class RandomResizedCrop:
   """transforms.random_resized_crop: torchvision.transforms.RandomResizedCrop."""
@@ -92,6 +104,10 @@ class RandomResizedCrop:
   scale: tuple[float, float] = (0.08, 1.0)
   ratio: tuple[float, float] = (3 / 4, 4 / 3)
   keys: tuple[str, ...] | None = None
+  interpolation: str = "area"
+
+  def __post_init__(self):
+    _check_interpolation("random_resized_crop", self.interpolation)
 
   def output_shape(self, shape: Shape) -> Shape:
     del shape
@@ -138,6 +154,7 @@ def log_uniform(key: jax.Array, shape: Sequence[int], low: float, high: float
   return jax.random.uniform(key, shape, minval=math.log(low), maxval=math.log(high))
 
 
+@transforms.register_device("flip_lr")
 @dataclasses.dataclass(frozen=True)
 class FlipLR:
   """transforms.flip_lr: a left-right mirror with probability p."""
@@ -158,6 +175,7 @@ class FlipLR:
     return Stage(matrix, *_box(shape))
 
 
+@transforms.register_device("rotate")
 @dataclasses.dataclass(frozen=True)
 class Rotate:
   """transforms.rotate: torchvision.transforms.RandomRotation(degrees), zero fill."""
@@ -166,9 +184,7 @@ class Rotate:
   keys: tuple[str, ...] | None = None
 
   def __post_init__(self):
-    if self.interpolation not in ("nearest", "bilinear"):
-      raise ValueError(f"rotate: interpolation={self.interpolation!r} is not one of "
-                       "('nearest', 'bilinear')")
+    transforms.check_rotate_interpolation(self.interpolation)
 
   def output_shape(self, shape: Shape) -> Shape:
     return shape
@@ -189,14 +205,22 @@ class Rotate:
     return Stage(matrix, *_box(shape), resample=resample, fill=True)
 
 
+@transforms.register_device("resize")
 @dataclasses.dataclass(frozen=True)
 class Resize:
-  """transforms.resize: torchvision.transforms.Resize(int), the shorter side to `size`."""
-  size: int
+  """transforms.resize: torchvision.transforms.Resize: an int makes the shorter side
+  `size`, (height, width) makes the image exactly that."""
+  size: int | tuple[int, int]
   keys: tuple[str, ...] | None = None
+  interpolation: str = "area"
+
+  def __post_init__(self):
+    _check_interpolation("resize", self.interpolation)
 
   def output_shape(self, shape: Shape) -> Shape:
     height, width = shape
+    if not isinstance(self.size, int):
+      return tuple(self.size)
     if height <= width:
       return (self.size, int(self.size * width / height))
     return (int(self.size * height / width), self.size)
@@ -210,6 +234,7 @@ class Resize:
     return _resized_box_stage(0, 0, *shape, self.output_shape(shape))
 
 
+@transforms.register_device("center_crop")
 @dataclasses.dataclass(frozen=True)
 class CenterCrop:
   """transforms.center_crop: torchvision.transforms.CenterCrop."""
@@ -227,44 +252,22 @@ class CenterCrop:
 
   def stage(self, params: Params, shape: Shape) -> Stage:
     del params
-    top, left = transforms._crop_box(*shape, self.size)  # pylint: disable=protected-access
+    top, left = transforms.crop_box(*shape, self.size)
     return Stage(_scale_translate((1.0, 1.0), (top, left)), *_box(shape))
 
 
-OPS = {"random_resized_crop": RandomResizedCrop, "flip_lr": FlipLR, "rotate": Rotate,
-       "resize": Resize, "center_crop": CenterCrop}
-Op = RandomResizedCrop | FlipLR | Rotate | Resize | CenterCrop
+DeviceOp = RandomResizedCrop | FlipLR | Rotate | Resize | CenterCrop
 
 
-def _parse_op(text: str) -> Op | None:
-  """The device op of one spec part; None when the op has no device version."""
-  try:
-    node = ast.parse(text, mode="eval").body
-  except SyntaxError as e:
-    raise ValueError(f"Cannot parse preprocessing op {text!r}: {e.msg}") from None
-  call = node if isinstance(node, ast.Call) else None
-  name = getattr(call.func if call else node, "id", None)
-  if name not in OPS:
-    return None
-  try:
-    args = [ast.literal_eval(a) for a in call.args] if call else []
-    kwargs = {k.arg: ast.literal_eval(k.value) for k in call.keywords} if call else {}
-    if kwargs.get("keys") is not None:
-      kwargs["keys"] = tuple(kwargs["keys"])
-    return OPS[name](*args, **kwargs)
-  except (TypeError, ValueError) as e:
-    raise ValueError(f"Bad arguments for preprocessing op {text!r}: {e}") from None
-
-
-def parse(spec: str) -> list[Op]:
+def device_ops(spec: str) -> list[DeviceOp]:
   """The device ops of a `|`-separated spec; ValueError naming every op without one."""
-  parts = [part.strip() for part in spec.split("|") if part.strip()]
-  ops = [_parse_op(part) for part in parts]
-  missing = [part for part, op in zip(parts, ops) if op is None]
+  calls = transforms.parse_spec(spec)
+  missing = [call.text for call in calls if transforms.OPS[call.name].device is None]
   if missing:
+    on_device = sorted(name for name, op in transforms.OPS.items() if op.device)
     raise ValueError(f"{', '.join(map(repr, missing))} cannot run with "
-                     f"input.augment_on_device=True; on-device ops: {sorted(OPS)}")
-  return ops
+                     f"input.augment_on_device=True; on-device ops: {on_device}")
+  return [call.device() for call in calls]
 
 
 class Augment:
@@ -276,7 +279,7 @@ class Augment:
 
   def __init__(self, spec: str, seed: int):
     self.spec = spec
-    self.ops = parse(spec)
+    self.ops = device_ops(spec)
     self.seed = seed
 
   def __call__(self, batch: dict[str, jax.Array], step: jax.Array | int
@@ -293,7 +296,7 @@ class Augment:
     return jax.vmap(jax.random.fold_in, (None, 0))(
         step_key, jnp.arange(batch_size, dtype=jnp.uint32))
 
-  def _applied(self) -> list[tuple[Op, Sequence[str]]]:
+  def _applied(self) -> list[tuple[DeviceOp, Sequence[str]]]:
     return [(op, op.keys or SPATIAL_KEYS) for op in self.ops]
 
   def sample(self, key: jax.Array, shapes: dict[str, Shape]) -> list[Params]:

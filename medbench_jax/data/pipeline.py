@@ -77,9 +77,9 @@ def _label_draw(source: Sequence[dict]) -> LabelDraw | None:
 
 
 @dataclasses.dataclass
-class Augment:
-  """Picklable per-example transform run inside grain workers: the label draw (if
-  any), the spec, then `keys`."""
+class TrainPreprocess:
+  """A training example's preprocessing on the host, run inside grain workers
+  (picklable): the label draw (if any), the spec's host ops, then `keys`."""
   pp_spec: str
   keys: tuple[str, ...]
   label_draw: LabelDraw | None = None
@@ -105,7 +105,8 @@ def train_dataset(source: Sequence[dict], *, pp_spec: str, keys: Sequence[str],
   """Infinite shuffled, augmented batches of this process's share of `source`."""
   ds = grain.MapDataset.source(source).shuffle(seed=seed)
   ds = ds[process_index::process_count]
-  ds = ds.random_map(Augment(pp_spec, tuple(keys), _label_draw(source)), seed=seed + 1)
+  ds = ds.random_map(TrainPreprocess(pp_spec, tuple(keys), _label_draw(source)),
+                     seed=seed + 1)
   ds = ds.repeat().batch(local_batch_size, drop_remainder=True)
   iter_ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=2, prefetch_buffer_size=4))
   if num_workers > 0:
@@ -188,7 +189,7 @@ def iterate(ds: grain.IterDataset) -> Iterator[dict[str, np.ndarray]]:
 
 
 def normalize(images: jnp.ndarray, mean: Sequence[float], std: Sequence[float]) -> jnp.ndarray:
-  """uint8 (..., H, W, 1) grayscale -> float32 (..., H, W, 3) normalised like the source.
+  """uint8 (..., H, W, 1) grayscale -> float32 (..., H, W, 3) normalized like the source.
 
   Runs on the accelerator: the host ships one uint8 channel (12x fewer bytes than
   float32 RGB) and the pretrained models still see the 3 channels they expect.

@@ -7,9 +7,12 @@ build_transform_segmentation), in albumentations 2.0.8, for stored size S:
          OpticalDistortion(distort_limit=2)], p=0.3)
   RandomSizedCrop(min_max_height=(S * 156 / 224, S), size=(S, S), p=0.25)
 albumentations 2 removed two arguments the study passed: ElasticTransform's
-alpha_affine (a small random affine added to the elastic field) and
-OpticalDistortion's shift_limit (a shift of the distortion centre); the rest keeps
-the study's values.
+alpha_affine (a random affine of up to 3.6 px added to the elastic field) and
+OpticalDistortion's shift_limit (which was always 0 in 1.3.0: a rounded uniform draw
+from +-0.5). Three defaults changed in 2.x and are set back to 1.3.0's here, which
+doubles the distortions' median displacement against 2.x's defaults (docs/protocol.md
+gives the measurement): reflected borders instead of black fill, uniform instead of
+Gaussian elastic noise, and GridDistortion without step normalisation.
 
 Geometric transforms move the image, the mask and the FOV (where present) with the
 same sampled parameters; masks are resampled by nearest neighbour, so they stay 0/1.
@@ -23,18 +26,25 @@ import threading
 from typing import Any
 
 import albumentations as A
+import cv2
 import numpy as np
 
 # The study's crop heights are 156..224 for 224-pixel inputs.
 CROP_MIN_FRACTION = 156 / 224
+# albumentations 1.3.0's border for the distortions (2.x fills with black by default).
+_STUDY_BORDER = cv2.BORDER_REFLECT_101
 
 
 def build(size: int) -> A.Compose:
   """The study's training augmentation for (size, size) images, masks and FOVs."""
   return A.Compose([
       A.OneOf([A.RandomBrightnessContrast(), A.RandomGamma()], p=0.3),
-      A.OneOf([A.ElasticTransform(alpha=120, sigma=120 * 0.05), A.GridDistortion(),
-               A.OpticalDistortion(distort_limit=2)], p=0.3),
+      A.OneOf([
+          A.ElasticTransform(alpha=120, sigma=120 * 0.05, noise_distribution="uniform",
+                             border_mode=_STUDY_BORDER),
+          A.GridDistortion(normalized=False, border_mode=_STUDY_BORDER),
+          A.OpticalDistortion(distort_limit=2, border_mode=_STUDY_BORDER),
+      ], p=0.3),
       A.RandomSizedCrop(min_max_height=(int(round(size * CROP_MIN_FRACTION)), size),
                         size=(size, size), p=0.25),
   ], additional_targets={"fov": "mask"})

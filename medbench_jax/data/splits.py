@@ -57,7 +57,8 @@ def holdouts(salt: str, **fractions: float) -> list[Holdout]:
   return [Holdout(split, fraction, f"{salt}:{split}") for split, fraction in fractions.items()]
 
 
-def _hash(salt: str, group: str) -> int:
+def salted_hash(salt: str, group: str) -> int:
+  """The draw of `group` under `salt`: sha1(f"{salt}:{group}")'s first 8 bytes, big-endian."""
   return int.from_bytes(hashlib.sha1(f"{salt}:{group}".encode()).digest()[:8], "big")
 
 
@@ -81,7 +82,7 @@ def _draw(groups: list[str], draws: Sequence[Holdout], rest: str) -> dict[str, l
   members, share_left = {}, 1.0
   for draw in draws:
     threshold = draw.fraction / share_left * _HASH_RANGE if share_left > 0 else 0.0
-    members[draw.split] = [g for g in groups if _hash(draw.salt, g) < threshold]
+    members[draw.split] = [g for g in groups if salted_hash(draw.salt, g) < threshold]
     taken = set(members[draw.split])
     groups = [g for g in groups if g not in taken]
     share_left -= draw.fraction
@@ -104,9 +105,9 @@ def _fill_empty_splits(members: dict[str, list[str]], draws: Sequence[Holdout],
       return
     donor = max(donors, key=lambda s: len(members[s]))
     if split == rest:  # the donor's group drawn last
-      group = max(members[donor], key=lambda g: _hash(salt_of[donor], g))
+      group = max(members[donor], key=lambda g: salted_hash(salt_of[donor], g))
     else:  # the group closest to this split's draw
-      group = min(members[donor], key=lambda g: _hash(salt_of[split], g))
+      group = min(members[donor], key=lambda g: salted_hash(salt_of[split], g))
     members[donor].remove(group)
     members[split].append(group)
 

@@ -1,5 +1,11 @@
 """Small named preprocessing ops, composed per config as a `|`-separated spec string.
 
+`OPS` is the one table of op names and arguments. Each op has a host implementation,
+registered here, and where it has one a device implementation (data/device_transforms.py)
+that takes the same arguments. `parse_spec` is the one parser: it checks a spec's ops and
+binds their arguments; `parse` builds the host op from them and
+`device_transforms.device_ops` the device ops.
+
 Examples (the reference study's training augmentations):
   "random_resized_crop(224)|flip_lr|rotate(7)"    classification
   "seg_augment(224)"                              segmentation
@@ -15,7 +21,8 @@ restricts an op to some keys, e.g. segmentation evaluation resizes the image onl
 follow torchvision's transforms, which the reference code uses. Images are resampled
 with OpenCV's area filter when shrinking (bilinear when enlarging), or with
 `interpolation="pil_bilinear"` exactly as torchvision resamples the reference's PIL
-images. Normalisation to the pretrained source's mean/std happens on the accelerator.
+images. Normalization to the pretrained source's mean/std (pipeline.normalize) happens
+on the accelerator.
 
 The reference study's classification preprocessing, from the original images
 (recipes.py's paper setting):
@@ -28,6 +35,8 @@ from __future__ import annotations
 
 import ast
 from collections.abc import Callable, Sequence
+import dataclasses
+import inspect
 import math
 from typing import Any
 
@@ -45,13 +54,37 @@ Draw = Callable[[tuple[int, ...], np.random.Generator], ArrayOp]
 SPATIAL_KEYS = ("image", "mask", "fov")
 INTERPOLATIONS = ("area", "pil_bilinear")
 MASK_KEYS = ("mask", "fov")
-OPS: dict[str, Callable[..., Op]] = {}
+
+
+@dataclasses.dataclass
+class OpDef:
+  """A named op: its host implementation and, where it has one, its device implementation.
+
+  `host` is a factory of `Op`s whose signature is the op's arguments, for both
+  implementations: `device` (data/device_transforms.py registers it) is called with the
+  same arguments, bound to that signature with its defaults filled in.
+  """
+  host: Callable[..., Op]
+  device: Callable[..., Any] | None = None
+
+
+# The op table: every spec, on the host or on the device, names ops of it.
+OPS: dict[str, OpDef] = {}
 
 
 def register(name: str):
+  """Registers a host op factory under `name`."""
   def wrap(factory):
-    OPS[name] = factory
+    OPS[name] = OpDef(factory)
     return factory
+  return wrap
+
+
+def register_device(name: str):
+  """Registers the device implementation of the host op `name`."""
+  def wrap(implementation):
+    OPS[name].device = implementation
+    return implementation
   return wrap
 
 
@@ -70,9 +103,17 @@ def _spatial(draw: Draw, keys: Sequence[str] | None, default: Sequence[str] = SP
   return op
 
 
-def _check_interpolation(interpolation: str) -> None:
+def check_interpolation(interpolation: str) -> None:
+  """A resize's `interpolation` argument, or a ValueError naming the allowed ones."""
   if interpolation not in INTERPOLATIONS:
     raise ValueError(f"interpolation={interpolation!r}; allowed: {INTERPOLATIONS}")
+
+
+def check_rotate_interpolation(interpolation: str) -> None:
+  """rotate's `interpolation` argument, or a ValueError naming the allowed ones."""
+  if interpolation not in ("nearest", "bilinear"):
+    raise ValueError(f"rotate: interpolation={interpolation!r} is not one of "
+                     "('nearest', 'bilinear')")
 
 
 def _resize(image: np.ndarray, height: int, width: int, nearest: bool = False,
@@ -98,7 +139,7 @@ def random_resized_crop(size: int, scale: tuple[float, float] = (0.08, 1.0),
                         keys: Sequence[str] | None = None, *,
                         interpolation: str = "area") -> Op:
   """torchvision.transforms.RandomResizedCrop: same sampling of area and aspect."""
-  _check_interpolation(interpolation)
+  check_interpolation(interpolation)
   log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
 
   def draw(shape, rng):
@@ -141,6 +182,7 @@ def flip_lr(p: float = 0.5, keys: Sequence[str] | None = None) -> Op:
 def rotate(degrees: float, interpolation: str = "nearest",
            keys: Sequence[str] | None = None) -> Op:
   """torchvision.transforms.RandomRotation(degrees): uniform angle, zero fill."""
+  check_rotate_interpolation(interpolation)
   flags = {"nearest": cv2.INTER_NEAREST, "bilinear": cv2.INTER_LINEAR}[interpolation]
 
   def draw(shape, rng):
@@ -164,7 +206,7 @@ def resize(size: int | tuple[int, int], keys: Sequence[str] | None = None, *,
            interpolation: str = "area") -> Op:
   """torchvision.transforms.Resize: an int makes the shorter side `size` (aspect kept);
   (height, width) makes the image exactly that, as the reference's Resize((256, 256))."""
-  _check_interpolation(interpolation)
+  check_interpolation(interpolation)
 
   def draw(shape, rng):
     del rng
@@ -180,8 +222,8 @@ def resize(size: int | tuple[int, int], keys: Sequence[str] | None = None, *,
   return _spatial(draw, keys)
 
 
-def _crop_box(height: int, width: int, size: int) -> tuple[int, int]:
-  # torchvision rounds the centre-crop offsets.
+def crop_box(height: int, width: int, size: int) -> tuple[int, int]:
+  """(top, left) of the central `size` crop; torchvision rounds the offsets."""
   return int(round((height - size) / 2.0)), int(round((width - size) / 2.0))
 
 
@@ -189,7 +231,7 @@ def _crop_box(height: int, width: int, size: int) -> tuple[int, int]:
 def center_crop(size: int, keys: Sequence[str] | None = None) -> Op:
   def draw(shape, rng):
     del rng
-    top, left = _crop_box(*shape[:2], size)
+    top, left = crop_box(*shape[:2], size)
     return lambda a, nearest: a[top:top + size, left:left + size]
   return _spatial(draw, keys)
 
@@ -204,7 +246,7 @@ def ten_crop(size: int, keys: Sequence[str] | None = None) -> Op:
   def draw(shape, rng):
     del rng
     height, width = shape[:2]
-    top, left = _crop_box(height, width, size)
+    top, left = crop_box(height, width, size)
     boxes = [(0, 0), (0, width - size), (height - size, 0),
              (height - size, width - size), (top, left)]
 
@@ -228,30 +270,60 @@ def seg_augment(size: int) -> Op:
   return study.SegAugment(size)
 
 
-def _parse_op(text: str) -> Op:
+@dataclasses.dataclass(frozen=True)
+class OpCall:
+  """One op of a spec: its text, its name in OPS and its arguments, bound to the op's
+  signature with the defaults filled in (lists made tuples)."""
+  text: str
+  name: str
+  arguments: dict[str, Any]
+
+  def host(self) -> Op:
+    try:
+      return OPS[self.name].host(**self.arguments)
+    except TypeError as e:
+      raise ValueError(f"Bad arguments for preprocessing op {self.text!r}: {e}") from None
+
+  def device(self) -> Any:
+    """The device op; the op must have a device implementation."""
+    try:
+      return OPS[self.name].device(**self.arguments)
+    except (TypeError, ValueError) as e:
+      raise ValueError(f"Bad arguments for preprocessing op {self.text!r}: {e}") from None
+
+
+def _literal(node: ast.expr) -> Any:
+  value = ast.literal_eval(node)
+  return tuple(value) if isinstance(value, list) else value
+
+
+def _parse_op(text: str) -> OpCall:
   try:
-    node = ast.parse(text.strip(), mode="eval").body
+    node = ast.parse(text, mode="eval").body
   except SyntaxError as e:
     raise ValueError(f"Cannot parse preprocessing op {text!r}: {e.msg}") from None
-  name = node.func.id if isinstance(node, ast.Call) else getattr(node, "id", None)
+  call = node if isinstance(node, ast.Call) else None
+  name = getattr(call.func if call else node, "id", None)
   if name not in OPS:
-    raise ValueError(f"Unknown preprocessing op {text.strip()!r}; available: {sorted(OPS)}")
-  if not isinstance(node, ast.Call):
-    return OPS[name]()
+    raise ValueError(f"Unknown preprocessing op {text!r}; available: {sorted(OPS)}")
   try:
-    args = [ast.literal_eval(a) for a in node.args]
-    kwargs = {k.arg: ast.literal_eval(k.value) for k in node.keywords}
-  except ValueError as e:
-    raise ValueError(f"Bad arguments for preprocessing op {text.strip()!r}: {e}") from None
-  try:
-    return OPS[name](*args, **kwargs)
-  except TypeError as e:
-    raise ValueError(f"Bad arguments for preprocessing op {text.strip()!r}: {e}") from None
+    args = [_literal(a) for a in call.args] if call else []
+    kwargs = {k.arg: _literal(k.value) for k in call.keywords} if call else {}
+    bound = inspect.signature(OPS[name].host).bind(*args, **kwargs)
+  except (TypeError, ValueError) as e:
+    raise ValueError(f"Bad arguments for preprocessing op {text!r}: {e}") from None
+  bound.apply_defaults()
+  return OpCall(text, name, dict(bound.arguments))
+
+
+def parse_spec(spec: str) -> list[OpCall]:
+  """The ops of a `|`-separated spec, checked against OPS (an empty spec has none)."""
+  return [_parse_op(part.strip()) for part in spec.split("|") if part.strip()]
 
 
 def parse(spec: str) -> Op:
-  """Builds one op from a `|`-separated spec (an empty spec is the identity)."""
-  ops = [_parse_op(part) for part in spec.split("|") if part.strip()]
+  """The host op of a spec: its ops one after the other (an empty spec is the identity)."""
+  ops = [call.host() for call in parse_spec(spec)]
 
   def composed(example, rng):
     for op in ops:

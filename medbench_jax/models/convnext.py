@@ -8,7 +8,9 @@ and renames them as timm's checkpoint filter does. The reference study builds Co
 `timm.create_model(name, num_classes=...)` (plain Linear `head.fc`, no Sigmoid wrapper), so
 its domain-adapted ConvNeXt-B checkpoints are this timm layout inside its engine's
 {'lossMIN', 'state_dict', ...} wrapper, which weights/formats.py unwraps. Every LayerNorm
-has eps 1e-6; `ls_init_value=None` drops the layer scale (gamma) as in timm.
+has eps 1e-6; `ls_init_value=None` drops the layer scale (gamma) as in timm. The depthwise
+convolutions and LayerNorms are ops.py's: rewritten for XLA:CPU in programs lowered for the
+CPU, XLA's grouped convolution and reductions in those lowered for GPUs and TPUs.
 """
 
 from __future__ import annotations
@@ -50,7 +52,8 @@ class ConvNeXtBlock(nn.Module):
   @nn.compact
   def __call__(self, x: jnp.ndarray, train: bool) -> jnp.ndarray:
     dim = x.shape[-1]
-    # nn.Conv(dim, (7, 7), padding=3, feature_group_count=dim) in XLA:CPU's fast form.
+    # nn.Conv(dim, (7, 7), padding=3, feature_group_count=dim); XLA:CPU gets a faster form
+    # (ops.py), GPUs and TPUs the grouped convolution itself.
     y = ops.DepthwiseConv(7, kernel_init=_conv_init, dtype=self.dtype, name="conv_dw")(x)
     y = common.Mlp(int(self.mlp_ratio * dim), self.dtype, name="mlp")(
         _layer_norm(self.dtype, "norm")(y))

@@ -10,20 +10,37 @@ At batch 16 on 56x56x96 that is ~0.6 s forward, ~0.6 s input gradient and ~2-3 s
 gradient per layer on two cores, where the arithmetic is 0.24 GMAC each. Written as 49
 shifted multiply-adds the forward pass and the input gradient are one fused elementwise loop
 each; the kernel gradient is one fused loop over 7x7 tiles plus a small matrix product.
+
+These forms are for XLA:CPU only. GPUs and TPUs get XLA's native operations (a grouped
+convolution, reductions, a 1x1 convolution, gathers), which their compilers map to their own
+kernels and which the CPU forms would defeat (a multi-pass `Precision.HIGHEST` dot on a
+TPU, 49 elementwise passes where cuDNN has one depthwise kernel). The choice is made per
+platform when a program is lowered (`per_platform`), not when it is traced: one traced step
+lowers to the CPU form for the CPU and to the native one for `cuda`, `rocm` and `tpu`, and
+`python -m medbench_jax.bench lower` shows which operations each platform gets.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 import functools
-from typing import Any
+from typing import Any, TypeVar
 
 import flax.linen as nn
 import jax
 from jax import lax
 import jax.numpy as jnp
+import numpy as np
 
 Dtype = Any
+T = TypeVar("T")
+
+
+def per_platform(cpu: Callable[..., T], native: Callable[..., T], *args: Any) -> T:
+  """`cpu(*args)` in a program lowered for the CPU, `native(*args)` in one lowered for any
+  other platform (GPU, TPU). Both are traced; lowering keeps only the platform's own
+  (`lax.platform_dependent`), also in gradients."""
+  return lax.platform_dependent(*args, cpu=cpu, default=native)
 
 
 def _accumulation_dtype(dtype: Dtype) -> Dtype:
@@ -122,10 +139,21 @@ def _depthwise_conv_bwd(residuals, dy):
 depthwise_conv.defvjp(_depthwise_conv_fwd, _depthwise_conv_bwd)
 
 
+def depthwise_conv_native(x: jnp.ndarray, kernel: jnp.ndarray, bias: jnp.ndarray
+                          ) -> jnp.ndarray:
+  """`depthwise_conv` as XLA's grouped convolution (`feature_group_count` = C), NHWC out:
+  the form GPUs and TPUs have kernels for."""
+  pad = kernel.shape[0] // 2
+  y = lax.conv_general_dilated(x, kernel, (1, 1), ((pad, pad), (pad, pad)),
+                               dimension_numbers=("NHWC", "HWIO", "NHWC"),
+                               feature_group_count=x.shape[-1])
+  return y + bias
+
+
 class DepthwiseConv(nn.Module):
   """`nn.Conv(C, (K, K), padding=K // 2, feature_group_count=C)` for stride 1 and odd K:
-  same parameters (kernel (K, K, 1, C), bias (C,)), same names, computed by
-  `depthwise_conv`."""
+  same parameters (kernel (K, K, 1, C), bias (C,)), same names; computed by
+  `depthwise_conv` on the CPU, `depthwise_conv_native` elsewhere."""
   kernel_size: int
   kernel_init: Callable = nn.initializers.lecun_normal()
   bias_init: Callable = nn.initializers.zeros
@@ -142,18 +170,47 @@ class DepthwiseConv(nn.Module):
                         (self.kernel_size, self.kernel_size, 1, channels), self.param_dtype)
     bias = (self.param("bias", self.bias_init, (channels,), self.param_dtype)
             if self.use_bias else jnp.zeros((channels,), self.param_dtype))
-    y = depthwise_conv(x.astype(self.dtype), kernel.astype(self.dtype), bias.astype(self.dtype))
-    return y.reshape(x.shape)
+    return per_platform(lambda *a: depthwise_conv(*a).reshape(x.shape), depthwise_conv_native,
+                        x.astype(self.dtype), kernel.astype(self.dtype), bias.astype(self.dtype))
 
 
-class LayerNorm(nn.Module):
-  """torch.nn.LayerNorm over the last axis with two-pass variance, as common.layer_norm,
-  whose parameters (scale, bias) it has; the statistics are matrix-vector products.
+def layer_norm_cpu(x: jnp.ndarray, scale: jnp.ndarray, bias: jnp.ndarray, epsilon: float,
+                   dtype: Dtype) -> jnp.ndarray:
+  """LayerNorm over the last axis, two-pass variance, statistics by matrix-vector products,
+  computed in at least float32 (and x's precision) and returned in `dtype`.
 
   XLA:CPU hands a LayerNorm's reductions to a reduce kernel that pulls the elementwise
   producers of its input in with it; a 7x7 depthwise conv before it then gets its 49
   shifted inputs materialized one by one. A dot reads its input as it is.
   """
+  features = x.shape[-1]
+  acc = _accumulation_dtype(x.dtype)
+  tokens = _tokens(x).astype(acc)
+  # A (C, 1) matrix, not a vector: XLA:CPU inlines small matrix-vector products into
+  # their producers' loops, which would recompute the input.
+  average = jnp.full((features, 1), 1.0 / features, acc)
+  mean = jnp.dot(tokens, average, precision=lax.Precision.HIGHEST)
+  centred = tokens - mean
+  var = jnp.dot(centred * centred, average, precision=lax.Precision.HIGHEST)
+  y = centred * lax.rsqrt(var + epsilon) * scale.astype(acc) + bias.astype(acc)
+  return y.astype(dtype).reshape(x.shape)
+
+
+def layer_norm_native(x: jnp.ndarray, scale: jnp.ndarray, bias: jnp.ndarray, epsilon: float,
+                      dtype: Dtype) -> jnp.ndarray:
+  """`layer_norm_cpu` with reductions, as nn.LayerNorm(use_fast_variance=False) computes."""
+  acc = _accumulation_dtype(x.dtype)
+  x32 = x.astype(acc)
+  centred = x32 - jnp.mean(x32, axis=-1, keepdims=True)
+  var = jnp.mean(centred * centred, axis=-1, keepdims=True)
+  y = centred * lax.rsqrt(var + epsilon) * scale.astype(acc) + bias.astype(acc)
+  return y.astype(dtype)
+
+
+class LayerNorm(nn.Module):
+  """torch.nn.LayerNorm over the last axis with two-pass variance, as common.layer_norm,
+  whose parameters (scale, bias) it has: `layer_norm_cpu` on the CPU, `layer_norm_native`
+  elsewhere."""
   epsilon: float = 1e-6
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
@@ -163,24 +220,32 @@ class LayerNorm(nn.Module):
     features = x.shape[-1]
     scale = self.param("scale", nn.initializers.ones, (features,), self.param_dtype)
     bias = self.param("bias", nn.initializers.zeros, (features,), self.param_dtype)
-    acc = _accumulation_dtype(x.dtype)
-    tokens = _tokens(x).astype(acc)
-    # A (C, 1) matrix, not a vector: XLA:CPU inlines small matrix-vector products into
-    # their producers' loops, which would recompute the input.
-    average = jnp.full((features, 1), 1.0 / features, acc)
-    mean = jnp.dot(tokens, average, precision=lax.Precision.HIGHEST)
-    centred = tokens - mean
-    var = jnp.dot(centred * centred, average, precision=lax.Precision.HIGHEST)
-    y = centred * lax.rsqrt(var + self.epsilon) * scale.astype(acc) + bias.astype(acc)
-    return y.astype(self.dtype).reshape(x.shape)
+    return per_platform(
+        functools.partial(layer_norm_cpu, epsilon=self.epsilon, dtype=self.dtype),
+        functools.partial(layer_norm_native, epsilon=self.epsilon, dtype=self.dtype),
+        x, scale, bias)
+
+
+def pointwise_conv_cpu(x: jnp.ndarray, kernel: jnp.ndarray, stride: int) -> jnp.ndarray:
+  """A 1x1 convolution (kernel (1, 1, C_in, C_out), no padding) with stride as a matrix
+  product over the subsampled pixels. XLA:CPU computes a convolution's kernel gradient with
+  transposed copies of both activations; as a matrix product all three are plain GEMMs
+  (~4x faster forward and backward for ResNet-50's 1x1 layers)."""
+  x = x[:, ::stride, ::stride]
+  y = jnp.dot(_tokens(x), kernel.reshape(kernel.shape[-2:]))
+  return y.reshape(*x.shape[:-1], kernel.shape[-1])
+
+
+def pointwise_conv_native(x: jnp.ndarray, kernel: jnp.ndarray, stride: int) -> jnp.ndarray:
+  """`pointwise_conv_cpu` as XLA's convolution."""
+  return lax.conv_general_dilated(x, kernel, (stride, stride), "VALID",
+                                  dimension_numbers=("NHWC", "HWIO", "NHWC"))
 
 
 class PointwiseConv(nn.Module):
   """A bias-free 1x1 convolution with stride, as `nn.Conv(features, (1, 1), stride)` with
-  no padding (same kernel (1, 1, C_in, C_out)), computed as a matrix product over the
-  (subsampled) pixels. XLA:CPU computes a convolution's kernel gradient with transposed
-  copies of both activations; as a matrix product all three are plain GEMMs (~4x faster
-  forward and backward for ResNet-50's 1x1 layers)."""
+  no padding (same kernel (1, 1, C_in, C_out)): `pointwise_conv_cpu` on the CPU,
+  `pointwise_conv_native` elsewhere."""
   features: int
   stride: int = 1
   kernel_init: Callable = nn.initializers.lecun_normal()
@@ -192,7 +257,63 @@ class PointwiseConv(nn.Module):
     channels = x.shape[-1]
     kernel = self.param("kernel", self.kernel_init, (1, 1, channels, self.features),
                         self.param_dtype)
-    x = x[:, ::self.stride, ::self.stride].astype(self.dtype)
-    y = jnp.dot(_tokens(x), kernel.reshape(channels, self.features).astype(self.dtype))
-    return y.reshape(*x.shape[:-1], self.features)
+    return per_platform(functools.partial(pointwise_conv_cpu, stride=self.stride),
+                        functools.partial(pointwise_conv_native, stride=self.stride),
+                        x.astype(self.dtype), kernel.astype(self.dtype))
 
+
+def _repeat_factor(matrix: np.ndarray) -> int | None:
+  """f where `matrix` (out, in) repeats each input f times (out = f * in), else None."""
+  out_size, in_size = matrix.shape
+  factor = out_size // in_size
+  if out_size != factor * in_size:
+    return None
+  repeat = np.eye(in_size)[np.arange(out_size) // factor]
+  return factor if np.array_equal(matrix, repeat) else None
+
+
+def resample_cpu(x: jnp.ndarray, axis: int, matrix: np.ndarray, nearest: bool = False
+                 ) -> jnp.ndarray:
+  """out[..., o, ...] = sum_i matrix[o, i] x[..., i, ...] along `axis`: a repeat (broadcast
+  and reshape) where a `nearest` matrix repeats pixels, else a matrix product. Not a gather: XLA
+  differentiates gathers into scatters, slow on CPU (a train step's 2x bilinear upsampling
+  runs 2.5x faster this way, 2x nearest as a repeat 40x)."""
+  factor = _repeat_factor(matrix) if nearest else None
+  if factor is not None:
+    return jnp.repeat(x, factor, axis=axis)
+  y = jnp.tensordot(x, jnp.asarray(matrix.T, x.dtype), axes=([axis], [0]))
+  return jnp.moveaxis(y, -1, axis)
+
+
+def resample_native(x: jnp.ndarray, axis: int, matrix: np.ndarray) -> jnp.ndarray:
+  """`resample_cpu` as gathers of the (at most two) input pixels of each output pixel and
+  their weighted sum, as nearest and linear resizing index them (one gather where every
+  weight is 1)."""
+  nonzero = matrix != 0
+  if (nonzero.sum(axis=1) > 2).any():
+    raise ValueError("resample_native takes interpolation matrices with at most two "
+                     "non-zero weights per output.")
+  first = nonzero.argmax(axis=1)
+  last = matrix.shape[1] - 1 - nonzero[:, ::-1].argmax(axis=1)
+  rows = np.arange(matrix.shape[0])
+  shape = [1] * x.ndim
+  shape[axis] = -1
+
+  def weights(w: np.ndarray) -> jnp.ndarray:
+    return jnp.asarray(w.reshape(shape), x.dtype)
+
+  y = jnp.take(x, first, axis=axis, mode="clip")
+  if np.array_equal(first, last) and np.all(matrix[rows, first] == 1):
+    return y  # nearest: one pixel each
+  second = np.where(last != first, matrix[rows, last], 0.0)
+  return (y * weights(matrix[rows, first])
+          + jnp.take(x, last, axis=axis, mode="clip") * weights(second))
+
+
+def resample(x: jnp.ndarray, axis: int, matrix: np.ndarray, nearest: bool = False
+             ) -> jnp.ndarray:
+  """out[..., o, ...] = sum_i matrix[o, i] x[..., i, ...] along `axis`, for a fixed (out,
+  in) interpolation matrix with at most two non-zero weights per row (`nearest`: one-hot
+  rows; else linear): `resample_cpu` on the CPU, `resample_native` elsewhere."""
+  return per_platform(functools.partial(resample_cpu, axis=axis, matrix=matrix, nearest=nearest),
+                      functools.partial(resample_native, axis=axis, matrix=matrix), x)

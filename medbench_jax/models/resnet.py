@@ -13,7 +13,7 @@ Two ways of widening share the code:
     conversions in use: tonylins/simclr-converter (v1; torchvision keys, {'state_dict': ...})
     and Separius/SimCLRv2-Pytorch (v2 without selective kernels, r50_1x/2x_sk0; its own
     `net.S...` keys, {'resnet': ..., 'head': ...}). SimCLR models take RGB in [0, 1] without
-    mean/std normalisation, as their pretrained config says. Both converters pad the stem
+    mean/std normalization, as their pretrained config says. Both converters pad the stem
     max pool as torchvision does (1, 1), where TF's 'SAME' pads (0, 1): we follow the
     PyTorch checkpoints.
 

@@ -368,6 +368,9 @@ _register("swin_large_patch4_window12_384", crop_pct=1.0, img_size=384, window_s
 # CPU-sized variant for tests and demos: no published weights exist, random init only.
 _register("swin_demo_patch4_window4_128", img_size=128, window_size=4,
           embed_dim=48, depths=(2, 2, 2, 2), num_heads=(2, 4, 8, 16))
-# The same at 96 px without stochastic depth: the default CPU demo (configs/swin.py).
+# The same at 96 px without stochastic depth.
 _register("swin_demo_patch4_window4_96", img_size=96, window_size=4, drop_path_rate=0.0,
+          embed_dim=48, depths=(2, 2, 2, 2), num_heads=(2, 4, 8, 16))
+# And at 64 px: the default CPU demo (configs/swin.py).
+_register("swin_demo_patch4_window4_64", img_size=64, window_size=4, drop_path_rate=0.0,
           embed_dim=48, depths=(2, 2, 2, 2), num_heads=(2, 4, 8, 16))

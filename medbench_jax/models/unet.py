@@ -106,13 +106,15 @@ class UNet(decoders.SegmentationModel):
     return x.astype(jnp.float32)
 
 
-_ENCODER_FAMILIES = (  # (registered names, whether the encoder has a stride-2 map)
-    (r"resnet\d+", True),
-    (r"densenet\d+", True),
-    (r"convnext_\w+", False),
-)
+# The encoders a UNet decodes, by registered name: whether the encoder has a stride-2 map
+# (the decoder's stem skip; ConvNeXt's patchify stem starts at stride 4).
+_STEM_SKIP_BY_ENCODER = {
+    r"resnet\d+": True,
+    r"densenet\d+": True,
+    r"convnext_\w+": False,
+}
 
 for _encoder in registry.list_models():
-  for _pattern, _stem_skip in _ENCODER_FAMILIES:
+  for _pattern, _stem_skip in _STEM_SKIP_BY_ENCODER.items():
     if re.fullmatch(_pattern, _encoder):
       decoders.register(f"unet_{_encoder}", _encoder, UNet, stem_skip=_stem_skip)

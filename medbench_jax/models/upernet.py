@@ -105,7 +105,7 @@ class Lateral(nn.Module):
 
 class UPerNetDecoder(nn.Module):
   """smp's UPerNetDecoder on four maps (strides 4 to 32). Returns the fused stride-4 map
-  and the normalised encoder maps (the auxiliary head reads one)."""
+  and the encoder maps after their LayerNorms (the auxiliary head reads one)."""
   channels: int = 256
   dtype: decoders.Dtype = jnp.float32
 
@@ -196,14 +196,16 @@ def _vit_neck_scales(encoder: str) -> tuple[float, ...]:
   return tuple(patch / stride for stride in (4, 8, 16, 32))
 
 
-_ENCODER_FAMILIES = (  # (registered names, whether the encoder is plain and needs the neck)
-    (r"swin_\w+", False),
-    (r"convnext_\w+", False),
-    (r"vit_\w+", True),
-)
+# The encoders an UperNet decodes, by registered name: whether the encoder is plain (one
+# stride, as ViT) and needs the neck that makes its feature pyramid.
+_NEEDS_NECK_BY_ENCODER = {
+    r"swin_\w+": False,
+    r"convnext_\w+": False,
+    r"vit_\w+": True,
+}
 
 for _encoder in registry.list_models():
-  for _pattern, _plain in _ENCODER_FAMILIES:
+  for _pattern, _needs_neck in _NEEDS_NECK_BY_ENCODER.items():
     if re.fullmatch(_pattern, _encoder):
       decoders.register(f"upernet_{_encoder}", _encoder, UperNet, auxiliary_heads=(AUX_HEAD,),
-                        neck_scales=_vit_neck_scales(_encoder) if _plain else None)
+                        neck_scales=_vit_neck_scales(_encoder) if _needs_neck else None)

@@ -200,7 +200,7 @@ def convert_timm(state_dict: Mapping[str, np.ndarray],
   return common.convert_torch_state_dict(state_dict)
 
 
-# timm's default tags of these names (augreg / orig in21k, Google's JAX training) normalise
+# timm's default tags of these names (augreg / orig in21k, Google's JAX training) normalize
 # with mean = std = 0.5; DINO, MAE and MoCo v3 weights use ImageNet's mean/std instead.
 _CFG = dict(mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5), crop_pct=0.9, interpolation="bicubic",
             head_init=common.TRUNC_NORMAL_HEAD)

@@ -12,9 +12,12 @@
   probe.py            frozen features of candidate models on a task, scored before
                       fine-tuning: `python -m medbench_jax.probe`
   sweep.py            sweep files' grids and chains; a sweep's plan, states, sweep.json
-  sweep_local.py      runs a sweep's points here, one at a time or on disjoint devices
-  sweep_slurm.py      job arrays per dependency wave through submitit
-  sweep_tpu.py        each point over a TPU VM or pod slice (launch/tpu.sh)
+  slots.py            where points run: a device (GPU, TPU chip) each by default, per
+                      backend, and the environment of each point's process
+  planner.py          a sweep's expected device-hours and wall time (its dry run)
+  sweep_local.py      runs a sweep's points here, on this machine's slots
+  sweep_slurm.py      job arrays per dependency wave through submitit, a point per GPU
+  sweep_tpu.py        a point per chip of a TPU VM or pod slice (launch/tpu.sh)
   sweep_catalog.py    the study's checkpoints (files, URLs) and target data sets
 
 Apart from probe.py, nothing here imports JAX, the models or the trainer at import time:

@@ -23,7 +23,6 @@ Letters 21(11), 2014): midranks instead of the O(mn) placement values.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 import dataclasses
 import math
 import pathlib
@@ -34,16 +33,14 @@ import scipy.stats
 
 from medbench_jax.study import runs
 from medbench_jax.study import stats
+from medbench_jax.tasks import metrics
 
 _ARRAYS = {"classification": ("labels", "probs"),
            "segmentation": ("intersection", "prediction_sum", "target_sum")}
-_RESAMPLE_CHUNK = 100  # resamples held in memory at once: (chunk, N) counts
 # Mismatch between a metric recomputed here and results.json's that is worth a line.
 _TOLERANCE = 1e-4
 
-# A statistic maps resampling counts (B, N) -- how often each example is drawn -- to
-# the metric of each of the B resamples; all-ones counts give the full-set value.
-Statistic = Callable[[np.ndarray], np.ndarray]
+Statistic = metrics.Statistic
 
 
 def predictions_path(workdir: str | pathlib.Path, trial: int) -> pathlib.Path:
@@ -140,26 +137,9 @@ def statistic(task: str, metric: str, arrays: dict[str, np.ndarray]) -> Statisti
   return pooled
 
 
-def bootstrap(stat: Statistic, num_examples: int, num_resamples: int = 1000,
-              seed: int = 0) -> np.ndarray:
-  """`stat` on `num_resamples` resamples (with replacement) of the examples."""
-  rng = np.random.default_rng(seed)
-  values = []
-  for start in range(0, num_resamples, _RESAMPLE_CHUNK):
-    size = min(_RESAMPLE_CHUNK, num_resamples - start)
-    draws = rng.integers(0, num_examples, size=(size, num_examples))
-    offsets = (np.arange(size) * num_examples)[:, None]
-    counts = np.bincount((draws + offsets).ravel(), minlength=size * num_examples)
-    values.append(stat(counts.reshape(size, num_examples).astype(np.int32)))
-  return np.concatenate(values)
-
-
-def percentile_interval(values: np.ndarray, level: float = 0.95) -> tuple[float, float]:
-  values = values[~np.isnan(values)]
-  if not values.size:
-    return math.nan, math.nan
-  low, high = np.quantile(values, [(1 - level) / 2, (1 + level) / 2])
-  return float(low), float(high)
+# The resampling is shared with the operating points a trial records (tasks/metrics.py).
+bootstrap = metrics.bootstrap
+percentile_interval = metrics.percentile_interval
 
 
 def _full_set_value(stat: Statistic, num_examples: int) -> float:

@@ -12,7 +12,7 @@ built with their default architecture.
 Features are extracted from the training split (the label-fraction subset the run would
 train on; `max_examples` caps it with a `config.seed`-seeded random choice, the same for
 every candidate) with the deterministic evaluation preprocessing (`input.pp_eval`) and the
-run's normalisation, in batches of `input.eval_batch_size` over all devices:
+run's normalization, in batches of `input.eval_batch_size` over all devices:
   classification  the pooled features (models.create(name, 0)); targets the label
                   columns (multi-label as given, one-hot classes of multi-class sets);
   segmentation    features at `pixels_per_image` sampled pixels per image: the stride-8

@@ -152,7 +152,7 @@ def _ranks_sections(writer: _Writer, summary: pd.DataFrame, alpha: float) -> Non
 
 def _probe_section(writer: _Writer, probe: pd.DataFrame, summary: pd.DataFrame) -> None:
   labels = tables.readable_inits([*summary["init"], *probe["init"]])
-  merged = probe.merge(summary[[*runs.KEY_COLUMNS, "mean", "std", "n"]],
+  merged = probe.merge(summary[[*runs.KEY_COLUMNS, "mean", "std", "std_paper", "n"]],
                        on=list(runs.KEY_COLUMNS), how="left")
   merged["init_label"] = merged["init"].map(labels)
   writer.csv(merged.drop(columns="init_label"), "probe.csv")
@@ -166,7 +166,7 @@ def _probe_section(writer: _Writer, probe: pd.DataFrame, summary: pd.DataFrame) 
     fine_tuned = [tables.format_cell(r) if not pd.isna(r["mean"])
                   else "— (no run)" for _, r in rows.iterrows()]
     writer.add(tables.markdown_table(
-        ["model", "init", "LogME", "linear probe AUC", "fine-tuned mean ± std (n)"],
+        ["model", "init", "LogME", "linear probe AUC", f"fine-tuned {tables.CELLS}"],
         [[r["model"], r["init_label"], tables.format_value(r["logme"]),
           tables.format_value(r["linear_probe"]), cell]
          for (_, r), cell in zip(rows.iterrows(), fine_tuned)]), "")
@@ -278,7 +278,9 @@ def build(runs_dir: str | pathlib.Path, out_dir: str | pathlib.Path, *,
   writer.add(f"# Report: {collection.root.name}", "",
              f"{len(collection.runs)} runs, {len(trials)} trials below `{collection.root}`. "
              f"Baseline: {baseline_text}.", "",
-             "Cells: mean ± sample standard deviation (ddof=1) over trials (n; n/m where m "
+             "Cells: mean ± sample standard deviation (ddof=1) over trials, in brackets the "
+             "population standard deviation (ddof=0) that the paper's tables print (its "
+             "np.std), to compare with them (n; n/m where m "
              f"were asked). Against the baseline of the same setting: `*` p < {alpha:g}, "
              f"`†` Holm-adjusted p < {alpha:g}, `‡` Benjamini-Hochberg-adjusted p < "
              f"{alpha:g}, corrections over each table's tests; **bold**: the baseline.", "")

@@ -1,6 +1,6 @@
 """Finds a sweep's runs, their trials, and everything wrong with them.
 
-A run is a workdir holding `results.json` (DESIGN.md). Below a sweep root the runs are
+A run is a workdir holding `results.json` (docs/architecture.md). Below a sweep root the runs are
 every results.json found, together with the points of `sweep.json` where the sweep
 runner wrote one. A point whose workdir has no results.json is listed as failed,
 blocked or running when its `status.json` says so (with its reason), else as missing

@@ -46,8 +46,8 @@ from typing import Any
 from etils import epath
 import ml_collections
 
-from medbench_jax import config_checks
 from medbench_jax import config_lib
+from medbench_jax import paths
 
 # A workdir is: done (results.json), resumable (a checkpoint or a finished trial), new, or
 # blocked (a dependency failed or is blocked).
@@ -349,6 +349,10 @@ def validate_apart_from_devices(config: ml_collections.ConfigDict) -> None:
   A point runs on devices the planner does not hold (a local slot, a SLURM allocation, a
   TPU slice); main checks config.mesh.fsdp against them when the point starts.
   """
+  # Here, not at module level: checking a config imports the models and JAX, which the
+  # sweep driver and its backends otherwise never need.
+  from medbench_jax import config_checks
+
   fsdp = config.mesh.fsdp
   config_lib.check(isinstance(fsdp, int) and fsdp >= 1, "mesh.fsdp", fsdp,
                    "a positive integer")
@@ -389,6 +393,12 @@ def plan(sweep: Sweep, root: str | os.PathLike, *, source: str = "",
                      "\n  ".join(errors[:_MAX_ERRORS]) + (f"\n  ... and {more} more" if
                                                           more > 0 else ""))
   return Plan(sweep.name, source, root, tuple(planned))
+
+
+def configs(plan_: Plan) -> dict[str, ml_collections.ConfigDict]:
+  """Each point's resolved config (what main will run), by point name."""
+  loader = _ConfigLoader()
+  return {point.name: loader.resolved(point) for point in plan_.points}
 
 
 # Keys of config.dataset that choose training labels from a prepared set, not the set.
@@ -447,9 +457,7 @@ def write_status(workdir: epath.Path, state: str, reason: str = "", **fields: An
   workdir.mkdir(parents=True, exist_ok=True)
   status = {"state": state, "reason": reason, "host": socket.gethostname(),
             "time": datetime.datetime.now().isoformat(timespec="seconds"), **fields}
-  tmp = workdir / (STATUS_FILE + ".tmp")
-  tmp.write_text(json.dumps(status, indent=2))
-  tmp.replace(workdir / STATUS_FILE)
+  paths.write_atomic(workdir / STATUS_FILE, json.dumps(status, indent=2))
 
 
 def outcome_on_disk(workdir: epath.Path) -> str:
@@ -554,6 +562,4 @@ def sweep_json(plan_: Plan, command: Sequence[str] = ()) -> dict[str, Any]:
 
 def write_sweep_json(plan_: Plan, command: Sequence[str] = ()) -> None:
   plan_.root.mkdir(parents=True, exist_ok=True)
-  tmp = plan_.root / (SWEEP_FILE + ".tmp")
-  tmp.write_text(json.dumps(sweep_json(plan_, command), indent=2))
-  tmp.replace(plan_.root / SWEEP_FILE)
+  paths.write_atomic(plan_.root / SWEEP_FILE, json.dumps(sweep_json(plan_, command), indent=2))

@@ -111,7 +111,7 @@ CHECKPOINTS: dict[tuple[str, str], Checkpoint] = {
         "resnet50", "pcl/PCL_v2_epoch200.pth.tar",
         "https://storage.googleapis.com/sfr-pcl-data-research/PCL_checkpoint/"
         "PCL_v2_epoch200.pth.tar", "ImageNet-1K, PCL-v2"),
-    # SimCLR's ResNet-50 (1x) takes unnormalised [0, 1] inputs: registered as resnet50x1.
+    # SimCLR's ResNet-50 (1x) takes unnormalized [0, 1] inputs: registered as resnet50x1.
     ("resnet50x1", "simclr_v1"): Checkpoint(
         "resnet50x1", "simclr/resnet50-1x.pth",
         "https://storage.cloud.google.com/simclr-gcs/checkpoints/ResNet50_1x.zip",

@@ -9,11 +9,9 @@ SIGTERM or Ctrl-C stops the sweep: running points get SIGTERM, save their state 
 with status 75 (preempted); a second signal kills them. Rerunning the same command skips
 finished points and resumes the others.
 
-Devices for `--parallel=N` (the visible devices split into N equal groups):
-  GPU  CUDA_VISIBLE_DEVICES per run;
-  TPU  TPU_VISIBLE_CHIPS (and the bounds and ports a process on part of a TPU VM needs);
-  CPU  XLA's simulated devices (--xla_force_host_platform_device_count) split the same
-       way, and the CPU cores split between the runs (affinity).
+Where points run is medbench_jax/study/slots.py's: one per GPU or TPU chip of this
+machine by default (`--devices_per_point=K` for more each, `--parallel=N` at most N at
+once), one at a time on the CPU unless `--parallel=N` splits its cores.
 Child processes share main's persistent JAX compilation cache (under MEDBENCH_CACHE,
 default ~/.cache/medbench_jax/xla), so a model compiles once per sweep.
 """
@@ -23,11 +21,8 @@ from __future__ import annotations
 import collections
 from collections.abc import Callable, Iterator, Mapping, Sequence
 import contextlib
-import dataclasses
 import datetime
-import glob
 import os
-import re
 import shlex
 import signal
 import subprocess
@@ -38,105 +33,10 @@ from typing import Any
 
 from etils import epath
 
+from medbench_jax.study import slots as slots_lib
 from medbench_jax.study import sweep as sweep_lib
 
-_XLA_DEVICES = re.compile(r"--xla_force_host_platform_device_count=(\d+)")
-# TPU_CHIPS_PER_PROCESS_BOUNDS for a process holding part of a TPU VM's chips.
-_TPU_BOUNDS = {1: "1,1,1", 2: "1,2,1", 4: "2,2,1"}
-_TPU_FIRST_PORT = 8476
 _POLL_S = 0.5
-
-
-# ---------------------------------------------------------------------- devices
-
-
-@dataclasses.dataclass(frozen=True)
-class Slot:
-  """Where one of the parallel runs goes: environment, CPU cores, a description."""
-  env: dict[str, str]
-  cores: tuple[int, ...] = ()
-  description: str = "all devices"
-
-
-def _split(items: Sequence[Any], parts: int, what: str) -> list[list[Any]]:
-  if len(items) < parts:
-    raise ValueError(f"--parallel={parts} needs at least {parts} {what}; found {len(items)}")
-  size = len(items) // parts
-  return [list(items[i * size:(i + 1) * size]) for i in range(parts)]
-
-
-def _gpu_ids(environ: Mapping[str, str]) -> list[str]:
-  visible = environ.get("CUDA_VISIBLE_DEVICES")
-  if visible is not None:
-    return [d for d in visible.split(",") if d.strip() and d.strip() != "-1"]
-  try:
-    out = subprocess.run(["nvidia-smi", "--query-gpu=index", "--format=csv,noheader"],
-                         capture_output=True, text=True, timeout=30, check=True).stdout
-  except (OSError, subprocess.SubprocessError):
-    return []
-  return [line.strip() for line in out.splitlines() if line.strip()]
-
-
-def _tpu_chips() -> list[str]:
-  accel = sorted(glob.glob("/dev/accel[0-9]*"), key=lambda p: int(re.sub(r"\D", "", p)))
-  vfio = sorted(glob.glob("/dev/vfio/[0-9]*"), key=lambda p: int(os.path.basename(p)))
-  return [str(i) for i in range(len(accel or vfio))]
-
-
-def detect_platform(environ: Mapping[str, str] = os.environ) -> str:
-  """gpu, tpu or cpu: what this machine's runs will use."""
-  if _gpu_ids(environ):
-    return "gpu"
-  if _tpu_chips():
-    return "tpu"
-  return "cpu"
-
-
-def device_slots(parallel: int, platform: str = "auto",
-                 environ: Mapping[str, str] = os.environ) -> list[Slot]:
-  """`parallel` slots on disjoint devices of `platform` (auto: detected)."""
-  if parallel < 1:
-    raise ValueError(f"--parallel={parallel} must be at least 1")
-  if parallel == 1:
-    return [Slot({})]
-  platform = detect_platform(environ) if platform == "auto" else platform
-  slots = []
-  if platform == "gpu":
-    for ids in _split(_gpu_ids(environ), parallel, "GPUs"):
-      slots.append(Slot({"CUDA_VISIBLE_DEVICES": ",".join(ids)},
-                        description=f"GPU {','.join(ids)}"))
-  elif platform == "tpu":
-    for i, chips in enumerate(_split(_tpu_chips(), parallel, "TPU chips")):
-      if len(chips) not in _TPU_BOUNDS:
-        raise ValueError(f"--parallel={parallel} gives {len(chips)} TPU chips per run; "
-                         f"a process can hold {sorted(_TPU_BOUNDS)} chips of a TPU VM")
-      port = str(_TPU_FIRST_PORT + i)
-      visible = ",".join(chips)
-      slots.append(Slot({
-          "TPU_VISIBLE_CHIPS": visible, "TPU_VISIBLE_DEVICES": visible,
-          "TPU_CHIPS_PER_PROCESS_BOUNDS": _TPU_BOUNDS[len(chips)],
-          "TPU_PROCESS_BOUNDS": "1,1,1", "TPU_PROCESS_PORT": port,
-          "TPU_PROCESS_ADDRESSES": f"localhost:{port}", "CLOUD_TPU_TASK_ID": "0",
-          "TPU_MESH_CONTROLLER_ADDRESS": f"localhost:{port}",
-          "TPU_MESH_CONTROLLER_PORT": port}, description=f"TPU chips {visible}"))
-  elif platform == "cpu":
-    # Simulated devices are not shared between processes; the cores are.
-    flags = environ.get("XLA_FLAGS", "")
-    match = _XLA_DEVICES.search(flags)
-    per_run = max(1, (int(match.group(1)) if match else 1) // parallel)
-    other_flags = _XLA_DEVICES.sub("", flags).strip()
-    cores = sorted(os.sched_getaffinity(0))
-    core_groups = (_split(cores, parallel, "cores") if len(cores) >= parallel
-                   else [cores] * parallel)
-    for own_cores in core_groups:
-      slots.append(Slot(
-          {"XLA_FLAGS": f"{other_flags} --xla_force_host_platform_device_count={per_run}"
-                        .strip()},
-          cores=tuple(own_cores),
-          description=f"{per_run} CPU device(s), cores {','.join(map(str, own_cores))}"))
-  else:
-    raise ValueError(f"Unknown platform {platform!r}; allowed: auto, gpu, tpu, cpu")
-  return slots
 
 
 def child_env(slot_env: Mapping[str, str], environ: Mapping[str, str] = os.environ
@@ -152,7 +52,9 @@ def child_env(slot_env: Mapping[str, str], environ: Mapping[str, str] = os.envir
 # ---------------------------------------------------------------------- one attempt
 
 
-def main_command(point: sweep_lib.PlannedPoint) -> list[str]:
+def main_command(point: sweep_lib.PlannedPoint, slot: slots_lib.Slot | None = None) -> list[str]:
+  """medbench_jax.main for `point` in this Python (the slot's devices are in its env)."""
+  del slot
   return [sys.executable, "-m", "medbench_jax.main", *point.main_args()]
 
 
@@ -256,12 +158,14 @@ class _Stop:
         signal.signal(s, handler)
 
 
-def run(plan: sweep_lib.Plan, slots: Sequence[Slot], *,
-        command: Callable[[sweep_lib.PlannedPoint], list[str]] = main_command,
+def run(plan: sweep_lib.Plan, slots: Sequence[slots_lib.Slot], *,
+        command: Callable[[sweep_lib.PlannedPoint, slots_lib.Slot], list[str]] = main_command,
         environ: Mapping[str, str] = os.environ,
         out: Callable[[str], None] = lambda s: print(s, flush=True)) -> dict[str, str]:
-  """Runs every unfinished point of `plan`, at most len(slots) at once; returns the
-  outcome per point name (done, failed, blocked, preempted, or new if never started)."""
+  """Runs every unfinished point of `plan`, at most len(slots) at once, each with the
+  command `command(point, slot)`; returns the outcome per point name (done, failed,
+  blocked, preempted, or new if never started). A slot on a remote host (slot.worker)
+  keeps its environment for the remote process: the command carries it there."""
   outcome: dict[str, str] = {}
   pending = []
   for point in plan.points:
@@ -289,7 +193,8 @@ def run(plan: sweep_lib.Plan, slots: Sequence[Slot], *,
         elif all(outcome.get(d) == sweep_lib.DONE for d in point.depends_on):
           slot = slots[free[0]]
           started += 1
-          running[free[0]] = Attempt(point, command(point), child_env(slot.env, environ),
+          env = child_env(slot.env if slot.worker is None else {}, environ)
+          running[free[0]] = Attempt(point, command(point, slot), env,
                                      cores=slot.cores, status_fields={"slot": slot.description})
           pending.remove(point)
           out(f"[{started}/{total}] started {point.name} ({slot.description}); log: "

@@ -8,13 +8,17 @@ finish marks its point blocked (status.json) instead of running it. Before wave 
 one-task job prepares each data set once, so that parallel tasks do not all prepare
 the same one.
 
-A point may span several nodes (`--slurm=nodes=2`): every SLURM task runs
-medbench_jax.main and they join through jax.distributed. With one task per GPU
-(`tasks_per_node` = `gpus_per_node`, the default) main gets `--multiprocess`, and JAX
-reads SLURM_JOB_ID, SLURM_STEP_NODELIST, SLURM_NTASKS, SLURM_PROCID and SLURM_LOCALID
-(each process takes the GPU of its local rank). With one task per node
-(`tasks_per_node=1`), each process keeps all its node's GPUs: main gets the coordinator
-(first node), process count and id explicitly. Rank 0 writes the point's log and status.
+Slots (study/slots.py): `--slurm=nodes=N --slurm=gpus_per_node=G` is the allocation the
+sweep may fill, N nodes of G GPUs; each array task is one point on K GPUs
+(`--devices_per_point=K`, default 1), so N*G/K tasks run at once (the array's
+`slurm_array_parallelism`, unless given). A point of K <= G GPUs is one process on one
+node that sees its K GPUs. A point of K > G GPUs (a multiple of G) spans K/G nodes: every
+SLURM task runs medbench_jax.main and they join through jax.distributed. With one task
+per GPU (`tasks_per_node` = G, the default there) main gets `--multiprocess`, and JAX reads
+SLURM_JOB_ID, SLURM_STEP_NODELIST, SLURM_NTASKS, SLURM_PROCID and SLURM_LOCALID (each
+process takes the GPU of its local rank). With one task per node (`tasks_per_node=1`),
+each process keeps all its node's GPUs: main gets the coordinator (first node), process
+count and id explicitly. Rank 0 writes the point's log and status.
 
 On a timeout submitit signals the job (USR2, 90 s ahead); the running point gets SIGTERM,
 saves its state and the job is requeued, resuming where it stopped.
@@ -35,12 +39,12 @@ import subprocess
 import sys
 from typing import Any
 
+from medbench_jax.study import slots as slots_lib
 from medbench_jax.study import sweep as sweep_lib
 from medbench_jax.study import sweep_local
 
-# Defaults for update_parameters: one process per GPU, a day per job.
-DEFAULTS = {"nodes": 1, "gpus_per_node": 1, "timeout_min": 24 * 60,
-            "slurm_array_parallelism": 64}
+# Defaults for update_parameters: a day per job.
+DEFAULTS = {"timeout_min": 24 * 60}
 _SAVE_WAIT_S = 120  # how long a preempted point may take to save before the job requeues
 
 
@@ -134,23 +138,63 @@ def waves(points: Sequence[sweep_lib.PlannedPoint]) -> list[list[sweep_lib.Plann
   return grouped
 
 
-def parse_parameters(items: Sequence[str]) -> dict[str, Any]:
-  """`KEY=VALUE` strings -> submitit update_parameters (numbers as numbers)."""
-  parameters = dict(DEFAULTS)
+@dataclasses.dataclass(frozen=True)
+class Allocation:
+  """What the sweep may fill (nodes x gpus_per_node) and what each array task asks for
+  (`parameters`, submitit's update_parameters for one point of devices_per_point GPUs)."""
+  nodes: int
+  gpus_per_node: int
+  devices_per_point: int
+  parameters: dict[str, Any]
+
+  def slots(self) -> list[slots_lib.Slot]:
+    if not self.gpus_per_node:
+      return [slots_lib.Slot({}, host=f"node {i}", description=f"CPU node {i}")
+              for i in range(self.nodes)]
+    return slots_lib.slurm_slots(self.nodes, self.gpus_per_node, self.devices_per_point)
+
+
+def parse_parameters(items: Sequence[str], devices_per_point: int = 1) -> Allocation:
+  """`KEY=VALUE` strings (numbers as numbers) -> the allocation and each task's submitit
+  parameters: nodes and gpus_per_node describe the allocation (default: one node of
+  devices_per_point GPUs); the rest are passed on."""
+  given: dict[str, Any] = {}
   for item in items:
     key, sep, value = item.partition("=")
     if not sep or not key:
       raise ValueError(f"--slurm={item!r}: expected KEY=VALUE (submitit's parameters, e.g. "
                        "slurm_partition=gpu, nodes=2, gpus_per_node=8, timeout_min=1440)")
-    parameters[key] = int(value) if re.fullmatch(r"-?\d+", value) else value
-  parameters.setdefault("tasks_per_node", parameters["gpus_per_node"] or 1)
-  return parameters
+    given[key] = int(value) if re.fullmatch(r"-?\d+", value) else value
+  k = devices_per_point
+  if k < 1:
+    raise ValueError(f"--devices_per_point={k} must be at least 1")
+  nodes = given.pop("nodes", 1)
+  gpus = given.pop("gpus_per_node", k)
+  if not gpus:  # CPU nodes: a point per node
+    parameters = {**DEFAULTS, "slurm_array_parallelism": nodes, "nodes": 1,
+                  "gpus_per_node": 0, "tasks_per_node": 1, **given}
+    return Allocation(nodes, 0, k, parameters)
+  if k > gpus and k % gpus:
+    raise ValueError(f"--devices_per_point={k} spans nodes of gpus_per_node={gpus}: give "
+                     "a multiple of gpus_per_node")
+  span = max(1, k // gpus)
+  if nodes < span:
+    raise ValueError(f"--devices_per_point={k} needs {span} nodes of {gpus} GPUs; the "
+                     f"allocation has nodes={nodes}")
+  per_task = ({"nodes": 1, "gpus_per_node": k, "tasks_per_node": 1} if k <= gpus else
+              {"nodes": span, "gpus_per_node": gpus, "tasks_per_node": gpus})
+  slots = (nodes // span) * (gpus // k if k <= gpus else 1)
+  parameters = {**DEFAULTS, "slurm_array_parallelism": slots, **per_task, **given}
+  return Allocation(nodes, gpus, k, parameters)
 
 
-def describe(plan: sweep_lib.Plan, parameters: Mapping[str, Any]) -> str:
+def describe(plan: sweep_lib.Plan, allocation: Allocation) -> str:
   """What `submit` would submit (the dry run's addition)."""
   todo = [p for p in plan.points if sweep_lib.workdir_state(p.workdir) != sweep_lib.DONE]
-  lines = [f"submitit parameters: {dict(parameters)}"]
+  lines = [f"allocation: {allocation.nodes} node(s) x {allocation.gpus_per_node} GPU(s), "
+           f"{allocation.devices_per_point} GPU(s) per point: "
+           f"{allocation.parameters['slurm_array_parallelism']} point(s) at once",
+           f"submitit parameters per task: {allocation.parameters}"]
   datasets = sweep_lib.datasets(todo)
   if datasets:
     lines.append(f"job 0: prepare {len(datasets)} data set(s)")

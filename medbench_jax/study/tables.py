@@ -1,7 +1,9 @@
 """Markdown tables in the study's layouts, with significance markers.
 
-Cells read `mean ± std (n)`: mean and sample standard deviation (ddof=1) of the
-trials' test metric, n trials (`n/m` when m were asked). Markers compare a cell with
+Cells read `mean ± std [std_paper] (n)`: mean and sample standard deviation (ddof=1) of
+the trials' test metric, in brackets the population standard deviation (ddof=0) that the
+study's tables print (its np.std), n trials (`n/m` when m were asked); each table's first
+header says so (CELLS). Markers compare a cell with
 the baseline of the same task, data set and label fraction: `*` p < alpha, `†` the
 Holm-adjusted p < alpha, `‡` the Benjamini-Hochberg-adjusted p < alpha, each
 correction over the tests of the one table. The baseline's cells are bold.
@@ -20,6 +22,8 @@ import pandas as pd
 from medbench_jax.study import stats
 
 MARKERS = (("*", "p_value"), ("†", "p_holm"), ("‡", "p_bh"))
+# What a cell holds (format_cell), for the tables' headers.
+CELLS = "mean ± std (ddof=1) [std (ddof=0), as the paper] (n)"
 _PREFIX = re.compile(r"^([A-Za-z][\w.+-]*):(?!//)(.*)$")  # FORMAT:PATH, run:WORKDIR
 
 
@@ -66,13 +70,15 @@ def format_value(value: float, digits: int = 4) -> str:
 
 
 def format_cell(row: pd.Series) -> str:
-  """`mean ± std (n)` of one summary row (see the module docstring)."""
+  """`mean ± std [std_paper] (n)` of one summary row (see the module docstring)."""
   n = int(row["n"])
   if n == 0:
     return "—"
   count = f"{n}" if pd.isna(row.get("asked")) or n >= row["asked"] else (
       f"{n}/{int(row['asked'])}")
   spread = "" if math.isnan(row["std"]) else f" ± {row['std']:.4f}"
+  if spread and not pd.isna(row.get("std_paper")):
+    spread += f" [{row['std_paper']:.4f}]"
   return f"{row['mean']:.4f}{spread} ({count})"
 
 
@@ -140,7 +146,7 @@ def models_by_inits(setting: pd.DataFrame, summary: pd.DataFrame,
     cells = {row["init_label"]: _marked(row, alpha, _is_baseline(row, baseline))
              for _, row in group.iterrows()}
     rows.append([model, *(cells.get(init, "—") for init in inits)])
-  text = markdown_table(["model \\ init", *inits], rows)
+  text = markdown_table([f"model \\ init: {CELLS}", *inits], rows)
   return text + "\n" + _tests_block(setting, {"model": "model", "init_label": "init"}), setting
 
 
@@ -155,7 +161,8 @@ def candidates_by_fractions(dataset: pd.DataFrame, summary: pd.DataFrame,
     cells = {row["label_fraction"]: _marked(row, alpha, _is_baseline(row, baseline))
              for _, row in group.iterrows()}
     rows.append([model, label, *(cells.get(f, "—") for f in fractions)])
-  text = markdown_table(["model", "init", *map(format_fraction, fractions)], rows)
+  text = markdown_table([f"model: {CELLS}", "init", *map(format_fraction, fractions)],
+                        rows)
   dataset = dataset.assign(fraction=dataset["label_fraction"].map(format_fraction))
   return text + "\n" + _tests_block(
       dataset, {"model": "model", "init_label": "init", "fraction": "labels"}), dataset

@@ -19,7 +19,7 @@ import numpy as np
 
 # (variables, batch) -> per-example arrays, gathered over devices and hosts.
 EvalStep = Callable[[dict, dict], dict]
-# Raw uint8 NHWC images -> what the model takes (normalised float, 3 channels).
+# Raw uint8 NHWC images -> what the model takes (normalized float, 3 channels).
 Normalize = Callable[[jnp.ndarray], jnp.ndarray]
 
 

@@ -1,17 +1,25 @@
 """Metrics of whole splits, computed on the host from gathered raw predictions.
 
 Classification metrics come from scikit-learn; an undefined metric is NaN (written
-as null in results.json), never a made-up value.
+as null in results.json), never a made-up value. Bootstrap intervals resample the
+examples of a split (the trainer's operating points and the report share them).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 import math
 
 from absl import logging
 import numpy as np
 from sklearn import metrics as sk_metrics
+
+_RESAMPLE_CHUNK = 100  # resamples held in memory at once: (chunk, N) counts
+
+# A statistic maps resampling counts (B, N) -- how often each example is drawn -- to
+# the metric(s) of each of the B resamples, (B,) or (B, ...); all-ones counts give the
+# full-set value.
+Statistic = Callable[[np.ndarray], np.ndarray]
 
 
 def multilabel_auc(labels: np.ndarray, scores: np.ndarray, class_names: Sequence[str],
@@ -58,3 +66,28 @@ def accuracy(labels: np.ndarray, scores: np.ndarray, multi_class: bool) -> float
   if multi_class:
     return float(np.mean(scores.argmax(axis=1) == labels.argmax(axis=1)))
   return float(np.mean((scores > 0.5) == labels))
+
+
+def bootstrap(stat: Statistic, num_examples: int, num_resamples: int = 1000,
+              seed: int = 0) -> np.ndarray:
+  """`stat` on `num_resamples` resamples (with replacement) of the examples, stacked
+  along the first axis."""
+  rng = np.random.default_rng(seed)
+  values = []
+  for start in range(0, num_resamples, _RESAMPLE_CHUNK):
+    size = min(_RESAMPLE_CHUNK, num_resamples - start)
+    draws = rng.integers(0, num_examples, size=(size, num_examples))
+    offsets = (np.arange(size) * num_examples)[:, None]
+    counts = np.bincount((draws + offsets).ravel(), minlength=size * num_examples)
+    values.append(stat(counts.reshape(size, num_examples).astype(np.int32)))
+  return np.concatenate(values)
+
+
+def percentile_interval(values: np.ndarray, level: float = 0.95) -> tuple[float, float]:
+  """The percentile interval of bootstrap values; resamples where the metric is
+  undefined (NaN) are left out, and (NaN, NaN) when all are."""
+  values = values[~np.isnan(values)]
+  if not values.size:
+    return math.nan, math.nan
+  low, high = np.quantile(values, [(1 - level) / 2, (1 + level) / 2])
+  return float(low), float(high)

@@ -11,8 +11,18 @@ ways. Predictions are made on the full image at the model's input size and resiz
 to the stored mask resolution before scoring; where the data set has a field of view
 (DRIVE), only pixels inside it count.
 
-Validation loss (early stopping) is the mean over images of each image's loss, so it does
-not depend on how the split is batched or over how many devices.
+Validation loss (early stopping), `config.segmentation.val_loss`:
+  pooled     the reference's: the loss pooled over each batch of `input.batch_size` images
+             of the split in order (its validation loader: the training batch size, no
+             shuffling, the last batch partial), averaged over batches weighted by their
+             sizes (its MetricLogger). The paper setting.
+  per_image  the mean over images of each image's own loss: it does not depend on how the
+             split is batched. With Dice, an image with an empty mask then scores
+             1 - 1/(Σp + 1) on its own, where pooled it only adds Σp to its batch's
+             denominator; where most masks are empty (SIIM-ACR) the two rank checkpoints
+             differently.
+The evaluation step returns each image's parts of the loss (its mean pixel-wise term and
+the soft sums Σy·p, Σp, Σy per class), from which either is computed exactly.
 """
 
 from __future__ import annotations
@@ -23,12 +33,15 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import optax
 
+from medbench_jax import config_lib
 from medbench_jax.tasks import base
 
 LOSSES = ("dice", "bce", "bce_dice", "softmax_ce_dice")
+VAL_LOSSES = ("pooled", "per_image")
 # Data sets whose reference loss is BCE rather than Dice (thin vessels: Dice's gradient is
 # dominated by the few positive pixels).
 _BCE_DATASETS = ("drive",)
@@ -37,14 +50,9 @@ _BCE_DATASETS = ("drive",)
 AUX_WEIGHT = 0.4
 _SMOOTH = 1.0
 _COUNTS = ("intersection", "prediction_sum", "target_sum")
-
-
-def dice_loss(probs: jnp.ndarray, targets: jnp.ndarray, axes: tuple[int, ...] | None = None
-              ) -> jnp.ndarray:
-  """The study's smoothed Dice loss, summed over `axes` (None: everything)."""
-  intersection = jnp.sum(targets * probs, axis=axes)
-  return 1.0 - (2.0 * intersection + _SMOOTH) / (
-      jnp.sum(targets, axis=axes) + jnp.sum(probs, axis=axes) + _SMOOTH)
+# Per image: the mean pixel-wise loss, and per class the soft sums of the Dice loss.
+_SOFT_SUMS = ("soft_intersection", "soft_prediction_sum", "soft_target_sum")
+_LOSS_PARTS = ("pixel_loss", *_SOFT_SUMS)
 
 
 def _with_background(masks: jnp.ndarray) -> jnp.ndarray:
@@ -57,10 +65,15 @@ def _with_background(masks: jnp.ndarray) -> jnp.ndarray:
 def resolve_loss(name: str, dataset: str) -> str:
   if name == "auto":
     return "bce" if dataset in _BCE_DATASETS else "dice"
-  if name not in LOSSES:
-    raise ValueError(f"config.segmentation.loss={name!r} is not allowed; allowed: "
-                     f"('auto', {', '.join(map(repr, LOSSES))})")
+  config_lib.check(name in LOSSES, "segmentation.loss", name, ("auto", *LOSSES))
   return name
+
+
+def validate(config: ml_collections.ConfigDict) -> None:
+  """Checks config.segmentation before any work starts."""
+  resolve_loss(config.segmentation.loss, config.dataset.name)
+  config_lib.check(config.segmentation.val_loss in VAL_LOSSES, "segmentation.val_loss",
+                   config.segmentation.val_loss, VAL_LOSSES)
 
 
 class Segmentation(base.Task):
@@ -72,7 +85,10 @@ class Segmentation(base.Task):
 
   def __init__(self, config, info):
     super().__init__(config, info)
+    validate(config)
     self.loss_name = resolve_loss(config.segmentation.loss, info.name)
+    self.val_loss = config.segmentation.val_loss
+    self.val_batch_size = config.input.batch_size
     self.softmax = self.loss_name == "softmax_ce_dice"
     self.keys = ("image", "mask") + (("fov",) if info.has_fov else ())
 
@@ -88,33 +104,62 @@ class Segmentation(base.Task):
     return self.config.input.pp_eval
 
   # ------------------------------------------------------------ losses
-  def _loss_terms(self, logits: jnp.ndarray, masks: jnp.ndarray,
-                  axes: tuple[int, ...] | None) -> jnp.ndarray:
-    """The configured loss over `axes` (None: the whole batch; (1, 2, 3): per image)."""
+  def _loss_parts(self, logits: jnp.ndarray, masks: jnp.ndarray) -> dict[str, jnp.ndarray]:
+    """Per image: the mean pixel-wise loss (BCE, or cross-entropy; 0 where the loss has
+    none) (N,), and per class the soft sums Σy·p, Σp, Σy of the Dice loss (N, K)."""
     logits = logits.astype(jnp.float32)
     masks = masks.astype(jnp.float32)
     if self.softmax:
       targets = _with_background(masks)
-      ce = optax.softmax_cross_entropy(logits, targets).mean(
-          axis=None if axes is None else axes[:-1])
-      probs = jax.nn.softmax(logits)[..., 1:]
-      class_axes = (0, 1, 2) if axes is None else axes[:-1]
-      dice = dice_loss(probs, targets[..., 1:], class_axes).mean(axis=-1)
-      return ce + dice
-    probs = jax.nn.sigmoid(logits)
-    total = 0.0
-    if "bce" in self.loss_name:
-      total += optax.sigmoid_binary_cross_entropy(logits, masks).mean(axis=axes)
-    if "dice" in self.loss_name:
-      total += dice_loss(probs, masks, axes)
-    return total
+      pixel = optax.softmax_cross_entropy(logits, targets).mean(axis=(1, 2))
+      probs, targets = jax.nn.softmax(logits)[..., 1:], targets[..., 1:]
+    else:
+      probs, targets = jax.nn.sigmoid(logits), masks
+      pixel = (optax.sigmoid_binary_cross_entropy(logits, masks).mean(axis=(1, 2, 3))
+               if "bce" in self.loss_name else jnp.zeros(logits.shape[:1], jnp.float32))
+    return {"pixel_loss": pixel, "soft_intersection": (targets * probs).sum(axis=(1, 2)),
+            "soft_prediction_sum": probs.sum(axis=(1, 2)),
+            "soft_target_sum": targets.sum(axis=(1, 2))}
+
+  def _combine(self, parts: Mapping[str, Any], pooled: bool) -> Any:
+    """The configured loss from `_loss_parts` (jax or numpy arrays): of all the images
+    pooled into one (a scalar), or of each image on its own ((N,))."""
+    pixel, sums = parts["pixel_loss"], [parts[k] for k in _SOFT_SUMS]
+    if pooled:  # images of one size: the pixel mean of the batch is the mean of means
+      pixel, sums = pixel.mean(axis=0), [s.sum(axis=0) for s in sums]
+    if "dice" not in self.loss_name:
+      return pixel
+    if not self.softmax:  # the study's sigmoid Dice flattens the classes too
+      sums = [s.sum(axis=-1, keepdims=True) for s in sums]
+    intersection, prediction, target = sums
+    dice = 1.0 - (2.0 * intersection + _SMOOTH) / (target + prediction + _SMOOTH)
+    return pixel + dice.mean(axis=-1)
+
+  def _loss_terms(self, logits: jnp.ndarray, masks: jnp.ndarray, pooled: bool = True
+                  ) -> jnp.ndarray:
+    """The configured loss of a batch (pooled) or of each of its images."""
+    return self._combine(self._loss_parts(logits, masks), pooled)
 
   def loss(self, outputs: Any, batch: Mapping[str, jnp.ndarray]) -> jnp.ndarray:
     if isinstance(outputs, (tuple, list)):  # (main, auxiliary) logits
       main, aux = outputs
-      return (self._loss_terms(main, batch["mask"], None)
-              + AUX_WEIGHT * self._loss_terms(aux, batch["mask"], None))
-    return self._loss_terms(outputs, batch["mask"], None)
+      return (self._loss_terms(main, batch["mask"])
+              + AUX_WEIGHT * self._loss_terms(aux, batch["mask"]))
+    return self._loss_terms(outputs, batch["mask"])
+
+  def validation_loss(self, predictions: Mapping[str, np.ndarray]) -> float:
+    """`config.segmentation.val_loss` over a split's images, in the order evaluated."""
+    parts = {k: np.asarray(predictions[k], np.float64) for k in _LOSS_PARTS}
+    num = len(parts["pixel_loss"])
+    if not num:
+      return math.nan
+    if self.val_loss == "per_image":
+      return float(np.mean(self._combine(parts, pooled=False)))
+    starts = range(0, num, self.val_batch_size)
+    losses = [self._combine({k: v[i:i + self.val_batch_size] for k, v in parts.items()},
+                            pooled=True) for i in starts]
+    sizes = [min(self.val_batch_size, num - i) for i in starts]
+    return float(np.average(losses, weights=sizes))
 
   # ------------------------------------------------------------ evaluation
   def make_predict(self, apply_fn: Callable, normalize: base.Normalize
@@ -139,7 +184,7 @@ class Segmentation(base.Task):
 
   def make_eval_step(self, apply_fn: Callable, normalize: base.Normalize) -> base.EvalStep:
     """Per image and class: pixel counts of intersection, prediction and mask (inside the
-    field of view where there is one), and the image's loss."""
+    field of view where there is one), and the image's parts of the loss."""
     predict = self.make_predict(apply_fn, normalize)
 
     def eval_step(variables: dict, batch: dict) -> dict:
@@ -149,8 +194,7 @@ class Segmentation(base.Task):
       counts = {"intersection": predicted * masks * inside,
                 "prediction_sum": predicted * inside, "target_sum": masks * inside}
       out = {k: v.sum(axis=(1, 2)).astype(jnp.int32) for k, v in counts.items()}
-      out["loss"] = self._loss_terms(logits, masks, (1, 2, 3))
-      return out
+      return {**out, **self._loss_parts(logits, masks)}
 
     return eval_step
 
@@ -160,7 +204,7 @@ class Segmentation(base.Task):
     for c, name in enumerate(self.class_names):
       per_class = overlap_metrics(**{k: v[:, c:c + 1] for k, v in counts.items()})
       result.update({f"{k}/{name}": v for k, v in per_class.items()})
-    result["loss"] = float(np.mean(predictions["loss"]))
+    result["loss"] = self.validation_loss(predictions)
     return result
 
   def test_predictions(self, predictions: Mapping[str, np.ndarray]) -> dict[str, Any]:

@@ -1,9 +1,9 @@
 """A trial's checkpoints: `latest` (resume) and `best` (lowest validation loss, for test).
 
 `latest` holds the train state, the data iterator's position and the loop's progress
-(step, early-stopping and plateau counters), so a resumed trial continues exactly where
-it stopped. `best` holds the train state and the validation metrics it was chosen by.
-Each keeps one finished checkpoint.
+(loop.Progress as JSON: step, early-stopping and plateau counters), so a resumed trial
+continues exactly where it stopped. `best` holds the train state and the validation
+metrics it was chosen by. Each keeps one finished checkpoint.
 
 What a reader can rely on, whatever happened to the process or the disk:
 - Orbax writes a checkpoint under a temporary name and renames it when complete, and
@@ -30,6 +30,7 @@ from etils import epath
 import grain
 import orbax.checkpoint as ocp
 
+from medbench_jax import paths
 from medbench_jax import runtime
 
 # Written into each finished checkpoint's folder, after everything else.
@@ -39,15 +40,6 @@ _CHUNK = 1 << 22
 
 class CheckpointError(RuntimeError):
   """A checkpoint that could not be written, or that is damaged on disk (path named)."""
-
-
-def initial_progress(plateau_state: dict) -> dict[str, Any]:
-  """The loop's state before step 0: plain numbers, stored as JSON with the checkpoint.
-
-  skipped_updates: steps whose non-finite update was skipped (train.nonfinite="skip").
-  """
-  return {"step": 0, "best_val_loss": float("inf"), "best_step": -1, "bad_evals": 0,
-          "stopped_early": False, "skipped_updates": 0, "plateau": plateau_state}
 
 
 def _sha256(path: epath.Path) -> str:
@@ -74,9 +66,7 @@ def _files(folder: epath.Path) -> dict[str, epath.Path]:
 def write_manifest(folder: epath.Path) -> None:
   """Records the sha256 of every file of a finished checkpoint (written atomically)."""
   manifest = {"sha256": {name: _sha256(path) for name, path in sorted(_files(folder).items())}}
-  tmp = folder / (MANIFEST + ".tmp")
-  tmp.write_text(json.dumps(manifest, indent=1))
-  tmp.rename(folder / MANIFEST)
+  paths.write_atomic(folder / MANIFEST, json.dumps(manifest, indent=1))
 
 
 def verify(folder: epath.Path, what_to_do: str) -> None:
@@ -130,7 +120,8 @@ class Checkpoints:
 
   def restore_latest(self, state: Any, data_iterator: Any) -> tuple[Any, dict] | None:
     """(state, progress) of the latest checkpoint, the iterator moved to its position;
-    None when the trial has none yet."""
+    None when the trial has none yet. The progress is the JSON that was saved with it
+    (loop.Progress.to_json)."""
     step = self._newest(self.latest, self._delete_to_retrain())
     if step is None:
       return None
@@ -138,9 +129,7 @@ class Checkpoints:
         state=ocp.args.StandardRestore(state),
         data=grain.checkpoint.CheckpointRestore(data_iterator),
         progress=ocp.args.JsonRestore()))
-    progress = restored["progress"]
-    progress.setdefault("skipped_updates", 0)  # checkpoints of earlier versions
-    return restored["state"], progress
+    return restored["state"], restored["progress"]
 
   def restore_best(self, state: Any) -> Any:
     """The train state with the lowest validation loss (`state` gives the structure)."""

@@ -1,16 +1,25 @@
-"""Running an evaluation step over a whole split, on every device and host."""
+"""Evaluating a model over whole splits, on every device and host.
+
+`Evaluator` is the one way a split is predicted: the trainer's validation and test, and
+`medbench_jax.evaluate`'s re-tests of finished runs, all go through it.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+import dataclasses
+import functools
 
 import grain
+import jax
 from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding
+import ml_collections
 import numpy as np
 
 from medbench_jax.data import pipeline
 from medbench_jax.data import transforms
+from medbench_jax.tasks import base as tasks_base
 from medbench_jax.trainer import sharding
 
 
@@ -29,6 +38,36 @@ def predict(eval_step: Callable[[dict, dict], dict], variables: dict,
   gathered = {k: np.concatenate([o[k] for o in outputs]) for k in outputs[0]}
   valid = gathered.pop("valid").astype(bool)
   return {k: v[valid] for k, v in gathered.items()}
+
+
+@dataclasses.dataclass(frozen=True)
+class Evaluator:
+  """A task's jitted evaluation step and the input pipeline that feeds it whole splits."""
+  task: tasks_base.Task
+  eval_step: tasks_base.EvalStep
+  # (source, pp_spec=, seed=) -> this process's padded batches of the split.
+  dataset: Callable[..., grain.IterDataset]
+  data_sharding: NamedSharding
+
+  @classmethod
+  def create(cls, config: ml_collections.ConfigDict, task: tasks_base.Task,
+             apply_fn: Callable, normalize: tasks_base.Normalize,
+             data_sharding: NamedSharding) -> Evaluator:
+    """`apply_fn(variables, images, train=)` is the model; the variables keep their own
+    shardings and batches come sharded over the mesh (`data_sharding`)."""
+    eval_step = jax.jit(task.make_eval_step(apply_fn, normalize), out_shardings=data_sharding)
+    dataset = functools.partial(
+        pipeline.eval_dataset, keys=task.keys, num_threads=config.input.num_workers,
+        local_batch_size=config.input.eval_batch_size // jax.process_count(),
+        process_index=jax.process_index(), process_count=jax.process_count())
+    return cls(task, eval_step, dataset, data_sharding)
+
+  def predict(self, variables: dict, source: Sequence[dict], test: bool, seed: int = 0
+              ) -> dict[str, np.ndarray]:
+    """The per-example outputs for `source`, preprocessed as validation (test=False) or
+    test examples (test-time augmentation); `seed` draws labels that are drawn per read."""
+    dataset = self.dataset(source, pp_spec=self.task.pp_eval(test), seed=seed)
+    return predict(self.eval_step, variables, dataset, self.data_sharding)
 
 
 def first_examples(source: Sequence[dict], pp_spec: str, keys: Sequence[str], count: int

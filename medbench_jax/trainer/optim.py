@@ -90,9 +90,10 @@ def find_hyperparams(opt_state: Any) -> dict:
 class ReduceLROnPlateau:
   """torch.optim.lr_scheduler.ReduceLROnPlateau(mode="min"), as the study steps it.
 
-  Host-side: call `step(val_loss)` after each validation; it returns the factor by
-  which to multiply the current learning rate (1.0 when unchanged). Its fields are
-  plain numbers so the state round-trips through the checkpoint's JSON metadata.
+  Host-side: call `step(val_loss, current_lr)` after each validation; it returns the
+  learning rate to use from then on (`current_lr` when unchanged). It lowers the rate when
+  more than `patience` validations in a row did not improve. Its fields are plain
+  numbers so the state round-trips through the checkpoint's JSON metadata.
   """
   factor: float = 0.5
   patience: int = 5

@@ -1,6 +1,6 @@
 """What a run records: each trial's result, the run's results.json, provenance and cost.
 
-results.json (DESIGN.md) holds the task's fields (task, metric, class names), the
+results.json (docs/architecture.md) holds the task's fields (task, metric, class names), the
 data set and label subset, every trial's test metrics, their summary (mean, std with
 ddof=1, std_paper with ddof=0 as the reference study prints it, n), where the numbers
 come from (provenance: code version and revision, config hash, initial weights'
@@ -59,7 +59,7 @@ def trial_record(*, seed: int, best_step: int, best_val_loss: float, skipped_upd
 
 def assemble(*, task_fields: dict, config: dict, trials: list[dict], subset: dict,
              skipped_examples: int, provenance: dict, wall_s: float) -> dict:
-  """results.json of a run from its trials (DESIGN.md's format)."""
+  """results.json of a run from its trials (the format in docs/architecture.md)."""
   metric = task_fields["metric"]
   summary = summarize([t["test"][metric] for t in trials])
   costs = [t.get("cost", {}) for t in trials]

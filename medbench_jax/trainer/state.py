@@ -18,13 +18,21 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
+from medbench_jax import config_lib
 from medbench_jax import models
 from medbench_jax import weights
+from medbench_jax.data import pipeline
 from medbench_jax.trainer import optim
 
 
 class TrainState(train_state.TrainState):
   batch_stats: Any = None
+
+
+def normalizer(config: ml_collections.ConfigDict) -> Callable[[jax.Array], jax.Array]:
+  """uint8 images -> the model's input (config.input.normalization), on the device: the
+  train step and every evaluation apply it."""
+  return functools.partial(pipeline.normalize, **config_lib.normalization(config))
 
 
 def create_model(config: ml_collections.ConfigDict, num_outputs: int) -> nn.Module:

@@ -12,10 +12,12 @@ from __future__ import annotations
 import functools
 import os
 import time
+from typing import Any
 
 from absl import logging
 from clu import metric_writers
 from etils import epath
+import flax.linen as nn
 import jax
 import ml_collections
 import numpy as np
@@ -63,47 +65,28 @@ def check_splits(config: ml_collections.ConfigDict, splits: sources.Splits) -> N
         "config.input.batch_size.")
 
 
-def run_trial(config: ml_collections.ConfigDict, workdir: epath.Path, trial: int,
-              splits: sources.Splits, task: tasks.Task, mesh: jax.sharding.Mesh) -> dict:
-  seed = config.seed + trial
-  trial_dir = workdir / f"trial_{trial}"
-  result_path = trial_dir / "result.json"
-  if result_path.exists():
-    logging.info("Trial %d already finished: %s", trial, result_path)
-    return paths.read_json(result_path)
-  start = time.perf_counter()
-  trial_dir.mkdir(parents=True, exist_ok=True)
-  writer = metric_writers.create_default_writer(workdir / "tb" / f"trial_{trial}",
-                                                just_logging=not runtime.is_lead())
-
-  # ---------------------------------------------------------------- input
+def _schedule(config: ml_collections.ConfigDict, num_train: int) -> loop.Schedule:
+  """num_epochs of whole batches (at most train.max_steps), evaluated once per epoch
+  unless train.eval_every_steps says otherwise."""
   batch_size = config.input.batch_size
-  process = dict(process_index=jax.process_index(), process_count=jax.process_count())
-  # On-device augmentation: the host ships the stored images, the train step augments.
-  on_device = config.input.augment_on_device
-  train_iter = iter(pipeline.train_dataset(
-      splits.train, pp_spec="" if on_device else task.pp_train(), keys=task.keys,
-      local_batch_size=batch_size // jax.process_count(), seed=seed,
-      num_workers=config.input.num_workers, **process))
-  eval_ds = functools.partial(
-      pipeline.eval_dataset, keys=task.keys, num_threads=config.input.num_workers,
-      local_batch_size=config.input.eval_batch_size // jax.process_count(), **process)
-  steps_per_epoch = len(splits.train) // batch_size
+  steps_per_epoch = num_train // batch_size
   total_steps = config.train.num_epochs * steps_per_epoch
   if config.train.max_steps:
     total_steps = min(total_steps, config.train.max_steps)
-  schedule = loop.Schedule(total_steps=total_steps, steps_per_epoch=steps_per_epoch,
-                           eval_every=config.train.eval_every_steps or steps_per_epoch,
-                           log_every=config.train.log_every_steps, batch_size=batch_size)
+  return loop.Schedule(total_steps=total_steps, steps_per_epoch=steps_per_epoch,
+                       eval_every=config.train.eval_every_steps or steps_per_epoch,
+                       log_every=config.train.log_every_steps, batch_size=batch_size)
 
-  # ---------------------------------------------------------------- model
+
+def _model_and_state(config: ml_collections.ConfigDict, task: tasks.Task,
+                     splits: sources.Splits, mesh: jax.sharding.Mesh, schedule: loop.Schedule,
+                     seed: int) -> tuple[nn.Module, state_lib.TrainState, Any]:
+  """The model, its train state placed on the mesh, and the state's shardings."""
   size = input_size(config, task, splits.info.channels)
   model = state_lib.create_model(config, task.num_outputs)
   variables = state_lib.init_variables(config, model, task.num_outputs, size, seed)
-  replicated = sharding.replicated(mesh)
-  data_sharding = sharding.batch_sharding(mesh)
-  state = state_lib.create_state(
-      model, variables, optim.make_optimizer(config.optim, total_steps, steps_per_epoch))
+  state = state_lib.create_state(model, variables, optim.make_optimizer(
+      config.optim, schedule.total_steps, schedule.steps_per_epoch))
   state_sharding = sharding.state_shardings(state, mesh, config)
   state = jax.device_put(state, state_sharding)
   num_params = sum(x.size for x in jax.tree.leaves(state.params))
@@ -114,27 +97,67 @@ def run_trial(config: ml_collections.ConfigDict, workdir: epath.Path, trial: int
                  len(specs))
   logging.info("Model %s: %.2fM parameters, input %dpx, %d outputs (%s)", config.model.name,
                num_params / 1e6, size, task.num_outputs, task.name)
+  return model, state, state_sharding
+
+
+def _restore_or_start(config: ml_collections.ConfigDict, ckpt: checkpoints_lib.Checkpoints,
+                      state: state_lib.TrainState, train_iter: Any, trial: int, seed: int
+                      ) -> tuple[state_lib.TrainState, loop.Progress]:
+  """The state and progress of the trial's latest checkpoint (`train_iter` moved to its
+  position), or `state` and the progress of step 0 when it has none."""
+  restored = ckpt.restore_latest(state, train_iter)
+  if restored:
+    state, stored = restored
+    progress = loop.Progress.from_json(stored)
+    logging.info("Resuming trial %d from step %d (checkpoint %s)", trial, progress.step,
+                 ckpt.latest.directory)
+    return state, progress
+  logging.info("Trial %d: starting from step 0 (seed %d)", trial, seed)
+  # The plateau schedule's patience is half the early-stopping one (the study's rule).
+  return state, loop.Progress(plateau=optim.ReduceLROnPlateau(
+      factor=config.optim.plateau_factor, patience=config.train.patience // 2))
+
+
+def run_trial(config: ml_collections.ConfigDict, workdir: epath.Path, trial: int,
+              splits: sources.Splits, task: tasks.Task, mesh: jax.sharding.Mesh) -> dict:
+  """Trial `trial` of the run in `workdir` (seed config.seed + trial): trains it, resuming
+  from its latest checkpoint, tests its best checkpoint and writes WORKDIR/trial_K.
+  Returns its record (result.json); a finished trial's is read back, not recomputed."""
+  seed = config.seed + trial
+  trial_dir = workdir / f"trial_{trial}"
+  result_path = trial_dir / "result.json"
+  if result_path.exists():
+    logging.info("Trial %d already finished: %s", trial, result_path)
+    return paths.read_json(result_path)
+  start = time.perf_counter()
+  trial_dir.mkdir(parents=True, exist_ok=True)
+  tb_dir = workdir / "tb" / f"trial_{trial}"
+  writer = metric_writers.create_default_writer(tb_dir, just_logging=not runtime.is_lead())
+
+  # ---------------------------------------------------------------- input
+  schedule = _schedule(config, len(splits.train))
+  # On-device augmentation: the host ships the stored images, the train step augments.
+  on_device = config.input.augment_on_device
+  train_iter = iter(pipeline.train_dataset(
+      splits.train, pp_spec="" if on_device else task.pp_train(), keys=task.keys,
+      local_batch_size=config.input.batch_size // jax.process_count(), seed=seed,
+      num_workers=config.input.num_workers, process_index=jax.process_index(),
+      process_count=jax.process_count()))
+
+  # ---------------------------------------------------------------- model
+  model, state, state_sharding = _model_and_state(config, task, splits, mesh, schedule, seed)
 
   # ---------------------------------------------------------------- steps
-  normalize = functools.partial(pipeline.normalize,
-                                **config_lib.normalization(config))
+  normalize = state_lib.normalizer(config)
+  data_sharding = sharding.batch_sharding(mesh)
   augment = device_transforms.Augment(task.pp_train(), seed) if on_device else None
-  step_fn = jax.jit(
+  train_step = jax.jit(
       functools.partial(state_lib.train_step, loss_fn=task.loss, normalize=normalize,
                         dropout_rng=jax.random.key(seed + 10_000), augment=augment,
                         skip_nonfinite=config.train.nonfinite == "skip"),
-      in_shardings=(state_sharding, data_sharding), out_shardings=(state_sharding, replicated),
-      donate_argnums=(0,))
-  # The variables keep the state's shardings; batches come sharded over the mesh.
-  eval_step = jax.jit(task.make_eval_step(model.apply, normalize), out_shardings=data_sharding)
-
-  def evaluate(state: state_lib.TrainState, test: bool, seed: int = 0
-               ) -> dict[str, np.ndarray]:
-    split = splits.test if test else splits.validation
-    return evaluation.predict(eval_step, state_lib.model_variables(state),
-                              eval_ds(split, pp_spec=task.pp_eval(test), seed=seed),
-                              data_sharding)
-
+      in_shardings=(state_sharding, data_sharding),
+      out_shardings=(state_sharding, sharding.replicated(mesh)), donate_argnums=(0,))
+  evaluator = evaluation.Evaluator.create(config, task, model.apply, normalize, data_sharding)
   shown = evaluation.first_examples(splits.validation, task.pp_eval(test=False), task.keys,
                                     task.num_eval_images)
   predict_shown = jax.jit(task.make_predict(model.apply, normalize)) if shown else None
@@ -145,41 +168,33 @@ def run_trial(config: ml_collections.ConfigDict, workdir: epath.Path, trial: int
       writer.write_images(step, task.eval_images(shown, np.asarray(predicted)))
     # Validation labels drawn per read (the study's LSR on validation) change with
     # every validation, reproducibly: the step seeds them.
-    return task.metrics(evaluate(state, test=False, seed=step))
+    return task.metrics(evaluator.predict(state_lib.model_variables(state), splits.validation,
+                                          test=False, seed=step))
 
   # ---------------------------------------------------------------- resume
   ckpt = checkpoints_lib.Checkpoints(trial_dir / "ckpt")
-  progress = checkpoints_lib.initial_progress(optim.ReduceLROnPlateau(
-      factor=config.optim.plateau_factor, patience=config.train.patience // 2).state_dict())
-  restored = ckpt.restore_latest(state, train_iter)
-  if restored:
-    state, progress = restored
-    logging.info("Resuming trial %d from step %d (checkpoint %s)", trial, progress["step"],
-                 ckpt.latest.directory)
-  else:
-    logging.info("Trial %d: starting from step 0 (seed %d)", trial, seed)
+  state, progress = _restore_or_start(config, ckpt, state, train_iter, trial, seed)
 
   # ---------------------------------------------------------------- train
-  state, progress, speed = loop.fit(
-      config=config, task=task, state=state, progress=progress, schedule=schedule,
-      step_fn=step_fn, validate=validate,
-      train_iter=train_iter, to_global=functools.partial(sharding.to_global,
-                                                         sharding=data_sharding),
-      ckpt=ckpt, writer=writer, label=f"trial {trial}",
-      tb_dir=os.fspath(workdir / "tb" / f"trial_{trial}"))
+  state, speed = loop.Loop(
+      config=config, task=task, schedule=schedule,
+      step_fn=lambda state, local: train_step(state, sharding.to_global(local, data_sharding)),
+      validate=validate, train_iter=train_iter, ckpt=ckpt, writer=writer,
+      log_prefix=f"trial {trial}", tb_dir=os.fspath(tb_dir)).fit(state, progress)
   if hasattr(train_iter, "close"):
     train_iter.close()
 
   # ---------------------------------------------------------------- test
-  predictions = evaluate(ckpt.restore_best(state), test=True)
+  predictions = evaluator.predict(state_lib.model_variables(ckpt.restore_best(state)),
+                                  splits.test, test=True)
   test = task.metrics(predictions)
-  writer.write_scalars(progress["step"], {f"test/{k}": v for k, v in test.items()})
+  writer.write_scalars(progress.step, {f"test/{k}": v for k, v in test.items()})
   writer.flush()
-  logging.info("[trial %d] test (best step %d, %s): %s", trial, progress["best_step"],
+  logging.info("[trial %d] test (best step %d, %s): %s", trial, progress.best_step,
                task.pp_eval(test=True), task.describe(test, per_class=True))
   record = results_lib.trial_record(
-      seed=seed, best_step=progress["best_step"], best_val_loss=progress["best_val_loss"],
-      skipped_updates=progress["skipped_updates"], test_metrics=test,
+      seed=seed, best_step=progress.best_step, best_val_loss=progress.best_val_loss,
+      skipped_updates=progress.skipped_updates, test_metrics=test,
       cost={"wall_s": round(time.perf_counter() - start, 1),
             "first_step_s": speed.first_step_s, "train_images_per_s": speed.images_per_s()})
   if runtime.is_lead():

@@ -3,7 +3,7 @@
 Reading never executes code from the file (.pth through a restricted unpickler, BYOL's
 Haiku .pkl likewise, .safetensors, .npz without pickles). What the file holds is found by
 key signature (weights/formats.py: the study's own checkpoints, MoCo, SwAV, PyContrast,
-DINO, MoCo v3, MAE, SimMIM, BYOL, RadImageNet, plain state dicts) and normalised to the
+DINO, MoCo v3, MAE, SimMIM, BYOL, RadImageNet, plain state dicts) and unwrapped to the
 backbone's state dict, with everything stripped or dropped logged. Merging is by flattened
 parameter path into freshly initialised variables, as big_vision does: every tensor must
 fit except the classifier, which is re-initialised (as its family registers: `head_init`)
@@ -79,12 +79,12 @@ def _split_source(path: str) -> tuple[formats.Format | None, str]:
   return None, path
 
 
-def read_state_dict(path: str) -> formats.Normalised:
+def read_state_dict(path: str) -> formats.Unwrapped:
   """The backbone state dict in the checkpoint `path` ('FORMAT:PATH' names the format,
   otherwise it is detected), with the account of what was stripped and dropped."""
   fmt, path = _split_source(path)
   raw = read_checkpoint(path)
-  return formats.normalise(raw, fmt or formats.detect(raw), path)
+  return formats.unwrap(raw, fmt or formats.detect(raw), path)
 
 
 @dataclasses.dataclass
@@ -96,10 +96,10 @@ class LoadReport:
   dropped: dict[str, tuple[int, ...]]  # checkpoint key -> shape, with the reason below
   dropped_reason: dict[str, str]
   reinitialised: dict[str, tuple[int, ...]]  # Flax path -> shape
-  normalised: formats.Normalised | None = None
+  unwrapped: formats.Unwrapped | None = None
 
 
-def _log_normalised(n: formats.Normalised, path: str) -> None:
+def _log_unwrapped(n: formats.Unwrapped, path: str) -> None:
   logging.info("%s: format %s%s", path, n.format,
                f", weights under {'/'.join(n.wrappers)}" if n.wrappers else "")
   if n.ignored_entries:
@@ -115,8 +115,8 @@ def _log_normalised(n: formats.Normalised, path: str) -> None:
 
 
 def _read_variables(name: str, path: str, model_kw: Mapping[str, Any]
-                    ) -> tuple[dict[str, Any], formats.Normalised | None, str, str]:
-  """(flat Flax variables, normalisation report or None, format name, readable source)."""
+                    ) -> tuple[dict[str, Any], formats.Unwrapped | None, str, str]:
+  """(flat Flax variables, unwrapping report or None, format name, readable source)."""
   if path.startswith(sources.RUN_PREFIX):
     flat, ckpt = sources.read_run(path)
     return flat, None, "run", ckpt
@@ -131,17 +131,17 @@ def _read_variables(name: str, path: str, model_kw: Mapping[str, Any]
       raise ValueError(f"{path} holds {info['model']} weights (converted from "
                        f"{info.get('source')}), not {name}.")
     return flat, None, "converted", path
-  normalised = read_state_dict(path)
-  _log_normalised(normalised, path)
+  unwrapped = read_state_dict(path)
+  _log_unwrapped(unwrapped, path)
   convert = models.converter(name)
-  options = normalised.converter_kw
+  options = unwrapped.converter_kw
   accepted = inspect.signature(convert).parameters
   if any(option not in accepted for option in options):
-    raise ValueError(f"{path}: {normalised.format} checkpoints are converted with {options}, "
+    raise ValueError(f"{path}: {unwrapped.format} checkpoints are converted with {options}, "
                      f"which the converter of {name} does not take; is it a checkpoint of "
                      "this architecture?")
-  flat = _flatten(convert(normalised.state_dict, model_kw, **options))
-  return flat, normalised, normalised.format, path
+  flat = _flatten(convert(unwrapped.state_dict, model_kw, **options))
+  return flat, unwrapped, unwrapped.format, path
 
 
 def _sum_input_channels(loaded: dict[str, Any], first_conv: str, in_chans: int) -> None:
@@ -207,7 +207,7 @@ def load_with_report(name: str, path: str, num_classes: int, keep_head: bool = F
   """`load`, and the LoadReport of what was taken, dropped and re-initialised."""
   model = models.create(name, num_classes, **model_kw)
   cfg = models.pretrained_cfg(name)
-  loaded, normalised, fmt, source = _read_variables(name, path, model_kw)
+  loaded, unwrapped, fmt, source = _read_variables(name, path, model_kw)
   encoder_only = False
   if "encoder_path" in cfg:
     loaded, encoder_only = _place_encoder(loaded, cfg["encoder_path"])
@@ -226,7 +226,7 @@ def load_with_report(name: str, path: str, num_classes: int, keep_head: bool = F
   dropped, may_start_fresh = _set_aside(loaded, model, cfg, keep_head, encoder_only,
                                         shapes_of, fresh)
   # What the format's fine-tuning recipe starts anew or leaves unused (MAE's global pool).
-  recipe = formats.get(normalised.format) if normalised else None
+  recipe = formats.get(unwrapped.format) if unwrapped else None
   fresh_ok, unused_ok = (recipe.start_fresh, recipe.unused) if recipe else ((), ())
   recipe_fresh = [k for k in fresh if k not in loaded and _matches(fresh_ok, k)]
   dropped.update({k: (loaded.pop(k).shape, f"not used by this model ({fmt} fine-tuning)")
@@ -261,12 +261,12 @@ def load_with_report(name: str, path: str, num_classes: int, keep_head: bool = F
   variables.update((k, jnp.asarray(v, fresh[k].dtype)) for k, v in loaded.items())
   report = LoadReport(
       source=source, format=fmt, num_loaded=sum(int(np.size(v)) for v in loaded.values()),
-      dropped={**(normalised.dropped if normalised else {}),
+      dropped={**(unwrapped.dropped if unwrapped else {}),
                **{k: shape for k, (shape, _) in dropped.items()}},
       dropped_reason={**{k: "not part of the backbone" for k in
-                         (normalised.dropped if normalised else {})},
+                         (unwrapped.dropped if unwrapped else {})},
                       **{k: reason for k, (_, reason) in dropped.items()}},
-      reinitialised={k: tuple(fresh[k].shape) for k in reinit}, normalised=normalised)
+      reinitialised={k: tuple(fresh[k].shape) for k in reinit}, unwrapped=unwrapped)
   logging.info("Loaded %d tensors (%d values) of %s from %s%s.", len(loaded),
                report.num_loaded, name, source,
                f" into its encoder ({cfg['encoder']})" if encoder_only else "")

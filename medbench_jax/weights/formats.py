@@ -1,4 +1,4 @@
-"""Checkpoint sources: how each publisher wraps its weights, recognised and normalised.
+"""Checkpoint sources: how each publisher wraps its weights, recognised and unwrapped.
 
 Every pretrained checkpoint the project reads holds a torch-layout state dict of one of
 our architectures, wrapped the way its authors' training script saved it: under a key
@@ -7,9 +7,9 @@ from MoCo's query encoder, 'encoder.' / 'backbone.' / 'swin_model.' of a wrapper
 sub-module), next to parts that are not the backbone (projection heads, momentum
 encoders, queues, prototypes, decoders), sometimes under other names (RadImageNet's
 nn.Sequential indices) or split differently (SimMIM's ViT q/v biases). `FORMATS`
-describes each source as data; `detect` picks one by key signature and `normalise`
+describes each source as data; `detect` picks one by key signature and `unwrap`
 returns the backbone's state dict with every key the model's converter expects, plus a
-`Normalised` report of what was stripped, renamed and dropped. Nothing is dropped without
+`Unwrapped` report of what was stripped, renamed and dropped. Nothing is dropped without
 being listed there, and `weights.load` logs the report. Layouts that do not map onto our
 architectures are recognised and refused with the reason.
 
@@ -81,7 +81,7 @@ class Format:
 
 
 @dataclasses.dataclass
-class Normalised:
+class Unwrapped:
   """A backbone state dict and the account of how it was taken out of the checkpoint."""
   state_dict: StateDict
   format: str
@@ -275,13 +275,13 @@ def detect(raw: Any) -> Format:
   return next((f for f in FORMATS if f.signature(raw)), _BY_NAME["plain"])
 
 
-def normalise(raw: Any, fmt: Format, source: str) -> Normalised:
+def unwrap(raw: Any, fmt: Format, source: str) -> Unwrapped:
   """The backbone state dict of `raw` as `fmt` stores it. `source` names the file in errors."""
   if fmt.unsupported:
     raise ValueError(f"{source}: recognised as {fmt.name} ({fmt.publisher}). {fmt.unsupported}")
   if fmt.extract:
     state_dict, dropped, ignored = fmt.extract(raw, source)
-    return Normalised(state_dict, fmt.name, ignored_entries=ignored, dropped=dropped)
+    return Unwrapped(state_dict, fmt.name, ignored_entries=ignored, dropped=dropped)
   wrappers, ignored = [], []
   obj = raw
   while isinstance(obj, Mapping):
@@ -294,7 +294,7 @@ def normalise(raw: Any, fmt: Format, source: str) -> Normalised:
   if not isinstance(obj, Mapping):
     raise ValueError(f"{source}: expected a state dict (name -> tensor) for format "
                      f"{fmt.name}, got {type(obj).__name__}")
-  out = Normalised({}, fmt.name, wrappers, ignored, converter_kw=dict(fmt.converter_kw))
+  out = Unwrapped({}, fmt.name, wrappers, ignored, converter_kw=dict(fmt.converter_kw))
   entries = []  # (checkpoint key, key without prefixes, value)
   for key, value in obj.items():
     if not isinstance(value, np.ndarray):
