@@ -10,11 +10,16 @@
 # Each process runs on the CPU (JAX_PLATFORMS=cpu: on a GPU or TPU host every process
 # would otherwise claim every accelerator) with --devices simulated CPU devices
 # (XLA_FLAGS), and writes its output to DIR/process_K.log (default: a new temporary
-# folder, printed); a failed process's last lines are shown. Exit status: 0 when every process succeeded, else the first
-# failure's.
+# folder, printed); a failed process's last lines are shown. Ctrl-C or SIGTERM to this
+# script makes every process save its state at the same step and exit with 75. Exit
+# status: 0 when every process succeeded, else the first failure's (75: preempted,
+# rerun the same command to resume).
 #
 # --dry_run (or DRY_RUN=1) prints the commands instead of running them.
 set -euo pipefail
+
+# medbench_jax.main's status after saving its state on SIGTERM or SIGINT (rerun to resume).
+readonly EXIT_PREEMPTED=75
 
 usage() {
   sed -n '/^#!/d; /^#/!q; s/^# \{0,1\}//p' "${BASH_SOURCE[0]}"
@@ -73,7 +78,8 @@ for ((i = 0; i < processes; i++)); do
     --num_processes="${processes}" --process_id="${i}" > "${logs}/process_${i}.log" 2>&1 &
   pids+=("$!")
 done
-# Ctrl-C or SIGTERM reaches every process (they save their state and exit with 75).
+# Ctrl-C or SIGTERM reaches every process: they agree on a step, save their state there
+# and exit with EXIT_PREEMPTED.
 trap 'kill -TERM "${pids[@]}" 2>/dev/null || true' INT TERM
 
 first_failure=0
@@ -84,7 +90,11 @@ for i in "${!pids[@]}"; do
     # A trapped signal interrupts `wait` while the process still runs: wait again.
     kill -0 "${pids[$i]}" 2>/dev/null || break
   done
-  if [[ "${status}" -ne 0 ]]; then
+  if [[ "${status}" -eq "${EXIT_PREEMPTED}" ]]; then
+    echo "process ${i} was preempted with its state saved (status ${status}): rerun the" \
+      "same command to resume." >&2
+    [[ "${first_failure}" -ne 0 ]] || first_failure="${status}"
+  elif [[ "${status}" -ne 0 ]]; then
     echo "process ${i} exited with status ${status}; last lines of ${logs}/process_${i}.log:" >&2
     tail -n 20 "${logs}/process_${i}.log" >&2
     [[ "${first_failure}" -ne 0 ]] || first_failure="${status}"

@@ -46,7 +46,11 @@ SYNONYMS = (
     ("tuberculosis", "tb"),
 )
 
-_WORKDIR = flags.DEFINE_string("workdir", None, "A finished run's workdir.")
+_WORKDIR = flags.DEFINE_string("workdir", None,
+                                "A finished run's workdir (a local folder or gs://...).")
+_SHARED_DATA_DIR = flags.DEFINE_bool(
+    "shared_data_dir", False, "Multi-process: the data set's data_dir is one folder every "
+    "host sees; the lead prepares it once (default: each host prepares its own copy).")
 
 
 def _finding_key(name: str) -> str:
@@ -91,7 +95,7 @@ def evaluate_run(workdir: str, config: ml_collections.ConfigDict) -> dict:
   from medbench_jax.trainer import sharding
   from medbench_jax.trainer import state as state_lib
   start = time.perf_counter()
-  run = paths.read_json(os.path.join(workdir, "results.json"))
+  run = paths.read_json(paths.as_path(workdir) / "results.json")
   splits = sources.open_splits(config.dataset)
   run_task = tasks.for_dataset(config, _run_info(splits.info, run))
   pairs = match_classes(run["class_names"], splits.info.class_names)
@@ -136,7 +140,7 @@ def evaluate_run(workdir: str, config: ml_collections.ConfigDict) -> dict:
       provenance=results_lib.provenance(resolved, splits.info.split_hashes),
       wall_s=time.perf_counter() - start)
   result.update(
-      label_fraction=run["label_fraction"], source_run=os.path.abspath(workdir),
+      label_fraction=run["label_fraction"], source_run=os.fspath(paths.as_path(workdir)),
       source_dataset=run["dataset"],
       class_mapping={"shared": [[run["class_names"][i], splits.info.class_names[j]]
                                 for i, j in pairs],
@@ -157,7 +161,7 @@ def _run_info(info, run: dict):
 
 def run_config(workdir: str) -> ml_collections.ConfigDict:
   """The finished run's resolved config, on the current schema (new keys at defaults)."""
-  saved = paths.read_json(os.path.join(workdir, "config.json"))
+  saved = paths.read_json(paths.as_path(workdir) / "config.json")
   config = config_lib.default_config()
   config.unlock()
   config.update_from_flattened_dict(_flatten(saved))
@@ -185,18 +189,18 @@ def main(argv: Sequence[str]) -> None:
   del argv
   runtime.start()
 
-  from medbench_jax.data import prepare
+  from medbench_jax.data import sources
   config = flags.FLAGS.config
   config_checks.validate(config)
-  if runtime.is_lead():
-    prepare.prepare_dataset(config.dataset)
-  runtime.barrier("evaluate_dataset_prepared")
+  sources.prepare_for_run(config.dataset, shared=_SHARED_DATA_DIR.value,
+                          barrier="evaluate_dataset_prepared")
   result = evaluate_run(_WORKDIR.value, config)
-  out = os.path.join(_WORKDIR.value, "eval", f"{config.dataset.name}.json")
+  out = paths.as_path(_WORKDIR.value) / "eval" / f"{config.dataset.name}.json"
   if runtime.is_lead():
-    os.makedirs(os.path.dirname(out), exist_ok=True)
+    out.parent.mkdir(parents=True, exist_ok=True)
     paths.write_json(out, result)
-  print(json.dumps({"eval": out, "metric": result["metric"], **result["summary"]}))
+  print(json.dumps({"eval": os.fspath(out), "metric": result["metric"],
+                    **result["summary"]}))
   runtime.stop()
 
 

@@ -1,10 +1,10 @@
 """Entry point: `python -m medbench_jax.main --config=configs/swin.py --workdir=DIR`.
 
-flags -> process start-up (runtime) -> config checks -> the lead process prepares the
-data set (others wait) -> the trainer runs every trial of the task the data set names.
+flags -> process start-up (runtime) -> config checks -> the data set is prepared on every
+host (or once, into a shared data_dir: --shared_data_dir) -> the trainer runs every trial
+of the task the data set names. --workdir may be a local folder or a bucket (gs://...).
 """
 
-import os
 import sys
 
 from absl import app
@@ -20,7 +20,8 @@ _CONFIG = config_flags.DEFINE_config_file(
     "config", "configs/swin.py", "Config file, optionally with an arg: FILE:ARG.",
     lock_config=True)
 _WORKDIR = flags.DEFINE_string(
-    "workdir", None, "Run directory (checkpoints, TensorBoard, results.json). "
+    "workdir", None, "Run directory (checkpoints, TensorBoard, results.json): a local folder "
+    "or a bucket URL (gs://BUCKET/PATH). "
     "Default: workdirs/<config file name>[_<arg>].")
 _COORDINATOR = flags.DEFINE_string(
     "coordinator_address", None,
@@ -34,6 +35,11 @@ _HEARTBEAT_TIMEOUT = flags.DEFINE_integer(
     "heartbeat_timeout", runtime.HEARTBEAT_TIMEOUT_S,
     "Multi-process runs: seconds without heartbeats after which a process counts as lost; "
     "the others then stop instead of waiting in a collective.")
+_SHARED_DATA_DIR = flags.DEFINE_bool(
+    "shared_data_dir", False,
+    "Multi-process runs: config.dataset.data_dir is one folder that every host sees (a "
+    "shared file system); the lead process prepares the data set there once. Default: "
+    "each host prepares its own copy in its own (host-local) data_dir.")
 _COMPILATION_CACHE = flags.DEFINE_string(
     "compilation_cache", paths.COMPILATION_CACHE_DIR,
     "JAX's persistent compilation cache folder; '' turns it off.")
@@ -47,16 +53,18 @@ def main(argv):
                 compilation_cache_dir=_COMPILATION_CACHE.value,
                 heartbeat_timeout_s=_HEARTBEAT_TIMEOUT.value)
 
-  from medbench_jax.data import prepare
+  from medbench_jax.data import sources
   from medbench_jax.trainer import trials
   config = _CONFIG.value
   config_checks.validate(config)
   workdir = _WORKDIR.value or paths.default_workdir(
       config_flags.get_config_filename(flags.FLAGS["config"]))
   logging.info("Workdir: %s", workdir)
-  if runtime.is_lead() and not os.path.exists(os.path.join(workdir, "results.json")):
-    prepare.prepare_dataset(config.dataset)
-  runtime.barrier("dataset_prepared")
+  if (paths.as_path(workdir) / "results.json").exists():
+    runtime.barrier("dataset_prepared")  # finished: trials.py prints its results
+  else:
+    sources.prepare_for_run(config.dataset, shared=_SHARED_DATA_DIR.value,
+                            barrier="dataset_prepared")
   runtime.watch_for_preemption()
   try:
     trials.train_and_evaluate(config, workdir)

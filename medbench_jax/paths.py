@@ -1,6 +1,11 @@
 """Where things live on disk, and how files that others read are written.
 
 A leaf module: it imports nothing of the package, so any module can use it.
+
+Every path a run, a sweep, evaluate, report or probe reads or writes may be a local
+path or a URL (gs://BUCKET/...): they go through etils.epath (`as_path`), the layer
+orbax and TFDS use, never os.path, open or pathlib, which would take "gs://B/x" for
+the local folder "gs:/B/x".
 """
 
 from __future__ import annotations
@@ -11,12 +16,30 @@ import pathlib
 import threading
 from typing import Any
 
+from etils import epath
+
 # Generated data sets, prepared ArrayRecords and JAX's compilation cache live here unless
 # configured otherwise; MEDBENCH_CACHE moves all of them (e.g. to a bucket-backed disk).
 CACHE_DIR = os.environ.get("MEDBENCH_CACHE") or os.path.join(
     os.path.expanduser("~"), ".cache", "medbench_jax")
 # JAX's persistent compilation cache (main --compilation_cache).
 COMPILATION_CACHE_DIR = os.path.join(CACHE_DIR, "xla")
+
+
+def is_remote(path: str | os.PathLike) -> bool:
+  """Whether `path` is a URL (gs://..., any scheme epath reads) rather than a local path."""
+  return "://" in os.fspath(path)
+
+
+def as_path(path: str | os.PathLike) -> epath.Path:
+  """`path` as an epath.Path: a URL as it is, a local path absolute and `~` expanded.
+
+  orbax requires absolute paths and users type relative ones; a URL is already
+  absolute (epath's own `resolve` would turn "gs://B/x" into "<cwd>/gs:/B/x").
+  """
+  if is_remote(path):
+    return epath.Path(os.fspath(path))
+  return epath.Path(os.path.abspath(os.path.expanduser(os.fspath(path))))
 
 
 def default_workdir(config_arg: str) -> str:
@@ -37,8 +60,7 @@ def write_atomic(path: str | os.PathLike, data: bytes | str) -> None:
   """
   data = data.encode() if isinstance(data, str) else data
   name = os.fspath(path)
-  if "://" in name:
-    from etils import epath  # only sweeps over buckets need it
+  if is_remote(name):
     epath.Path(name).write_bytes(data)
     return
   path = pathlib.Path(name)
@@ -69,8 +91,9 @@ def write_json(path: str | os.PathLike, obj: Any) -> None:
 
 
 def read_json(path: str | os.PathLike) -> Any:
-  """Reads a JSON file this project wrote; a damaged one is an error naming it."""
-  path = pathlib.Path(path)
+  """Reads a JSON file this project wrote (local or URL); a damaged one is an error naming
+  it."""
+  path = as_path(path)
   try:
     return json.loads(path.read_text())
   except json.JSONDecodeError as e:

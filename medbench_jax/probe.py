@@ -49,16 +49,14 @@ def main(argv):
     raise app.UsageError("Give exactly one of --candidates and --candidates_file.")
   runtime.start()
 
-  from medbench_jax.data import prepare
+  from medbench_jax.data import sources
   from medbench_jax.study import probe
   config = _CONFIG.value
   try:
     config_checks.validate(config, model_fits_task=False)  # candidates name the models
     candidates = (probe.parse_candidates(_CANDIDATES.value) if _CANDIDATES.value is not None
                   else probe.read_candidates_file(_CANDIDATES_FILE.value))
-    if runtime.is_lead():
-      prepare.prepare_dataset(config.dataset)
-    runtime.barrier("dataset_prepared")
+    sources.prepare_for_run(config.dataset, shared=False, barrier="dataset_prepared")
     records = probe.run(config, candidates, out=_OUT.value, max_examples=_MAX_EXAMPLES.value,
                         pixels_per_image=_PIXELS.value)
   except (ValueError, FileNotFoundError) as e:

@@ -59,6 +59,7 @@ _STEP_FIELDS = {"bench", "model", "framework", "batch_size", "image_size", "dtyp
                 "compilation_cache"}
 
 
+@pytest.mark.e2e
 def test_train_bench_prints_a_json_line_per_framework():
   lines, stderr = _run_bench("train", "--model=resnet18", "--batch=2", "--image_size=32",
                              "--steps=2", "--peak_tflops=0.5")
@@ -98,6 +99,7 @@ def test_step_settings_are_the_trainers(tmp_path):
   assert not (tmp_path / "phantom").exists()
 
 
+@pytest.mark.e2e
 def test_config_sets_the_step_and_flags_override_it(tmp_path):
   config = ["--config=tests/configs/tiny.py",
             f"--config.dataset.manual_dir={tmp_path / 'phantom'}",
@@ -114,6 +116,7 @@ def test_config_sets_the_step_and_flags_override_it(tmp_path):
           line["num_outputs"]) == ("resnet18", 16, 32, "float32", 4)
 
 
+@pytest.mark.e2e
 def test_train_bench_on_the_configs_input_pipeline(tmp_path):
   (line,) = train_speed.bench_step("train", "swin_demo_patch4_window4_128", batch_size=8,
                              image_size=64, dtype="float32", steps=2, compare_torch=False,
@@ -126,6 +129,7 @@ def test_train_bench_on_the_configs_input_pipeline(tmp_path):
   assert line["images_per_s"] == pytest.approx(8 / line["step_s"])
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("model,model_kw", [
     ("unet_resnet18", dict(decoder_channels=(32, 16, 16, 8, 8))),
     # Built at 96 px, measured at 64: the input size reaches the Swin encoder.
@@ -140,6 +144,7 @@ def test_train_bench_steps_segmentation_models(model, model_kw):
   assert result["flops_per_step"] > 2 * 64 * 64 * 2 * 8
 
 
+@pytest.mark.e2e
 def test_eval_bench_with_ten_crops_against_torch():
   lines = train_speed.bench_step("eval", "resnet18", batch_size=2, image_size=32, dtype="float32",
                            steps=2, compare_torch=True, ten_crop=True)

@@ -87,7 +87,7 @@ def _host_crop_boxes(spec, shape, seed=0):
 
 def _device_params(spec, shape, seed=0):
   """Each op's parameters for DRAWS examples of one step, seeded as in training."""
-  augment = device_transforms.Augment(spec, seed)
+  augment = device_transforms.BatchAugment(spec, seed)
   keys = augment.example_keys(0, DRAWS)
   params = jax.jit(jax.vmap(lambda key: augment.sample(key, {"image": shape})))(keys)
   return jax.tree.map(np.asarray, params)
@@ -203,7 +203,7 @@ def _smooth_image(height=96, width=96):
 
 
 def _device_warp(spec, params, example):
-  augment = device_transforms.Augment(spec, seed=0)
+  augment = device_transforms.BatchAugment(spec, seed=0)
   example = {k: jnp.asarray(v) for k, v in example.items()}
   return jax.tree.map(np.asarray, jax.jit(augment.warp)(params, example))
 
@@ -317,7 +317,7 @@ def _jit_on(devices, augment):
 
 def test_batches_are_deterministic_and_independent_of_the_device_count():
   assert jax.device_count() == 8
-  augment = device_transforms.Augment(
+  augment = device_transforms.BatchAugment(
       "random_resized_crop(64, scale=(0.25, 1.0))|flip_lr|rotate(7)", seed=3)
   batch = _batch()
   on_one, _ = _jit_on(jax.devices()[:1], augment)
@@ -333,14 +333,14 @@ def test_batches_are_deterministic_and_independent_of_the_device_count():
     assert collective not in hlo
   # Seeded by (seed, step): the same pair repeats, another step or seed differs.
   np.testing.assert_array_equal(on_eight(batch, 5)["image"], eight["image"])
-  other_seed, _ = _jit_on(jax.devices(), device_transforms.Augment(augment.spec, seed=4))
+  other_seed, _ = _jit_on(jax.devices(), device_transforms.BatchAugment(augment.spec, seed=4))
   for other in (on_eight(batch, 6), other_seed(batch, 5)):
     assert all(not np.array_equal(a, b) for a, b in zip(other["image"], eight["image"]))
 
 
 def test_an_empty_spec_ships_the_stored_images_unchanged():
   batch = _batch(side=32)
-  out = jax.jit(device_transforms.Augment("", seed=0))(batch, 0)
+  out = jax.jit(device_transforms.BatchAugment("", seed=0))(batch, 0)
   np.testing.assert_array_equal(out["image"], batch["image"])
   np.testing.assert_array_equal(out["mask"], batch["mask"])
 

@@ -49,9 +49,17 @@ def test_train_state_is_really_sharded_over_fsdp():
   assert dict(mesh.shape) == {"data": 2, "fsdp": 4}
   model = models.create("resnet18", 14)
   variables = jax.jit(model.init)(jax.random.key(0), np.zeros((1, 32, 32, 3), np.float32))
-  state = state_lib.create_state(model, variables, optim.make_optimizer(config.optim, 10))
-  shardings = sharding.state_shardings(state, mesh, config)
-  state = jax.device_put(state, shardings)
+  tx = optim.make_optimizer(config.optim, 10)
+  state, shardings = state_lib.create_sharded_state(
+      model, variables, tx, mesh, lambda abstract: sharding.state_shardings(abstract, mesh,
+                                                                            config))
+  # Created sharded, with the values of a state created on one device.
+  unsharded = state_lib.create_state(model, variables, tx)
+  assert jax.tree.structure(state) == jax.tree.structure(unsharded)
+  for got, want, placed in zip(jax.tree.leaves(state), jax.tree.leaves(unsharded),
+                               jax.tree.leaves(shardings)):
+    np.testing.assert_array_equal(got, want)
+    assert got.sharding == placed
 
   kernel = state.params["layer4_1"]["conv2"]["kernel"]  # (3, 3, 512, 512)
   assert {s.data.shape for s in kernel.addressable_shards} == {(3, 3, 512, 128)}

@@ -170,3 +170,40 @@ def test_project_options_hard_validation_and_lsr_drawn_once(tmp_path):
   validation = np.stack([e["labels"] for e in splits.validation])
   assert set(np.unique(validation)) <= {0.0, 1.0}
   assert "other_splits" not in splits.subset
+
+
+# ---------------------------------------------------------------- data on every host
+
+
+def test_a_bucket_data_dir_is_refused_at_once_naming_what_works():
+  config = config_lib.default_config()
+  config.dataset.data_dir = "gs://bucket/tfds"
+  with pytest.raises(ValueError, match="dataset.data_dir.*mounted"):
+    sources.validate_dataset_config(config.dataset)
+
+
+@pytest.mark.e2e
+@pytest.mark.timeout(1200)
+def test_two_processes_with_separate_caches_each_prepare_their_data_and_train(tmp_path):
+  """Two loopback processes (jax.distributed over 127.0.0.1) whose caches, and so
+  data_dirs, are separate folders, as on two hosts: each prepares its own copy."""
+  import subprocess
+  import sys
+
+  from tests import helpers
+  address = f"--coordinator_address=127.0.0.1:{helpers.free_port()}"
+  procs = [subprocess.Popen(
+      [sys.executable, "-m", "medbench_jax.main", f"--config={helpers.TINY}",
+       f"--workdir={tmp_path / 'run'}", "--config.train.max_steps=4", address,
+       "--num_processes=2", f"--process_id={i}"], cwd=helpers.REPO,
+      env=helpers.subprocess_env(1, JAX_PLATFORMS="cpu",
+                                 MEDBENCH_CACHE=str(tmp_path / f"host{i}")),
+      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for i in range(2)]
+  outs = [p.communicate(timeout=1000)[0] for p in procs]
+  for p, out in zip(procs, outs):
+    assert p.returncode == 0, out[-4000:]
+    assert "prepared on each host in its own data_dir" in out
+  for i in range(2):
+    prepared = list((tmp_path / f"host{i}").rglob("dataset_info.json"))
+    assert prepared, f"host {i} has no prepared copy"
+  assert (tmp_path / "run" / "results.json").exists()

@@ -227,8 +227,8 @@ def test_tpu_backend_runs_each_point_through_the_launcher(tmp_path, phantom_dir)
   assert gcloud[:7] == ["compute", "tpus", "tpu-vm", "ssh", "t1", "--zone=europe-west4-a",
                         "--worker=0"]
   remote = shlex.split(gcloud[7].removeprefix("--command="))
-  assert remote[:3] == ["cd", "medbench_jax", "&&"]
-  assert remote[3:] == launcher[7:]
+  assert remote[:6] == ["cd", "medbench_jax", "&&", ".", ".venv/bin/activate", "&&"]
+  assert remote[6:] == launcher[7:]
   status = sweep.read_status(root / "seed=1")
   assert status["state"] == "failed" and status["slot"] == "worker 0 TPU chip(s) 0"
   assert status["reason"].startswith("exited without writing results.json")

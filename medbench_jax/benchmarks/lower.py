@@ -17,7 +17,9 @@ One JSON line per (step, platform): counts of StableHLO operations (`count_ops`)
 arguments, outputs and temporaries of one step) and XLA's FLOPs (cost_analysis): the
 local backend compiles its own platform; TPUs compile ahead of time for the
 `--tpu_topologies` (jax.experimental.topologies, which needs the `libtpu` wheel, not a
-TPU) on one device of each. A target that cannot compile gets `compile_error`.
+TPU) on one device of each. A target that cannot compile gets `compile_error`. On a machine
+without TPUs: `pip install 'libtpu==0.0.42.*'` (the version jax[tpu] pins) and run with
+JAX_PLATFORMS=cpu; compiling a paper model's train step for a TPU takes minutes of CPU.
 """
 
 from __future__ import annotations
@@ -95,7 +97,7 @@ def trainer_steps(config: ml_collections.ConfigDict, seed: int = 0) -> tuple[lis
 
   normalize = state_lib.normalizer(config)
   on_device = config.input.augment_on_device
-  augment = device_transforms.Augment(task.pp_train(), seed) if on_device else None
+  augment = device_transforms.BatchAugment(task.pp_train(), seed) if on_device else None
   train_step = jax.jit(
       functools.partial(state_lib.train_step, loss_fn=task.loss, normalize=normalize,
                         dropout_rng=jax.random.key(seed + 10_000), augment=augment,

@@ -13,7 +13,7 @@ distributions are those of transforms.py (torchvision's semantics):
       one kept), else the central crop
   flip_lr[(p=0.5)]   rotate(degrees[, interpolation="nearest"])   angle ~ U(-d, d)
       about the centre, zero fill
-  resize(size)   center_crop(size)                            deterministic
+  resize(size or (height, width))   center_crop(size)         deterministic
 and each takes `keys=(...)` as the host op does. Ops without a device implementation
 (ten_crop, seg_augment) and `interpolation="pil_bilinear"` are refused.
 
@@ -270,7 +270,7 @@ def device_ops(spec: str) -> list[DeviceOp]:
   return [call.device() for call in calls]
 
 
-class Augment:
+class BatchAugment:
   """A training spec on the device: (global batch, step) -> augmented batch.
 
   Jittable; call it inside the train step on the sharded batch. `sample` and `warp`

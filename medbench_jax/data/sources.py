@@ -18,13 +18,16 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 import dataclasses
+import fcntl
 import json
+import os
 from typing import Any
 
 from absl import logging
 import ml_collections
 import numpy as np
 
+from medbench_jax import paths
 from medbench_jax.data import labels as labels_lib
 from medbench_jax.data import prepare
 from medbench_jax.data import splits as splits_lib
@@ -137,12 +140,50 @@ def validate_dataset_config(dataset_config: ml_collections.ConfigDict) -> None:
   _check(isinstance(d.keep_aspect, bool), "dataset.keep_aspect", d.keep_aspect,
          (False, True))
   _check(0.0 <= d.blank_label <= 1.0, "dataset.blank_label", d.blank_label, "0 <= x <= 1")
+  for key in ("data_dir", "manual_dir"):
+    # ArrayRecord shards and publishers' files are read with local file calls.
+    _check(not paths.is_remote(d[key]), f"dataset.{key}", d[key],
+           "a local folder, or a bucket mounted as one (e.g. by gcsfuse)")
   if d.name in prepare.PHANTOM_DATASETS and not d.manual_dir:
     for key in ("num_train", "num_val", "num_test"):
       _check(_is_int(d.phantom[key]) and d.phantom[key] >= 1, f"dataset.phantom.{key}",
              d.phantom[key], "an integer >= 1 (every split needs examples)")
     _check(_is_int(d.phantom.image_size) and d.phantom.image_size >= 32,
            "dataset.phantom.image_size", d.phantom.image_size, "an integer >= 32")
+
+
+def prepare_for_run(dataset_config: ml_collections.ConfigDict, *, shared: bool,
+                    barrier: str) -> None:
+  """Prepares the configured data set where every process of the run will read it.
+
+  One process: prepares it. Several, `shared` (data_dir is one folder every host sees,
+  e.g. a shared file system): the lead process prepares it once, the others wait.
+  Several, not `shared` (the default: each host has its own data_dir, e.g. its
+  MEDBENCH_CACHE): every host prepares its own copy; processes that share a host (and
+  so its data_dir) take turns, the first prepares and the others find it prepared.
+  Every process then waits at `barrier`; the log says which of these it did.
+  """
+  import jax
+
+  from medbench_jax import runtime
+  d = dataset_config
+  data_dir = prepare.data_dir_for(d)
+  if jax.process_count() == 1:
+    prepare.prepare_dataset(d)
+  elif shared:
+    logging.info("Data set %s: prepared once by the lead process in the shared data_dir %s, "
+                 "which every host reads", d.name, data_dir)
+    if runtime.is_lead():
+      prepare.prepare_dataset(d)
+  else:
+    logging.info("Data set %s: prepared on each host in its own data_dir (here %s); pass "
+                 "--shared_data_dir where that folder is one that every host sees", d.name,
+                 data_dir)
+    os.makedirs(data_dir, exist_ok=True)
+    with open(os.path.join(data_dir, ".prepare.lock"), "a") as lock:
+      fcntl.flock(lock, fcntl.LOCK_EX)  # released when closed
+      prepare.prepare_dataset(d)
+  runtime.barrier(barrier)
 
 
 def _policy_of(dataset_config: ml_collections.ConfigDict, split: str, task: str) -> str:

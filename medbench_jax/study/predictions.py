@@ -24,13 +24,16 @@ Letters 21(11), 2014): midranks instead of the O(mn) placement values.
 from __future__ import annotations
 
 import dataclasses
+import io
 import math
-import pathlib
+import os
 
+from etils import epath
 import numpy as np
 import pandas as pd
 import scipy.stats
 
+from medbench_jax import paths
 from medbench_jax.study import runs
 from medbench_jax.study import stats
 from medbench_jax.tasks import metrics
@@ -43,14 +46,16 @@ _TOLERANCE = 1e-4
 Statistic = metrics.Statistic
 
 
-def predictions_path(workdir: str | pathlib.Path, trial: int) -> pathlib.Path:
-  return pathlib.Path(workdir) / f"trial_{trial}" / "test_predictions.npz"
+def predictions_path(workdir: str | os.PathLike, trial: int) -> epath.Path:
+  """Trial `trial`'s predictions in `workdir` (a local folder or gs://...)."""
+  return paths.as_path(workdir) / f"trial_{trial}" / "test_predictions.npz"
 
 
-def load(path: pathlib.Path, task: str) -> dict[str, np.ndarray]:
+def load(path: epath.Path, task: str) -> dict[str, np.ndarray]:
   """The arrays of one test_predictions.npz, checked for the keys and shapes of `task`."""
   try:
-    with np.load(path, allow_pickle=False) as npz:
+    # Read whole: a zip archive is read by seeking, which a bucket object streams poorly.
+    with np.load(io.BytesIO(path.read_bytes()), allow_pickle=False) as npz:
       arrays = {k: npz[k] for k in npz.files}
   except (OSError, ValueError) as e:
     raise ValueError(f"{path}: cannot read ({e})") from e
@@ -146,7 +151,7 @@ def _full_set_value(stat: Statistic, num_examples: int) -> float:
   return float(stat(np.ones((1, num_examples), np.int32))[0])
 
 
-def bootstrap_table(trials: pd.DataFrame, root: pathlib.Path, num_resamples: int = 1000,
+def bootstrap_table(trials: pd.DataFrame, root: epath.Path, num_resamples: int = 1000,
                     seed: int = 0) -> tuple[pd.DataFrame, list[runs.Problem]]:
   """Per trial with saved predictions: the metric, its 95% interval and the resamples.
 
@@ -234,7 +239,7 @@ def delong_test(labels: np.ndarray, scores_a: np.ndarray, scores_b: np.ndarray) 
 
 
 def delong_table(trials: pd.DataFrame, baseline: tuple[str, str],
-                 root: pathlib.Path) -> tuple[pd.DataFrame, list[runs.Problem]]:
+                 root: epath.Path) -> tuple[pd.DataFrame, list[runs.Problem]]:
   """DeLong's test per class of every classification trial against the baseline's
   trial with the same seed (same task, dataset and label fraction).
 
@@ -268,7 +273,7 @@ def delong_table(trials: pd.DataFrame, baseline: tuple[str, str],
     if own["labels"].shape != other["labels"].shape or not np.array_equal(
         own["labels"] >= 0.5, other["labels"] >= 0.5):
       problems.append(runs.Problem(
-          "different_test_sets", row.run, runs.display_path(root, pathlib.Path(row.workdir)),
+          "different_test_sets", row.run, runs.display_path(root, paths.as_path(row.workdir)),
           f"seed {row.seed}: test labels differ from the baseline's; no DeLong test"))
       continue
     for c, name in enumerate(own["class_names"]):

@@ -43,11 +43,11 @@ import functools
 import json
 import math
 import os
-import pathlib
 import time
 from typing import Any
 
 from absl import logging
+from etils import epath
 import flax.linen as nn
 import grain
 import jax
@@ -57,6 +57,7 @@ import numpy as np
 
 from medbench_jax import config_checks
 from medbench_jax import config_lib
+from medbench_jax import paths
 from medbench_jax import runtime
 from medbench_jax import tasks
 from medbench_jax.data import pipeline
@@ -107,7 +108,7 @@ def parse_candidates(text: str) -> list[Candidate]:
 def read_candidates_file(path: str | os.PathLike) -> list[Candidate]:
   """One MODEL/INIT per line; blank lines and lines starting with # are ignored."""
   found = []
-  for number, line in enumerate(pathlib.Path(path).read_text().splitlines(), start=1):
+  for number, line in enumerate(paths.as_path(path).read_text().splitlines(), start=1):
     if line.strip() and not line.lstrip().startswith("#"):
       found.append(parse_candidate(line, f"{path}:{number}"))
   return _unique(found, str(path))
@@ -352,7 +353,7 @@ def probe_candidate(config: ml_collections.ConfigDict, candidate: Candidate,
 # ---------------------------------------------------------------- all candidates
 
 
-def _scored_keys(out: pathlib.Path | None) -> set[tuple]:
+def _scored_keys(out: epath.Path | None) -> set[tuple]:
   if out is None or not out.exists():
     return set()
   table = transferability.read_probe_file(out)
@@ -374,7 +375,7 @@ def run(config: ml_collections.ConfigDict, candidates: Sequence[Candidate], *,
     raise ValueError(f"--pixels_per_image={pixels_per_image} must be positive")
   if max_examples < 0:
     raise ValueError(f"--max_examples={max_examples} must be >= 0 (0: all)")
-  out = pathlib.Path(out) if out else None
+  out = paths.as_path(out) if out else None  # a local file or gs://...
   splits = sources.open_splits(config.dataset)
   task = tasks.for_dataset(config, splits.info)
   mesh = sharding.make_mesh()
@@ -392,8 +393,12 @@ def run(config: ml_collections.ConfigDict, candidates: Sequence[Candidate], *,
                  record["linear_probe_metric"], record["linear_probe"],
                  record["seconds"]["total"])
     if out is not None and runtime.is_lead():
-      with open(out, "a") as f:
-        f.write(json.dumps(record) + "\n")
+      line = json.dumps(record) + "\n"
+      if paths.is_remote(out):  # a bucket object cannot be appended to: rewritten whole
+        paths.write_atomic(out, (out.read_text() if out.exists() else "") + line)
+      else:
+        with open(out, "a") as f:
+          f.write(line)
     records.append(record)
   return records
 

@@ -20,10 +20,14 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 import dataclasses
+import os
 import pathlib
+import tempfile
 
+from etils import epath
 import pandas as pd
 
+from medbench_jax import paths
 from medbench_jax.study import plots
 from medbench_jax.study import predictions
 from medbench_jax.study import runs
@@ -39,11 +43,12 @@ _TEST_NAMES = {"student": "two-sample Student t-test", "welch": "Welch's t-test"
 
 @dataclasses.dataclass
 class Report:
-  out: pathlib.Path
+  """What `build` wrote: the report folder (local, or an epath.Path in a bucket)."""
+  out: pathlib.Path | epath.Path
   num_runs: int
   num_trials: int
   problems: list[runs.Problem]
-  plots: list[pathlib.Path]
+  plots: list[pathlib.Path | epath.Path]
 
 
 def _title(task: str, dataset: str, fraction: float | None = None) -> str:
@@ -233,11 +238,27 @@ def _delong_section(writer: _Writer, delong: pd.DataFrame, alpha: float) -> None
                            **{c: c for c in classes}}), "")
 
 
-def build(runs_dir: str | pathlib.Path, out_dir: str | pathlib.Path, *,
+def build(runs_dir: str | os.PathLike, out_dir: str | os.PathLike, *,
           baseline: str | None = None, test: str = "student",
-          probe: str | pathlib.Path | None = None, num_resamples: int = 1000, seed: int = 0,
+          probe: str | os.PathLike | None = None, num_resamples: int = 1000, seed: int = 0,
           alpha: float = 0.05, with_plots: bool = True) -> Report:
-  """Writes the report of every run below `runs_dir` into `out_dir` (module docstring)."""
+  """Writes the report of every run below `runs_dir` into `out_dir` (module docstring).
+
+  Each may be a local folder or gs://...; a report for a bucket is written to a local
+  scratch folder first (pandas and matplotlib write local files) and then copied there.
+  """
+  if paths.is_remote(out_dir):
+    with tempfile.TemporaryDirectory(prefix="medbench_report_") as scratch:
+      local = build(runs_dir, scratch, baseline=baseline, test=test, probe=probe,
+                    num_resamples=num_resamples, seed=seed, alpha=alpha,
+                    with_plots=with_plots)
+      out = paths.as_path(out_dir)
+      for path in sorted(p for p in local.out.rglob("*") if p.is_file()):
+        target = out / path.relative_to(local.out).as_posix()
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_bytes(path.read_bytes())
+    return dataclasses.replace(
+        local, out=out, plots=[out / p.relative_to(local.out).as_posix() for p in local.plots])
   if test not in stats.TESTS:
     raise ValueError(f"test must be one of {', '.join(stats.TESTS)}; got {test!r}")
   probe_scores = transferability.read_probe_file(probe) if probe is not None else None

@@ -19,11 +19,14 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import pathlib
+import os
 from typing import Any
 
 from absl import logging
+from etils import epath
 import pandas as pd
+
+from medbench_jax import paths
 
 KEY_COLUMNS = ("task", "dataset", "model", "init", "label_fraction")
 _REQUIRED = ("task", "metric", "dataset", "model", "init", "label_fraction", "trials")
@@ -45,7 +48,7 @@ class Problem:
 class Run:
   """One finished workdir."""
   name: str
-  workdir: pathlib.Path
+  workdir: epath.Path
   results: dict[str, Any]
   expected_trials: int | None
 
@@ -56,7 +59,7 @@ class Run:
 
 @dataclasses.dataclass
 class Collection:
-  root: pathlib.Path
+  root: epath.Path
   runs: list[Run]
   problems: list[Problem]
 
@@ -70,7 +73,7 @@ class Collection:
     return asked
 
 
-def display_path(root: pathlib.Path, workdir: pathlib.Path) -> str:
+def display_path(root: epath.Path, workdir: epath.Path) -> str:
   """`workdir` relative to the sweep root where it lies below it."""
   try:
     return str(workdir.relative_to(root))
@@ -83,14 +86,14 @@ def run_label(key: Key) -> str:
   return f"{model} / {init}, {dataset} ({task}), label fraction {fraction:g}"
 
 
-def _read_json(path: pathlib.Path) -> Any:
+def _read_json(path: epath.Path) -> Any:
   try:
     return json.loads(path.read_text())
   except json.JSONDecodeError as e:
     raise ValueError(f"{path}: not valid JSON (line {e.lineno}: {e.msg})") from e
 
 
-def _check_results(results: Any, path: pathlib.Path) -> None:
+def _check_results(results: Any, path: epath.Path) -> None:
   if not isinstance(results, dict):
     raise ValueError(f"{path}: expected a JSON object, got {type(results).__name__}")
   missing = [k for k in _REQUIRED if k not in results]
@@ -113,17 +116,17 @@ def _check_results(results: Any, path: pathlib.Path) -> None:
 class _Collector:
   """Accumulates runs and problems while walking one sweep root."""
 
-  def __init__(self, root: pathlib.Path):
+  def __init__(self, root: epath.Path):
     self.root = root
     self.runs: list[Run] = []
     self.problems: list[Problem] = []
-    self.seen: set[pathlib.Path] = set()
+    self.seen: set[epath.Path] = set()
 
-  def problem(self, kind: str, name: str, workdir: pathlib.Path, detail: str) -> None:
+  def problem(self, kind: str, name: str, workdir: epath.Path, detail: str) -> None:
     logging.warning("%s: %s (%s): %s", kind, name, display_path(self.root, workdir), detail)
     self.problems.append(Problem(kind, name, display_path(self.root, workdir), detail))
 
-  def status(self, workdir: pathlib.Path, name: str) -> dict[str, str] | None:
+  def status(self, workdir: epath.Path, name: str) -> dict[str, str] | None:
     path = workdir / "status.json"
     if not path.exists():
       return None
@@ -136,7 +139,7 @@ class _Collector:
       return None
     return status
 
-  def add_finished(self, workdir: pathlib.Path, name: str, expected: int | None) -> None:
+  def add_finished(self, workdir: epath.Path, name: str, expected: int | None) -> None:
     path = workdir / "results.json"
     try:
       results = _read_json(path)
@@ -162,7 +165,7 @@ class _Collector:
                      "mean and std")
     self.runs.append(Run(name, workdir, results, expected))
 
-  def add_unfinished(self, workdir: pathlib.Path, name: str, waits_for: str = "") -> None:
+  def add_unfinished(self, workdir: epath.Path, name: str, waits_for: str = "") -> None:
     status = self.status(workdir, name)
     if status and status["state"] in _UNFINISHED_STATES:
       self.problem(status["state"], name, workdir, status.get("reason", "") or "no reason given")
@@ -175,7 +178,7 @@ class _Collector:
       self.problem("missing", name, workdir, detail)
 
 
-def _sweep_points(root: pathlib.Path) -> list[dict[str, Any]]:
+def _sweep_points(root: epath.Path) -> list[dict[str, Any]]:
   path = root / "sweep.json"
   if not path.exists():
     return []
@@ -190,29 +193,47 @@ def _sweep_points(root: pathlib.Path) -> list[dict[str, Any]]:
   return points
 
 
-def collect(root: str | pathlib.Path) -> Collection:
-  """Every run below `root` and every problem found; see the module docstring."""
-  root = pathlib.Path(root).resolve()
+# Folders of a run that hold no run: not walked into (on a bucket, each is listings).
+_RUN_INTERNALS = ("ckpt", "tb")
+
+
+def _find(root: epath.Path, name: str) -> list[epath.Path]:
+  """Every file called `name` below `root`, sorted, skipping checkpoint and TensorBoard
+  folders. (epath has no recursive glob, and its walk loses the gs:// of a bucket.)"""
+  found, pending = [], [root]
+  while pending:
+    for entry in pending.pop().iterdir():
+      if entry.name == name:
+        found.append(entry)
+      elif entry.name not in _RUN_INTERNALS and entry.is_dir():
+        pending.append(entry)
+  return sorted(found)
+
+
+def collect(root: str | os.PathLike) -> Collection:
+  """Every run below `root` (a local folder or gs://...) and every problem found; see the
+  module docstring."""
+  root = paths.as_path(root)
   if not root.is_dir():
     raise FileNotFoundError(f"Runs folder {root} does not exist or is not a directory.")
   collector = _Collector(root)
   points = _sweep_points(root)
   finished = {p["name"] for p in points if (root / p["workdir"] / "results.json").exists()}
   for point in points:
-    workdir = (root / point["workdir"]).resolve()
+    workdir = paths.as_path(root / point["workdir"])
     collector.seen.add(workdir)
     if point["name"] in finished:
       collector.add_finished(workdir, point["name"], point.get("num_trials"))
     else:
       waits_for = ", ".join(d for d in point.get("depends_on", []) if d not in finished)
       collector.add_unfinished(workdir, point["name"], waits_for)
-  for path in sorted(root.rglob("results.json")):
-    workdir = path.parent.resolve()
+  for path in _find(root, "results.json"):
+    workdir = path.parent
     if workdir not in collector.seen:
       collector.seen.add(workdir)
       collector.add_finished(workdir, display_path(root, workdir), None)
-  for path in sorted(root.rglob("status.json")):
-    workdir = path.parent.resolve()
+  for path in _find(root, "status.json"):
+    workdir = path.parent
     if workdir not in collector.seen:
       collector.seen.add(workdir)
       collector.add_unfinished(workdir, display_path(root, workdir))

@@ -33,6 +33,7 @@ from sklearn import model_selection
 from sklearn import pipeline
 from sklearn import preprocessing
 
+from medbench_jax import paths
 from medbench_jax.study import runs
 
 PROBE_SCORES = ("logme", "linear_probe")
@@ -201,7 +202,7 @@ def read_probe_file(path: str | pathlib.Path) -> pd.DataFrame:
   "linear_probe"}. Errors name the file, line and key; a candidate listed twice is
   an error.
   """
-  path = pathlib.Path(path)
+  path = paths.as_path(path)  # a local file or gs://...
   rows, lines_of = [], {}
   for number, line in enumerate(path.read_text().splitlines(), start=1):
     if not line.strip():

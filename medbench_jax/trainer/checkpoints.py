@@ -10,24 +10,32 @@ What a reader can rely on, whatever happened to the process or the disk:
   saves here are synchronous: a write that fails (a full or failing disk) raises
   `CheckpointError` from `save_*` before anything else is touched. (Orbax's asynchronous
   saves only log such a failure, and then delete the previous checkpoint.)
-- Every finished checkpoint gets a manifest, the sha256 of each of its files, written
-  last; only then are older checkpoints deleted. A checkpoint without a manifest was
+- Every finished checkpoint gets a manifest, the size and sha256 of each of its files
+  (hashed once, by the lead, right after the save, files in parallel), written last;
+  only then are older checkpoints deleted. A checkpoint without a manifest was
   cut short between orbax's rename and the manifest: restoring discards it and takes
   the previous one, which is still there.
 - Restoring checks every file against the manifest (tensorstore would read a damaged
   file without noticing): a truncated, missing or altered file is a `CheckpointError`
-  naming it and saying what to do, never a silent restart from step 0.
+  naming it and saying what to do, never a silent restart from step 0. The lead
+  process checks and tells the others.
+- A `latest` checkpoint resumes only with the process count that saved it (the data
+  iterators' positions are per process): another count is refused at once.
 """
 
 from __future__ import annotations
 
+from concurrent import futures
 import hashlib
 import json
+import os
+import re
 from typing import Any
 
 from absl import logging
 from etils import epath
 import grain
+import jax
 import orbax.checkpoint as ocp
 
 from medbench_jax import paths
@@ -36,6 +44,8 @@ from medbench_jax import runtime
 # Written into each finished checkpoint's folder, after everything else.
 MANIFEST = "medbench_manifest.json"
 _CHUNK = 1 << 22
+# Files hashed at once (hashlib releases the GIL: threads hash in parallel).
+_HASH_THREADS = min(16, (os.cpu_count() or 1) + 1)
 
 
 class CheckpointError(RuntimeError):
@@ -63,29 +73,61 @@ def _files(folder: epath.Path) -> dict[str, epath.Path]:
   return found
 
 
+def _sha256_all(files: dict[str, epath.Path]) -> dict[str, str]:
+  with futures.ThreadPoolExecutor(_HASH_THREADS) as pool:
+    return dict(zip(files, pool.map(_sha256, files.values())))
+
+
 def write_manifest(folder: epath.Path) -> None:
-  """Records the sha256 of every file of a finished checkpoint (written atomically)."""
-  manifest = {"sha256": {name: _sha256(path) for name, path in sorted(_files(folder).items())}}
+  """Records the size and sha256 of every file of a finished checkpoint (written
+  atomically)."""
+  files = dict(sorted(_files(folder).items()))
+  manifest = {"sha256": _sha256_all(files),
+              "size": {name: path.stat().length for name, path in files.items()}}
   paths.write_atomic(folder / MANIFEST, json.dumps(manifest, indent=1))
 
 
 def verify(folder: epath.Path, what_to_do: str) -> None:
   """Raises CheckpointError naming the first file that differs from the manifest."""
   try:
-    expected = json.loads((folder / MANIFEST).read_text())["sha256"]
+    manifest = json.loads((folder / MANIFEST).read_text())
+    expected, sizes = manifest["sha256"], manifest.get("size", {})  # no sizes before v2
   except (ValueError, KeyError, TypeError) as e:
     raise CheckpointError(f"Checkpoint {folder}: its manifest {MANIFEST} is damaged ({e}). "
                           f"{what_to_do}") from None
   present = _files(folder)
-  for name, digest in expected.items():
-    problem = None
+
+  def fail(name: str, problem: str):
+    raise CheckpointError(f"Checkpoint {folder} is damaged: {folder / name} {problem}. "
+                          f"{what_to_do}")
+
+  changed = "differs from what was saved (truncated or modified)"
+  for name in expected:  # missing or resized files first: no reading needed
     if name not in present:
-      problem = "is missing"
-    elif _sha256(present[name]) != digest:
-      problem = "differs from what was saved (truncated or modified)"
-    if problem:
-      raise CheckpointError(f"Checkpoint {folder} is damaged: {folder / name} {problem}. "
-                            f"{what_to_do}")
+      fail(name, "is missing")
+    if name in sizes and present[name].stat().length != sizes[name]:
+      fail(name, changed)
+  digests = _sha256_all({name: present[name] for name in expected})
+  for name, digest in expected.items():
+    if digests[name] != digest:
+      fail(name, changed)
+
+
+def _saved_process_count(folder: epath.Path) -> int | None:
+  """How many processes saved the data iterators of a `latest` checkpoint (grain writes
+  data/process_I-of-N.json per process)."""
+  counts = {int(m[1]) for p in (folder / "data").iterdir()
+            if (m := re.fullmatch(r"process_\d+-of-(\d+)\.json", p.name))}
+  return counts.pop() if len(counts) == 1 else None
+
+
+def _problem(folder: epath.Path, what_to_do: str) -> str:
+  """verify's error message, or "" for a checkpoint as saved."""
+  try:
+    verify(folder, what_to_do)
+  except CheckpointError as e:
+    return str(e)
+  return ""
 
 
 class Checkpoints:
@@ -109,7 +151,10 @@ class Checkpoints:
       chosen = None
     else:
       chosen = finished[-1]
-      verify(manager.directory / str(chosen), what_to_do)
+      folder = manager.directory / str(chosen)
+      problem = runtime.lead_decides("verify_checkpoint", lambda: _problem(folder, what_to_do))
+      if problem:
+        raise CheckpointError(problem)
     for step in steps:
       if step != chosen:
         logging.warning("Deleting %s: %s", manager.directory / str(step),
@@ -125,6 +170,13 @@ class Checkpoints:
     step = self._newest(self.latest, self._delete_to_retrain())
     if step is None:
       return None
+    saved_by = _saved_process_count(self.latest.directory / str(step))
+    if saved_by is not None and saved_by != jax.process_count():
+      raise CheckpointError(
+          f"Checkpoint {self.latest.directory / str(step)} was saved by {saved_by} "
+          f"process(es), and this run has {jax.process_count()}: the data iterators' "
+          f"positions are saved per process. Resume with {saved_by} process(es), or delete "
+          f"{self.trial_dir} to train the trial again from step 0.")
     restored = self._restore(self.latest, step, ocp.args.Composite(
         state=ocp.args.StandardRestore(state),
         data=grain.checkpoint.CheckpointRestore(data_iterator),

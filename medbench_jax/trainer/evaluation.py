@@ -13,7 +13,9 @@ import functools
 import grain
 import jax
 from jax.experimental import multihost_utils
+import jax.numpy as jnp
 from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 import ml_collections
 import numpy as np
 
@@ -27,17 +29,27 @@ def predict(eval_step: Callable[[dict, dict], dict], variables: dict,
             dataset: grain.IterDataset, data_sharding: NamedSharding) -> dict[str, np.ndarray]:
   """The eval step's per-example outputs for the valid examples of a split, in order.
 
-  Batches are padded to whole batches (`valid` marks real examples); every process
-  returns the same complete arrays, gathered across hosts.
+  Batches are padded to whole batches (`valid` marks real examples). The outputs stay on
+  the devices until the split is done, then cross to the hosts at once: every process
+  returns the same complete arrays.
   """
   outputs = []
   for local_batch in pipeline.iterate(dataset):
     batch = sharding.to_global(local_batch, data_sharding)
-    out = {**eval_step(variables, batch), "valid": batch["valid"]}
-    outputs.append(multihost_utils.process_allgather(out, tiled=True))
-  gathered = {k: np.concatenate([o[k] for o in outputs]) for k in outputs[0]}
+    outputs.append({**eval_step(variables, batch), "valid": batch["valid"]})
+  gathered = multihost_utils.process_allgather(_stack(data_sharding)(outputs), tiled=True)
+  gathered = {k: v.reshape(-1, *v.shape[2:]) for k, v in gathered.items()}
   valid = gathered.pop("valid").astype(bool)
   return {k: v[valid] for k, v in gathered.items()}
+
+
+@functools.cache
+def _stack(data_sharding: NamedSharding) -> Callable[[list[dict]], dict]:
+  """[per-batch outputs] -> {key: (batches, batch, ...)}, each device keeping its part of
+  every batch (no communication)."""
+  stacked = NamedSharding(data_sharding.mesh, P(None, *data_sharding.spec))
+  return jax.jit(lambda outputs: {k: jnp.stack([o[k] for o in outputs]) for k in outputs[0]},
+                 out_shardings=stacked)
 
 
 @dataclasses.dataclass(frozen=True)

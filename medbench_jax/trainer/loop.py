@@ -159,7 +159,7 @@ class Loop:
                      speed.first_step_s)
         window.restart_clock()
 
-      preempted = runtime.preemption_requested(progress.step)
+      preempted = runtime.preemption_requested()
       evaluating = (progress.step % schedule.eval_every == 0
                     or progress.step == schedule.total_steps)
       # Every evaluation and save comes after a check of the steps since the last one, so

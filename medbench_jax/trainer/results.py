@@ -24,6 +24,7 @@ import jax
 import numpy as np
 
 import medbench_jax
+from medbench_jax import paths
 from medbench_jax.weights import sources as weight_sources
 
 _CHUNK = 1 << 20
@@ -90,8 +91,9 @@ def peak_rss_mb() -> float:
 
 
 def sha256_file(path: str | os.PathLike) -> str:
+  """The sha256 of a file, local or gs://..."""
   digest = hashlib.sha256()
-  with open(path, "rb") as f:
+  with paths.as_path(path).open("rb") as f:
     while chunk := f.read(_CHUNK):
       digest.update(chunk)
   return digest.hexdigest()
@@ -105,9 +107,10 @@ def weights_file(init: str) -> str | None:
   if init == "random":
     return None
   if init.startswith(weight_sources.RUN_PREFIX):
-    path = os.path.join(init[len(weight_sources.RUN_PREFIX):].split("/trial_")[0],
-                        "results.json")
-  elif init.startswith(weight_sources.TIMM_PREFIX):
+    # The earlier run may be in a bucket.
+    run = paths.as_path(init[len(weight_sources.RUN_PREFIX):].split("/trial_")[0])
+    return os.fspath(run / "results.json") if (run / "results.json").exists() else None
+  if init.startswith(weight_sources.TIMM_PREFIX):
     path = weight_sources.resolve_timm(init)
   else:
     path = init.partition(":")[2] if ":" in init and not os.path.exists(init) else init

@@ -16,6 +16,7 @@ from flax.training import train_state
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 import optax
 
 from medbench_jax import config_lib
@@ -61,6 +62,25 @@ def create_state(model: nn.Module, variables: dict, tx: optax.GradientTransforma
                            batch_stats=variables.get("batch_stats", {}), tx=tx)
 
 
+def create_sharded_state(model: nn.Module, variables: dict, tx: optax.GradientTransformation,
+                         mesh: jax.sharding.Mesh, shardings_of: Callable[[Any], Any]
+                         ) -> tuple[TrainState, Any]:
+  """The initial train state, created on the mesh already sharded, and its shardings.
+
+  `shardings_of(abstract_state)` gives the shardings of each leaf from its shape.
+  `variables` are the same in every process (one seed, one weights file): each passes its
+  copy to a jitted create_state whose outputs are laid out by the shardings, so the
+  optimizer state is born sharded and no process compares its arrays with the others'
+  (jax.device_put of host arrays onto several hosts' devices does, leaf by leaf).
+  """
+  variables = jax.tree.map(np.asarray, variables)
+  create = functools.partial(create_state, model, tx=tx)
+  shardings = shardings_of(jax.eval_shape(create, variables))
+  replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+  state = jax.jit(create, in_shardings=replicated, out_shardings=shardings)(variables)
+  return state, shardings
+
+
 def model_variables(state: TrainState) -> dict:
   """What `model.apply` takes in evaluation mode."""
   return {"params": state.params, **({"batch_stats": state.batch_stats}
@@ -68,7 +88,7 @@ def model_variables(state: TrainState) -> dict:
 
 
 def batch_statistics(images: jnp.ndarray, batch: dict) -> dict[str, jnp.ndarray]:
-  """min, max, mean and the count of non-finite values of the normalised images and of
+  """min, max, mean and the count of non-finite values of the normalized images and of
   every other array of a batch: what a non-finite step reports about its input."""
   arrays = {"image": images, **{k: v for k, v in batch.items() if k != "image"}}
   stats = {}

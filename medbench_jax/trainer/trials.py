@@ -10,12 +10,12 @@ the data iterator from its latest checkpoint.
 from __future__ import annotations
 
 import functools
+import io
 import os
 import time
 from typing import Any
 
 from absl import logging
-from clu import metric_writers
 from etils import epath
 import flax.linen as nn
 import jax
@@ -37,6 +37,7 @@ from medbench_jax.trainer import optim
 from medbench_jax.trainer import results as results_lib
 from medbench_jax.trainer import sharding
 from medbench_jax.trainer import state as state_lib
+from medbench_jax.trainer import tensorboard
 
 
 def input_size(config: ml_collections.ConfigDict, task: tasks.Task, channels: int) -> int:
@@ -85,10 +86,10 @@ def _model_and_state(config: ml_collections.ConfigDict, task: tasks.Task,
   size = input_size(config, task, splits.info.channels)
   model = state_lib.create_model(config, task.num_outputs)
   variables = state_lib.init_variables(config, model, task.num_outputs, size, seed)
-  state = state_lib.create_state(model, variables, optim.make_optimizer(
-      config.optim, schedule.total_steps, schedule.steps_per_epoch))
-  state_sharding = sharding.state_shardings(state, mesh, config)
-  state = jax.device_put(state, state_sharding)
+  state, state_sharding = state_lib.create_sharded_state(
+      model, variables, optim.make_optimizer(config.optim, schedule.total_steps,
+                                             schedule.steps_per_epoch), mesh,
+      lambda abstract: sharding.state_shardings(abstract, mesh, config))
   num_params = sum(x.size for x in jax.tree.leaves(state.params))
   if mesh.shape[sharding.FSDP] > 1:
     specs = [s.spec for s in jax.tree.leaves(state_sharding.params)]
@@ -132,7 +133,7 @@ def run_trial(config: ml_collections.ConfigDict, workdir: epath.Path, trial: int
   start = time.perf_counter()
   trial_dir.mkdir(parents=True, exist_ok=True)
   tb_dir = workdir / "tb" / f"trial_{trial}"
-  writer = metric_writers.create_default_writer(tb_dir, just_logging=not runtime.is_lead())
+  writer = tensorboard.create_writer(tb_dir, just_logging=not runtime.is_lead())
 
   # ---------------------------------------------------------------- input
   schedule = _schedule(config, len(splits.train))
@@ -150,7 +151,7 @@ def run_trial(config: ml_collections.ConfigDict, workdir: epath.Path, trial: int
   # ---------------------------------------------------------------- steps
   normalize = state_lib.normalizer(config)
   data_sharding = sharding.batch_sharding(mesh)
-  augment = device_transforms.Augment(task.pp_train(), seed) if on_device else None
+  augment = device_transforms.BatchAugment(task.pp_train(), seed) if on_device else None
   train_step = jax.jit(
       functools.partial(state_lib.train_step, loss_fn=task.loss, normalize=normalize,
                         dropout_rng=jax.random.key(seed + 10_000), augment=augment,
@@ -189,7 +190,7 @@ def run_trial(config: ml_collections.ConfigDict, workdir: epath.Path, trial: int
                                   splits.test, test=True)
   test = task.metrics(predictions)
   writer.write_scalars(progress.step, {f"test/{k}": v for k, v in test.items()})
-  writer.flush()
+  writer.close()
   logging.info("[trial %d] test (best step %d, %s): %s", trial, progress.best_step,
                task.pp_eval(test=True), task.describe(test, per_class=True))
   record = results_lib.trial_record(
@@ -198,9 +199,11 @@ def run_trial(config: ml_collections.ConfigDict, workdir: epath.Path, trial: int
       cost={"wall_s": round(time.perf_counter() - start, 1),
             "first_step_s": speed.first_step_s, "train_images_per_s": speed.images_per_s()})
   if runtime.is_lead():
-    # Written before result.json, which marks the trial finished.
-    with open(trial_dir / "test_predictions.npz", "wb") as f:
-      np.savez_compressed(f, **task.test_predictions(predictions))
+    # Written before result.json, which marks the trial finished; built in memory because
+    # zip archives seek back, which a bucket object being uploaded cannot.
+    npz = io.BytesIO()
+    np.savez_compressed(npz, **task.test_predictions(predictions))
+    paths.write_atomic(trial_dir / "test_predictions.npz", npz.getvalue())
     paths.write_json(result_path, record)
   ckpt.close()
   return record
@@ -209,8 +212,7 @@ def run_trial(config: ml_collections.ConfigDict, workdir: epath.Path, trial: int
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Runs all trials of `config` in `workdir` (data already prepared); returns results.json."""
   start = time.perf_counter()
-  # orbax's storage layer requires absolute paths; users type relative ones.
-  workdir = epath.Path(os.path.abspath(workdir))
+  workdir = paths.as_path(workdir)  # local (made absolute) or a bucket URL
   results_path = workdir / "results.json"
   if results_path.exists():
     results = paths.read_json(results_path)

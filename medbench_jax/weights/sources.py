@@ -20,6 +20,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import safetensors.numpy
 
+from medbench_jax import paths
 from medbench_jax.weights import safetensors_file
 
 TIMM_PREFIX = "timm:"
@@ -87,26 +88,23 @@ def read_run(spec: str) -> tuple[dict[str, np.ndarray], str]:
   `run:WORKDIR` takes the finished trial with the lowest best validation loss (its
   trial_K/result.json); `run:WORKDIR/trial_K` names the trial.
   """
-  target = os.path.abspath(spec[len(RUN_PREFIX):])
-  if os.path.basename(target).startswith("trial_"):
+  target = paths.as_path(spec[len(RUN_PREFIX):])  # a local folder or gs://...
+  if target.name.startswith("trial_"):
     trial_dir = target
   else:
-    results = {}
-    for path in glob.glob(os.path.join(target, "trial_*", "result.json")):
-      with open(path) as f:
-        results[os.path.dirname(path)] = json.load(f)["best_val_loss"]
+    results = {path.parent: json.loads(path.read_text())["best_val_loss"]
+               for path in target.glob("trial_*/result.json")}
     if not results:
       raise FileNotFoundError(f"{spec}: no finished trial (trial_K/result.json) in {target}; "
                               "name one with run:WORKDIR/trial_K if it has a best checkpoint.")
     trial_dir = min(results, key=results.get)
     logging.info("%s: using %s (best validation loss %.4f of %d trials)", spec,
-                 os.path.basename(trial_dir), results[trial_dir], len(results))
-  best = os.path.join(trial_dir, "ckpt", "best")
-  steps = sorted((int(s) for s in os.listdir(best) if s.isdigit()) if os.path.isdir(best)
-                 else [])
+                 trial_dir.name, results[trial_dir], len(results))
+  best = trial_dir / "ckpt" / "best"
+  steps = sorted(int(p.name) for p in best.iterdir() if p.name.isdigit()) if best.is_dir() else []
   if not steps:
     raise FileNotFoundError(f"{spec}: no best checkpoint under {best}")
-  path = os.path.join(best, str(steps[-1]), "state")
+  path = os.fspath(best / str(steps[-1]) / "state")
   checkpointer = ocp.PyTreeCheckpointer()
   tree = checkpointer.metadata(path).item_metadata
   wanted = {k: tree[k] for k in ("params", "batch_stats") if k in tree and tree[k]}
