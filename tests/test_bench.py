@@ -2,6 +2,7 @@
 figures (from a config, overridden by flags; on its real input), usage errors."""
 
 import json
+import os
 import subprocess
 import sys
 
@@ -19,8 +20,10 @@ def _tiny_config(tmp_path):
   return config
 
 
-def _run_bench(*args: str) -> tuple[list[dict], str]:
-  result = subprocess.run([sys.executable, "-m", "medbench_jax.bench", *args],
+def _run_bench(cache, *args: str) -> tuple[list[dict], str]:
+  """Runs the bench CLI; its results are recorded in `cache`, not in the user's cache."""
+  env = dict(os.environ, MEDBENCH_CACHE=str(cache))
+  result = subprocess.run([sys.executable, "-m", "medbench_jax.bench", *args], env=env,
                           capture_output=True, text=True, timeout=600, check=True)
   return [json.loads(line) for line in result.stdout.splitlines()], result.stderr
 
@@ -60,9 +63,9 @@ _STEP_FIELDS = {"bench", "model", "framework", "batch_size", "image_size", "dtyp
 
 
 @pytest.mark.e2e
-def test_train_bench_prints_a_json_line_per_framework():
-  lines, stderr = _run_bench("train", "--model=resnet18", "--batch=2", "--image_size=32",
-                             "--steps=2", "--peak_tflops=0.5")
+def test_train_bench_prints_a_json_line_per_framework(tmp_path):
+  lines, stderr = _run_bench(tmp_path / "cache", "train", "--model=resnet18", "--batch=2",
+                             "--image_size=32", "--steps=2", "--peak_tflops=0.5")
   assert len(lines) == 1
   line = lines[0]
   assert set(line) == _STEP_FIELDS, set(line) ^ _STEP_FIELDS
@@ -83,6 +86,10 @@ def test_train_bench_prints_a_json_line_per_framework():
     assert line["peak_device_memory_mb"] is None
   # The table on stderr has a row for it.
   assert "first_step_s" in stderr and "jax" in stderr
+  # The line is recorded per device kind, where the sweep planner reads step times.
+  (recorded,) = list((tmp_path / "cache" / "bench").iterdir())
+  (stamped,) = [json.loads(x) for x in recorded.read_text().splitlines()]
+  assert stamped.pop("time") and stamped == line
 
 
 def test_step_settings_are_the_trainers(tmp_path):
@@ -104,14 +111,15 @@ def test_config_sets_the_step_and_flags_override_it(tmp_path):
   config = ["--config=tests/configs/tiny.py",
             f"--config.dataset.manual_dir={tmp_path / 'phantom'}",
             f"--config.dataset.data_dir={tmp_path / 'tfds'}"]
-  (line,), _ = _run_bench("eval", *config, "--batch=4", "--dtype=bfloat16", "--steps=1")
+  (line,), _ = _run_bench(tmp_path / "cache", "eval", *config, "--batch=4",
+                          "--dtype=bfloat16", "--steps=1")
   assert (line["model"], line["batch_size"], line["image_size"], line["dtype"],
           line["num_outputs"], line["config"]) == (
               "swin_demo_patch4_window4_128", 4, 64, "bfloat16", 4, "tests/configs/tiny.py")
   assert line["mfu"] is None and line["flops_per_step"] > 0
   # Another model is built with its own defaults, not the config's Swin sizes.
-  (line,), _ = _run_bench("train", *config, "--model=resnet18", "--image_size=32",
-                          "--steps=1")
+  (line,), _ = _run_bench(tmp_path / "cache", "train", *config, "--model=resnet18",
+                          "--image_size=32", "--steps=1")
   assert (line["model"], line["batch_size"], line["image_size"], line["dtype"],
           line["num_outputs"]) == ("resnet18", 16, 32, "float32", 4)
 
@@ -180,4 +188,4 @@ def test_usage_error_lists_the_benchmarks(argv):
   result = subprocess.run([sys.executable, "-m", "medbench_jax.bench", *argv],
                           capture_output=True, text=True, timeout=600)
   assert result.returncode != 0
-  assert "input,train,eval,soak" in result.stderr
+  assert "input,train,eval,lower,soak" in result.stderr

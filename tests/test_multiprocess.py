@@ -6,9 +6,9 @@ import os
 import pathlib
 import queue
 import re
+import shlex
 import signal
 import subprocess
-import sys
 import threading
 import time
 
@@ -132,3 +132,107 @@ def test_ctrl_c_to_local_multiprocess_saves_exits_75_and_the_rerun_resumes(
     assert (f"Resuming trial 0 from step {step} "
             in (tmp_path / "logs2" / f"process_{i}.log").read_text())
   assert (workdir / "results.json").is_file()
+
+
+# ---------------------------------------------------------------- SLURM requeue
+
+# srun as SLURM runs it: each task in turn (SLURM_PROCID); with --kill-on-bad-exit=1 the
+# first task to exit non-zero gets the others killed (status 128 + SIGKILL), and srun
+# exits with the highest status.
+FAKE_SRUN = """kill_on_bad_exit=0
+while [[ "$1" == -* ]]; do [[ "$1" != --kill-on-bad-exit=1 ]] || kill_on_bad_exit=1; shift; done
+status=0; killed=0
+for ((i = 0; i < SLURM_NTASKS; i++)); do
+  if ((killed)); then s=137; else SLURM_PROCID=$i "$@"; s=$?; fi
+  ((s == 0 || !kill_on_bad_exit)) || killed=1
+  ((s <= status)) || status=$s
+done
+exit $status
+"""
+# medbench_jax.main, exiting with $FAKE_STATUS.
+FAKE_MAIN = 'echo "task $SLURM_PROCID: $*" >> "$FAKE_LOG"; exit "$FAKE_STATUS"\n'
+
+
+def _sbatch(tmp_path, tasks: int, status: int) -> tuple[subprocess.CompletedProcess, str]:
+  bin_dir = tmp_path / "bin"
+  bin_dir.mkdir()
+  for name, body in {"srun": FAKE_SRUN, "main": FAKE_MAIN,
+                     "scontrol": 'echo "scontrol $*" >> "$FAKE_LOG"\n'}.items():
+    (bin_dir / name).write_text("#!/bin/bash\n" + body)
+    (bin_dir / name).chmod(0o755)
+  log = tmp_path / "calls.txt"
+  log.touch()
+  env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "PYTHON": "main",
+         "FAKE_LOG": str(log), "FAKE_STATUS": str(status), "TMPDIR": str(tmp_path),
+         "SLURM_JOB_ID": "77", "SLURM_JOB_NODELIST": "gpu[1-2]", "SLURM_NTASKS": str(tasks)}
+  out = subprocess.run(["bash", str(helpers.REPO / "launch" / "slurm_multinode.sbatch"),
+                        "--workdir=/w"], capture_output=True, text=True, env=env, timeout=60)
+  return out, log.read_text()
+
+
+@pytest.mark.parametrize("tasks", [2, 1])
+def test_slurm_script_requeues_a_preempted_run_and_does_not_fail(tmp_path, tasks):
+  """Every task exits with 75: each one counts as a success for srun (no task is killed
+  while it exits), the job is requeued and the script ends with 0."""
+  out, calls = _sbatch(tmp_path, tasks, 75)
+  assert out.returncode == 0, out.stderr
+  assert calls.splitlines()[:tasks] == [
+      f"task {i}: -m medbench_jax.main --workdir=/w" + (" --multiprocess" if tasks > 1 else "")
+      for i in range(tasks)]
+  assert calls.splitlines()[tasks:] == ["scontrol requeue 77"]
+  assert "requeueing job 77 to resume" in out.stderr
+  assert not list(tmp_path.glob("medbench_preempted_*"))  # the marks are cleaned up
+
+
+@pytest.mark.parametrize("status", [0, 1])
+def test_slurm_script_neither_requeues_a_finished_nor_a_failed_run(tmp_path, status):
+  out, calls = _sbatch(tmp_path, 2, status)
+  assert "scontrol" not in calls
+  assert (out.returncode == 0) == (status == 0)
+
+
+def test_slurm_task_survives_the_signal_and_reports_the_preemption(tmp_path):
+  """SLURM signals every process of a task: the wrapper shell outlives the signal, waits
+  for main to save and exit with 75, and then reports it."""
+  out = subprocess.run(["bash", str(helpers.REPO / "launch" / "slurm_multinode.sbatch"),
+                        "--workdir=/w"], capture_output=True, text=True, timeout=60,
+                       env={**os.environ, "DRY_RUN": "1", "SLURM_JOB_ID": "77",
+                            "SLURM_JOB_NODELIST": "gpu1", "SLURM_NTASKS": "1"})
+  wrapper = shlex.split(out.stdout)[1:4]  # bash -c SCRIPT
+  main = "trap 'sleep 1; exit 75' TERM; echo ready; while :; do sleep 0.1; done"
+  task = subprocess.Popen([*wrapper, "medbench_task", str(tmp_path), "bash", "-c", main],
+                          stdout=subprocess.PIPE, text=True, start_new_session=True,
+                          env={**os.environ, "SLURM_PROCID": "3"})
+  assert task.stdout.readline() == "ready\n"
+  os.killpg(task.pid, signal.SIGTERM)
+  assert task.wait(timeout=30) == 0
+  assert (tmp_path / "task_3").is_file()
+
+
+# ---------------------------------------------------------------- another process count
+
+
+def test_resuming_with_another_process_count_stops_naming_both_counts(tmp_path):
+  """A `latest` checkpoint saved by 2 processes (grain's data/process_I-of-2.json, made
+  here from a 1-process save) is refused before anything is restored."""
+  from etils import epath
+  import grain
+  import numpy as np
+
+  from medbench_jax.trainer import checkpoints
+  trial = tmp_path / "trial_0"
+  ckpt = checkpoints.Checkpoints(epath.Path(trial / "ckpt"))
+  iterator = iter(grain.MapDataset.range(16).batch(4).to_iter_dataset())
+  ckpt.save_latest(4, {"w": np.ones(8, np.float32)}, iterator, {"step": 4})
+  ckpt.close()
+  folder = trial / "ckpt" / "latest" / "4"
+  saved = folder / "data" / "process_0-of-1.json"
+  for i in range(2):
+    (folder / "data" / f"process_{i}-of-2.json").write_bytes(saved.read_bytes())
+  saved.unlink()
+  checkpoints.write_manifest(epath.Path(folder))
+  with pytest.raises(checkpoints.CheckpointError) as error:
+    checkpoints.Checkpoints(epath.Path(trial / "ckpt")).restore_latest(None, None)
+  assert (f"Checkpoint {folder} was saved by 2 process(es), and this run has 1"
+          in str(error.value))
+  assert f"Resume with 2 process(es), or delete {trial}" in str(error.value)

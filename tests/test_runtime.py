@@ -2,6 +2,8 @@
 a run's first log lines name the backend and its devices."""
 
 import logging
+import os
+import signal
 import subprocess
 import sys
 
@@ -44,3 +46,78 @@ def test_the_backend_and_device_counts_are_logged(caplog):
   (line,) = [r.getMessage() for r in caplog.records if "JAX backend" in r.getMessage()]
   assert line == (f"JAX backend: cpu (cpu), {jax.local_device_count()} local device(s), "
                   f"{jax.device_count()} global device(s), process 0 of 1.")
+
+
+# ---------------------------------------------------------------- SLURM
+
+
+def _initialize_arguments(monkeypatch, **env: str) -> dict:
+  """What runtime.join passes to jax.distributed.initialize in a SLURM task with `env`."""
+  for name in list(os.environ):
+    if name.startswith("SLURM_") or name in ("CUDA_VISIBLE_DEVICES", "JAX_LOCAL_DEVICE_IDS"):
+      monkeypatch.delenv(name)
+  for name, value in {"SLURM_JOB_ID": "4242", "SLURM_STEP_NODELIST": "gpu[017-018]",
+                      "SLURM_NTASKS": "2", **env}.items():
+    monkeypatch.setenv(name, value)
+  calls = []
+  monkeypatch.setattr(jax.distributed, "initialize", lambda *a, **kw: calls.append((a, kw)))
+  runtime.join()
+  ((args, kwargs),) = calls
+  assert args == (None, None, None)  # found by JAX from the SLURM variables
+  return kwargs
+
+
+def _as_jax_completes(local_device_ids) -> tuple:
+  """(coordinator, processes, process id, local device ids) as jax.distributed completes
+  them from the environment."""
+  from jax._src import clusters
+  return clusters.ClusterEnv.auto_detect_unset_distributed_params(
+      None, None, None, local_device_ids, None, 300)
+
+
+def test_slurm_task_alone_on_its_node_uses_all_of_its_gpus(monkeypatch):
+  kwargs = _initialize_arguments(
+      monkeypatch, SLURM_PROCID="1", SLURM_LOCALID="0", SLURM_NODEID="1",
+      SLURM_STEP_TASKS_PER_NODE="1(x2)", SLURM_NTASKS_PER_NODE="1",
+      CUDA_VISIBLE_DEVICES="0,1,2,3,4,5,6,7")
+  assert kwargs["local_device_ids"] == list(range(8))
+  assert _as_jax_completes(kwargs["local_device_ids"])[1:] == (2, 1, list(range(8)))
+  # Left to JAX, the process would see the GPU of its local rank alone.
+  assert _as_jax_completes(None)[3] == [0]
+
+
+def test_slurm_gpus_on_node_counts_when_cuda_visible_devices_is_unset(monkeypatch):
+  kwargs = _initialize_arguments(
+      monkeypatch, SLURM_PROCID="0", SLURM_LOCALID="0", SLURM_NODEID="0",
+      SLURM_STEP_TASKS_PER_NODE="1,4", SLURM_GPUS_ON_NODE="4")
+  assert kwargs["local_device_ids"] == [0, 1, 2, 3]
+
+
+@pytest.mark.parametrize("tasks_per_node,node", [("8(x2)", "1"), ("1,4", "1")])
+def test_slurm_task_per_gpu_keeps_the_gpu_of_its_local_rank(monkeypatch, tasks_per_node,
+                                                             node):
+  kwargs = _initialize_arguments(
+      monkeypatch, SLURM_NTASKS="16", SLURM_PROCID="11", SLURM_LOCALID="3",
+      SLURM_NODEID=node, SLURM_STEP_TASKS_PER_NODE=tasks_per_node,
+      CUDA_VISIBLE_DEVICES="0,1,2,3,4,5,6,7")
+  assert kwargs["local_device_ids"] is None
+  assert _as_jax_completes(None)[3] == [3]
+
+
+def test_outside_slurm_jax_decides(monkeypatch):
+  assert _initialize_arguments(monkeypatch)["local_device_ids"] is None
+
+
+# ---------------------------------------------------------------- preemption
+
+
+def test_a_signal_stops_a_single_process_run_at_the_next_check():
+  handlers = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
+  try:
+    runtime.watch_for_preemption()
+    assert not runtime.preemption_requested()
+    signal.raise_signal(signal.SIGTERM)
+    assert runtime.preemption_requested()
+  finally:
+    for signum, handler in handlers.items():
+      signal.signal(signum, handler)

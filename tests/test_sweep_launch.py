@@ -115,29 +115,18 @@ SLURM_ENV = {"SLURM_JOB_ID": "123456", "SLURM_JOB_NODELIST": "gpu[017-018]",
              "SLURM_NTASKS": "16", "DRY_RUN": "1"}
 
 
-def test_slurm_script_runs_one_process_per_gpu_with_multiprocess():
+@pytest.mark.parametrize("per_node", ["8", "1"], ids=["process-per-gpu", "process-per-node"])
+def test_slurm_script_runs_every_task_with_multiprocess(per_node):
+  """jax.distributed finds the coordinator and, for a task alone on its node, all of the
+  node's GPUs (runtime.slurm_node_device_ids); each task goes through the wrapper that
+  reports a preempted run (tests/test_multiprocess.py)."""
   out = _bash("slurm_multinode.sbatch", "--config=configs/swin.py", "--workdir=/w",
-              env=SLURM_ENV)
-  assert shlex.split(out.stdout) == ["srun", "--kill-on-bad-exit=1", "python3", "-m",
-                                     "medbench_jax.main", "--config=configs/swin.py",
-                                     "--workdir=/w", "--multiprocess"]
-
-
-def test_slurm_script_one_process_per_node_names_the_coordinator(tmp_path):
-  env = {**SLURM_ENV, "SLURM_NTASKS": "2", "SLURM_NTASKS_PER_NODE": "1",
-         **_fake_tools(tmp_path, scontrol='[[ "$1 $2" == "show hostnames" ]] && '
-                                          'printf "gpu017\\ngpu018\\n"')}
-  out = _bash("slurm_multinode.sbatch", "--config=configs/swin.py", "--workdir=/w", env=env)
+              env={**SLURM_ENV, "SLURM_NTASKS_PER_NODE": per_node, "TMPDIR": "/tmp"})
   command = shlex.split(out.stdout)
   assert command[:4] == ["srun", "--kill-on-bad-exit=1", "bash", "-c"]
-  assert command[5:] == ["python3", "gpu017:62016", "--config=configs/swin.py", "--workdir=/w"]
-  # What each task's shell then runs (python replaced by echo), e.g. on the second node:
-  task = subprocess.run(["bash", "-c", command[4], "echo", *command[6:]], capture_output=True,
-                        text=True, env={**os.environ, "SLURM_NTASKS": "2",
-                                        "SLURM_PROCID": "1"}, check=True)
-  assert task.stdout.split() == ["-m", "medbench_jax.main", "--config=configs/swin.py",
-                                 "--workdir=/w", "--coordinator_address=gpu017:62016",
-                                 "--num_processes=2", "--process_id=1"]
+  assert command[5:] == ["medbench_task", "/tmp/medbench_preempted_123456_0", "python3", "-m",
+                         "medbench_jax.main", "--config=configs/swin.py", "--workdir=/w",
+                         "--multiprocess"]
 
 
 def test_slurm_script_refuses_what_it_sets_itself_and_needs_slurm():
