@@ -21,6 +21,11 @@ LEAVES = {
     "medbench_jax.pixel_stats": set(),
     "medbench_jax.models.registry": {"medbench_jax.pixel_stats"},
     "medbench_jax.data.prepare.registry": set(),
+    # Listing the data sets' licences (`prepare --list`) loads no builder, TFDS or OpenCV.
+    "medbench_jax.data.prepare.licences": {"medbench_jax.data.prepare.registry"},
+    "medbench_jax.study.slots": set(),
+    "medbench_jax.tasks.calibration": set(),
+    "medbench_jax.tasks.surface": set(),
     # `normalization()` reads a model's pretrained config from the model registry.
     "medbench_jax.config_lib": {"medbench_jax.pixel_stats", "medbench_jax.models"},
 }

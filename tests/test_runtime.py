@@ -111,7 +111,11 @@ def test_outside_slurm_jax_decides(monkeypatch):
 # ---------------------------------------------------------------- preemption
 
 
-def test_a_signal_stops_a_single_process_run_at_the_next_check():
+def test_a_signal_stops_a_single_process_run_at_the_next_check(monkeypatch):
+  # The signal's record is process state: restored afterwards, so later in-process
+  # trainings are not told to stop.
+  monkeypatch.setattr(runtime, "_preemption_signal", None)
+  monkeypatch.setattr(runtime, "_preemption_checks", 0)
   handlers = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
   try:
     runtime.watch_for_preemption()

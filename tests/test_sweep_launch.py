@@ -16,7 +16,7 @@ from medbench_jax.study import sweep
 from tests.helpers import REPO
 
 LAUNCH = REPO / "launch"
-SCRIPTS = ("tpu.sh", "slurm_multinode.sbatch", "local_multiprocess.sh")
+SCRIPTS = ("tpu.sh", "slurm_multinode.sbatch", "local_multiprocess.sh", "accelerator_check.sh")
 
 
 def _bash(script, *args, env=None, check=True):
@@ -48,8 +48,40 @@ def test_scripts_are_shellcheck_clean():
 def test_help_prints_the_usage(script):
   out = _bash(script, "--help")
   assert out.stdout.splitlines()[0].startswith(("Cloud TPU", "One medbench_jax run",
-                                                "Several medbench_jax"))
+                                                "Several medbench_jax", "One check of a GPU"))
   assert "set -euo" not in out.stdout and "#SBATCH" not in out.stdout
+
+
+def test_accelerator_check_runs_every_measurement_and_reports_failures(tmp_path):
+  # A stand-in python: logs its arguments, prints a JSON line, and fails `bench lower`.
+  log = tmp_path / "calls.txt"
+  env = _fake_tools(tmp_path, python=f"""
+echo "$*" >> {log}
+case "$*" in
+  *"bench lower"*) exit 3 ;;
+  *"bench train"*) echo '{{"bench": "train"}}' ;;
+  *"medbench_jax.main"*) mkdir -p "$(dirname "$0")/../out/demo" ;;
+esac
+""")
+  env.update(OUT=str(tmp_path / "out"), MODELS="resnet50 unet_resnet50", PEAK_TFLOPS="989")
+  out = _bash("accelerator_check.sh", env=env, check=False)
+  assert out.returncode == 1
+  calls = log.read_text().splitlines()
+  trains = [c for c in calls if "bench train" in c]
+  assert len(trains) == 3  # two models and the real-input pipeline
+  assert all("--dtype=bfloat16" in c and "--peak_tflops=989" in c for c in trains)
+  assert "--image_size=224" in trains[0] and "--batch=32" in trains[0]
+  # timm has no U-Net to compare with.
+  assert "--compare_torch" not in trains[1]
+  assert "--real_input" in trains[2]
+  lowers = [c for c in calls if "bench lower" in c]
+  assert [c.split("--config=")[1].split()[0] for c in lowers] == [
+      "configs/resnet50.py:data=chestxray14", "configs/unet_resnet50.py:data=jsrt_lungs"]
+  assert all("--compile" in c for c in lowers)
+  assert any("medbench_jax.main" in c and "--config.train.max_steps=200" in c
+             for c in calls)
+  errors = [json.loads(line) for line in out.stdout.splitlines() if '"error"' in line]
+  assert [e["check"] for e in errors][:2] == ["lower_resnet50", "lower_unet_resnet50"]
 
 
 @pytest.mark.parametrize("args,message", [

@@ -14,7 +14,8 @@
   sweep.py            sweep files' grids and chains; a sweep's plan, states, sweep.json
   slots.py            where points run: a device (GPU, TPU chip) each by default, per
                       backend, and the environment of each point's process
-  planner.py          a sweep's expected device-hours and wall time (its dry run)
+  planner.py          a sweep's expected device-hours and wall time (its dry run), from
+                      `bench train|eval` step times cached per device kind
   sweep_local.py      runs a sweep's points here, on this machine's slots
   sweep_slurm.py      job arrays per dependency wave through submitit, a point per GPU
   sweep_tpu.py        a point per chip of a TPU VM or pod slice (launch/tpu.sh)
