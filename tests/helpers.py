@@ -3,9 +3,13 @@ ways tests start runs of the command lines."""
 
 import os
 import pathlib
+import queue
+import re
 import socket
 import subprocess
 import sys
+import threading
+import time
 
 import ml_collections
 
@@ -71,3 +75,41 @@ def scalars(event_dir: os.PathLike, tag: str) -> list[float]:
         if v.tag == tag:
           values[event.step] = float(tf.make_ndarray(v.tensor))
   return [values[k] for k in sorted(values)]
+
+
+class ProcessOutput:
+  """The output of a running process (stdout with stderr merged), read line by line on a
+  thread, so that a test can wait for a line while the process goes on."""
+
+  def __init__(self, proc: subprocess.Popen, wait_timeout: float = 600,
+               finish_timeout: float = 1800):
+    self.proc, self.lines, self._queue = proc, [], queue.Queue()
+    self.wait_timeout, self.finish_timeout = wait_timeout, finish_timeout
+    threading.Thread(target=self._read, daemon=True).start()
+
+  def _read(self) -> None:
+    for line in self.proc.stdout:
+      self._queue.put(line)
+    self._queue.put(None)
+
+  @property
+  def output(self) -> str:
+    return "".join(self.lines)
+
+  def wait_for(self, pattern: str, timeout: float | None = None) -> re.Match:
+    """Reads output until a line matches `pattern`; fails if the process ends first."""
+    deadline = time.monotonic() + (timeout or self.wait_timeout)
+    while True:
+      line = self._queue.get(timeout=max(deadline - time.monotonic(), 0.1))
+      assert line is not None, f"ended without {pattern!r}:\n{self.output[-4000:]}"
+      self.lines.append(line)
+      match = re.search(pattern, line)
+      if match:
+        return match
+
+  def finish(self, timeout: float | None = None) -> int:
+    """Waits for the end of the process; its exit status."""
+    deadline = time.monotonic() + (timeout or self.finish_timeout)
+    while (line := self._queue.get(timeout=max(deadline - time.monotonic(), 0.1))) is not None:
+      self.lines.append(line)
+    return self.proc.wait(timeout=60)

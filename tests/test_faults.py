@@ -17,7 +17,6 @@ import glob
 import json
 import os
 import pathlib
-import queue
 import re
 import resource
 import shutil
@@ -25,7 +24,6 @@ import signal
 import struct
 import subprocess
 import sys
-import threading
 import time
 import zipfile
 import zlib
@@ -53,47 +51,18 @@ def _prepared(phantom_dir):
 # ---------------------------------------------------------------- running the CLI
 
 
-class Process:
+class Process(helpers.ProcessOutput):
   """A command line run through tests/fault_runner.py, its output read line by line."""
 
   def __init__(self, module, *args, hook=None, batch_log=None, devices=1, prefix=()):
     runner = [f"--hook={hook}"] if hook else []
     runner += [f"--batch_log={batch_log}"] if batch_log else []
     # Its own process group, as a batch job has: signals can go to the whole group.
-    self.proc = subprocess.Popen(
+    super().__init__(subprocess.Popen(
         [*prefix, sys.executable, "tests/fault_runner.py", *runner, module, *args],
         cwd=helpers.REPO, env=helpers.subprocess_env(devices), stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT, text=True, start_new_session=True)
-    self.lines = []
-    self._queue = queue.Queue()
-    threading.Thread(target=self._read, daemon=True).start()
-
-  def _read(self):
-    for line in self.proc.stdout:
-      self._queue.put(line)
-    self._queue.put(None)
-
-  @property
-  def output(self) -> str:
-    return "".join(self.lines)
-
-  def wait_for(self, pattern: str, timeout: float = HOOK_TIMEOUT_S) -> re.Match:
-    """Reads output until a line matches `pattern`; fails if the process ends first."""
-    deadline = time.monotonic() + timeout
-    while True:
-      line = self._queue.get(timeout=max(deadline - time.monotonic(), 0.1))
-      assert line is not None, f"ended without {pattern!r}:\n{self.output[-4000:]}"
-      self.lines.append(line)
-      match = re.search(pattern, line)
-      if match:
-        return match
-
-  def finish(self, timeout: float = 1800) -> int:
-    """Waits for the end of the process; its exit status."""
-    deadline = time.monotonic() + timeout
-    while (line := self._queue.get(timeout=max(deadline - time.monotonic(), 0.1))) is not None:
-      self.lines.append(line)
-    return self.proc.wait(timeout=60)
+        stderr=subprocess.STDOUT, text=True, start_new_session=True),
+        wait_timeout=HOOK_TIMEOUT_S)
 
   def kill_at(self, pattern: str) -> None:
     """SIGKILLs the process (not its workers: they must notice by themselves)."""

@@ -4,12 +4,10 @@ the SLURM script's handling of a preempted run, with stand-ins for srun and scon
 
 import os
 import pathlib
-import queue
 import re
 import shlex
 import signal
 import subprocess
-import threading
 import time
 
 import pytest
@@ -22,41 +20,12 @@ SAVED = r"preempted: state saved at step (\d+)"
 RUN_TIMEOUT_S = 600
 
 
-class Output:
-  """The output of a running process, read line by line on a thread."""
-
-  def __init__(self, proc: subprocess.Popen):
-    self.proc, self.lines, self._queue = proc, [], queue.Queue()
-    threading.Thread(target=self._read, daemon=True).start()
-
-  def _read(self) -> None:
-    for line in self.proc.stdout:
-      self._queue.put(line)
-    self._queue.put(None)
-
-  @property
-  def text(self) -> str:
-    return "".join(self.lines)
-
-  def wait_for(self, pattern: str, timeout: float = RUN_TIMEOUT_S) -> None:
-    deadline = time.monotonic() + timeout
-    while (line := self._queue.get(timeout=max(deadline - time.monotonic(), 0.1))) is not None:
-      self.lines.append(line)
-      if re.search(pattern, line):
-        return
-    raise AssertionError(f"ended without {pattern!r}:\n{self.text[-4000:]}")
-
-  def finish(self, timeout: float = RUN_TIMEOUT_S) -> int:
-    deadline = time.monotonic() + timeout
-    while (line := self._queue.get(timeout=max(deadline - time.monotonic(), 0.1))) is not None:
-      self.lines.append(line)
-    return self.proc.wait(timeout=60)
-
-
-def _two_processes(workdir, phantom_dir) -> list[Output]:
+def _two_processes(workdir, phantom_dir) -> list[helpers.ProcessOutput]:
   address = f"--coordinator_address=127.0.0.1:{helpers.free_port()}"
-  return [Output(helpers.main(workdir, phantom_dir, TINY, address, "--num_processes=2",
-                              f"--process_id={i}", devices=2, wait=False))
+  return [helpers.ProcessOutput(
+      helpers.main(workdir, phantom_dir, TINY, address, "--num_processes=2",
+                   f"--process_id={i}", devices=2, wait=False),
+      wait_timeout=RUN_TIMEOUT_S, finish_timeout=RUN_TIMEOUT_S)
           for i in range(2)]
 
 
@@ -83,13 +52,13 @@ def test_sigterm_to_every_process_saves_one_step_exits_75_and_the_rerun_resumes(
   for run in runs:
     run.proc.send_signal(signal.SIGTERM)
   statuses = [run.finish() for run in runs]
-  assert statuses == [75, 75], [run.text[-3000:] for run in runs]
-  step = _saved_step([run.text for run in runs], workdir)
+  assert statuses == [75, 75], [run.output[-3000:] for run in runs]
+  step = _saved_step([run.output for run in runs], workdir)
 
   reruns = _two_processes(workdir, phantom_dir)
   for rerun in reruns:
-    assert rerun.finish() == 0, rerun.text[-4000:]
-    assert f"Resuming trial 0 from step {step} " in rerun.text
+    assert rerun.finish() == 0, rerun.output[-4000:]
+    assert f"Resuming trial 0 from step {step} " in rerun.output
   assert (workdir / "results.json").is_file()
 
 
