@@ -74,7 +74,6 @@ def trainer_steps(config: ml_collections.ConfigDict, seed: int = 0) -> tuple[lis
   prepared: its builder states the example shapes."""
   from medbench_jax import config_checks
   from medbench_jax import tasks
-  from medbench_jax.data import device_transforms
   from medbench_jax.data import prepare
   from medbench_jax.data import sources
   from medbench_jax.trainer import optim
@@ -97,12 +96,8 @@ def trainer_steps(config: ml_collections.ConfigDict, seed: int = 0) -> tuple[lis
 
   normalize = state_lib.normalizer(config)
   on_device = config.input.augment_on_device
-  augment = device_transforms.BatchAugment(task.pp_train(), seed) if on_device else None
-  train_step = jax.jit(
-      functools.partial(state_lib.train_step, loss_fn=task.loss, normalize=normalize,
-                        dropout_rng=jax.random.key(seed + 10_000), augment=augment,
-                        skip_nonfinite=config.train.nonfinite == "skip"),
-      donate_argnums=(0,))
+  train_step = jax.jit(trials.train_step_fn(config, task, normalize, seed),
+                       donate_argnums=(0,))
   eval_step = jax.jit(task.make_eval_step(model.apply, normalize))
   example = functools.partial(_example, config, builder, task.keys)
   train_batch = _batch(example("" if on_device else task.pp_train()),

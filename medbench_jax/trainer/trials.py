@@ -119,6 +119,18 @@ def _restore_or_start(config: ml_collections.ConfigDict, ckpt: checkpoints_lib.C
       factor=config.optim.plateau_factor, patience=config.train.patience // 2))
 
 
+def train_step_fn(config: ml_collections.ConfigDict, task: tasks.Task,
+                  normalize: Any, seed: int) -> Any:
+  """The trial's update step, unjitted: `(state, batch) -> (state, metrics)`, with the
+  task's loss, on-device augmentation where configured and the trial's dropout key.
+  `bench lower` lowers this same function."""
+  augment = (device_transforms.BatchAugment(task.pp_train(), seed)
+             if config.input.augment_on_device else None)
+  return functools.partial(state_lib.train_step, loss_fn=task.loss, normalize=normalize,
+                           dropout_rng=jax.random.key(seed + 10_000), augment=augment,
+                           skip_nonfinite=config.train.nonfinite == "skip")
+
+
 def run_trial(config: ml_collections.ConfigDict, workdir: epath.Path, trial: int,
               splits: sources.Splits, task: tasks.Task, mesh: jax.sharding.Mesh) -> dict:
   """Trial `trial` of the run in `workdir` (seed config.seed + trial): trains it, resuming
@@ -151,11 +163,8 @@ def run_trial(config: ml_collections.ConfigDict, workdir: epath.Path, trial: int
   # ---------------------------------------------------------------- steps
   normalize = state_lib.normalizer(config)
   data_sharding = sharding.batch_sharding(mesh)
-  augment = device_transforms.BatchAugment(task.pp_train(), seed) if on_device else None
   train_step = jax.jit(
-      functools.partial(state_lib.train_step, loss_fn=task.loss, normalize=normalize,
-                        dropout_rng=jax.random.key(seed + 10_000), augment=augment,
-                        skip_nonfinite=config.train.nonfinite == "skip"),
+      train_step_fn(config, task, normalize, seed),
       in_shardings=(state_sharding, data_sharding),
       out_shardings=(state_sharding, sharding.replicated(mesh)), donate_argnums=(0,))
   evaluator = evaluation.Evaluator.create(config, task, model.apply, normalize, data_sharding)
