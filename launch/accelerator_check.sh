@@ -13,7 +13,7 @@
 # peak bf16 TFLOP/s, for MFU; H100 SXM 989, H200 989, TPU v4 275, v5e 197), MODELS (a
 # space-separated subset of the paper models), STEP_TIMEOUT (seconds per command, 240).
 set -uo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/.." || exit 1
 
 if [[ "${1:-}" == "--help" || "${1:-}" == "-h" ]]; then
   sed -n '2,14p' "$0" | sed 's/^# \{0,1\}//'

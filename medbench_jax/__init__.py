@@ -43,7 +43,7 @@ import data; registries are leaf modules). docs/architecture.md describes it in 
 
 Data flow of a run: config file -> main (flags, runtime.start) -> config_checks.validate ->
 data.sources.prepare_for_run (each host, or the lead into a shared data_dir; then a barrier) ->
-trainer.trials.train_and_evaluate: data.sources.open_splits -> tasks.for_dataset (the
+trainer.run.train_and_evaluate: data.sources.open_splits -> tasks.for_dataset (the
 data set's kind picks the task) -> per trial: grain pipelines (data.pipeline) -> model
 (models.create) with initial weights (weights.load) -> jitted, sharded update steps
 (trainer.loop.Loop.fit) with evaluation, early stopping and checkpoints -> the best checkpoint

@@ -14,6 +14,7 @@ from medbench_jax.data import device_transforms
 from medbench_jax.data import sources
 from medbench_jax.data import transforms
 from medbench_jax.data.prepare import registry as data_registry
+from medbench_jax.tasks import classification
 from medbench_jax.tasks import segmentation
 from medbench_jax.trainer import optim
 from medbench_jax.trainer import sharding
@@ -49,6 +50,7 @@ def validate(config: ml_collections.ConfigDict, *, model_fits_task: bool = True)
         ("float32", "bfloat16"))
   sources.validate_dataset_config(config.dataset)
   segmentation.validate(config)
+  classification.validate(config)
   optim.validate(config.optim)
   sharding.validate(config)
   normalizations = (*config_lib.NORMALIZATIONS, config_lib.MODEL_NORMALIZATION)
@@ -71,6 +73,13 @@ def validate(config: ml_collections.ConfigDict, *, model_fits_task: bool = True)
   check(not profile or (len(parts := profile.split(":")) == 2 and all(
       p.isdigit() for p in parts) and int(parts[0]) < int(parts[1])),
         "train.profile_steps", profile, '"" or "START:STOP" with START < STOP')
+  check(config.train.gradcam_images >= 0, "train.gradcam_images",
+        config.train.gradcam_images, ">= 0 (0: off)")
+  pack = config.train.pack_trials
+  check(pack == "auto" or (isinstance(pack, int) and not isinstance(pack, bool) and pack >= 1),
+        "train.pack_trials", pack, 'a positive integer or "auto"')
+  check(pack == 1 or not profile, "train.pack_trials", pack,
+        "1 while train.profile_steps is set (profiles are of one trial's steps)")
   for key in ("pp_train", "pp_eval", "pp_test"):
     try:
       transforms.parse(config.input[key])

@@ -37,6 +37,7 @@ def default_config() -> ml_collections.ConfigDict:
   _add_mesh(c)
   _add_optim(c)
   _add_train(c)
+  _add_eval(c)
   c.lock()
   return c
 
@@ -169,6 +170,23 @@ def _add_train(c: ml_collections.ConfigDict) -> None:
   # "START:STOP": capture a profiler trace of steps [START, STOP) into the trial's
   # TensorBoard folder (TensorBoard's profile plugin shows it); "" = off.
   c.train.profile_steps = ""
+  # Trials trained together as one vmapped program (trainer/packed.py): 1 = one after
+  # another; N = groups of N; "auto" = as many as the compiled step's memory allows.
+  c.train.pack_trials = ml_collections.FieldReference(1, field_type=object)  # int | "auto"
+  # Grad-CAM overlays of this many fixed validation images at every validation
+  # (TensorBoard val/gradcam; classification); 0 = off.
+  c.train.gradcam_images = 8
+
+
+def _add_eval(c: ml_collections.ConfigDict) -> None:
+  """config.eval: what each trial adds to its result.json after its test (Task.post_hoc)."""
+  c.eval = ml_collections.ConfigDict()
+  # Classification: per-class thresholds chosen on validation, "youden" (max sensitivity +
+  # specificity - 1), "f1", "sensitivity:T" or "specificity:T" (a target T in (0, 1]).
+  c.eval.threshold_rule = "youden"
+  # Percentile bootstrap resamples of the test set behind the operating points' intervals
+  # (0: no intervals).
+  c.eval.bootstrap_resamples = 1000
 
 
 def parse_arg(arg: str | None, **defaults: Any) -> ml_collections.ConfigDict:

@@ -82,13 +82,18 @@ class SelectedClasses(Sequence):
     return {**example, self.key: np.asarray(example[self.key])[..., list(self.columns)]}
 
 
+def best_variables(config: ml_collections.ConfigDict, workdir: str, trial: int,
+                   num_outputs: int) -> dict:
+  """Trial `trial`'s best checkpoint of the finished run in `workdir`, head included, as
+  host arrays (the model's variables)."""
+  from medbench_jax import weights
+  return weights.load(config.model.name, f"run:{workdir}/trial_{trial}", num_outputs,
+                      keep_head=True, **config.model.kw.to_dict())
+
+
 def evaluate_run(workdir: str, config: ml_collections.ConfigDict) -> dict:
   """Tests every finished trial of the run in `workdir` on `config.dataset`'s test split."""
-
-  import jax
-
   from medbench_jax import tasks
-  from medbench_jax import weights
   from medbench_jax.data import sources
   from medbench_jax.trainer import evaluation
   from medbench_jax.trainer import results as results_lib
@@ -97,7 +102,7 @@ def evaluate_run(workdir: str, config: ml_collections.ConfigDict) -> dict:
   start = time.perf_counter()
   run = paths.read_json(paths.as_path(workdir) / "results.json")
   splits = sources.open_splits(config.dataset)
-  run_task = tasks.for_dataset(config, _run_info(splits.info, run))
+  run_task = tasks.for_dataset(config, run_info(splits.info, run))
   pairs = match_classes(run["class_names"], splits.info.class_names)
   if not pairs:
     raise ValueError(f"The run's classes {run['class_names']} share none with "
@@ -124,9 +129,8 @@ def evaluate_run(workdir: str, config: ml_collections.ConfigDict) -> dict:
 
   trials = []
   for k, trial in enumerate(run["trials"]):
-    variables = weights.load(config.model.name, f"run:{workdir}/trial_{k}",
-                             run_task.num_outputs, keep_head=True, **config.model.kw.to_dict())
-    variables = jax.device_put(variables, sharding.replicated(mesh))
+    variables = sharding.put_replicated(
+        best_variables(config, workdir, k, run_task.num_outputs), mesh)
     metrics = task.metrics(evaluator.predict(variables, test_split, test=True))
     logging.info("trial %d on %s: %s", k, config.dataset.name, task.describe(metrics, True))
     trials.append(results_lib.trial_record(
@@ -151,7 +155,7 @@ def evaluate_run(workdir: str, config: ml_collections.ConfigDict) -> dict:
   return result
 
 
-def _run_info(info, run: dict):
+def run_info(info, run: dict):
   """The data-set description the run was trained with (its classes and kind)."""
   return dataclasses.replace(info, class_names=tuple(run["class_names"]),
                              eval_class_names=tuple(run.get("eval_class_names",

@@ -54,7 +54,7 @@ def main(argv):
                 heartbeat_timeout_s=_HEARTBEAT_TIMEOUT.value)
 
   from medbench_jax.data import sources
-  from medbench_jax.trainer import trials
+  from medbench_jax.trainer import run
   config = _CONFIG.value
   config_checks.validate(config)
   workdir = _WORKDIR.value or paths.default_workdir(
@@ -67,7 +67,7 @@ def main(argv):
                             barrier="dataset_prepared")
   runtime.watch_for_preemption()
   try:
-    trials.train_and_evaluate(config, workdir)
+    run.train_and_evaluate(config, workdir)
   except runtime.Preempted as e:
     logging.warning("Preempted at step %s; state saved in %s. Rerun the same command to "
                     "resume.", e, workdir)

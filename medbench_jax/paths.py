@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import pathlib
+import shutil
 import threading
 from typing import Any
 
@@ -80,6 +81,26 @@ def write_atomic(path: str | os.PathLike, data: bytes | str) -> None:
     os.fsync(folder)
   finally:
     os.close(folder)
+
+
+def copy_tree(local: str | os.PathLike, target: str | os.PathLike) -> list[epath.Path]:
+  """Copies every file under the local folder `local` to the same relative path under
+  `target` (a local path or a URL), creating folders; returns the copies.
+
+  For what can write local files only, or writes URLs through a client of its own: JAX's
+  profiler (its trace goes through XLA's built-in GCS client, which always reaches
+  www.googleapis.com) traces to a local folder that is then copied here.
+  """
+  local = pathlib.Path(local)
+  root = as_path(target)
+  copies = []
+  for path in sorted(p for p in local.rglob("*") if p.is_file()):
+    copy = root / path.relative_to(local).as_posix()
+    copy.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "rb") as source, copy.open("wb") as sink:
+      shutil.copyfileobj(source, sink, 1 << 24)
+    copies.append(copy)
+  return copies
 
 
 def write_json(path: str | os.PathLike, obj: Any) -> None:

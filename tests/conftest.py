@@ -39,3 +39,12 @@ def phantom_builder(phantom_dir, tmp_path_factory):
   from medbench_jax.data import prepare
   builder = prepare.get_builder("phantom_cxr", 64, tmp_path_factory.mktemp("tfds"))
   return builder.prepare_once(phantom_dir)
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory, phantom_dir):
+  """A run of the tiny config trained as users train it (`python -m medbench_jax.main`)."""
+  from tests import helpers
+  workdir = tmp_path_factory.mktemp("run")
+  helpers.main(workdir, phantom_dir, f"--config={helpers.TINY}")
+  return workdir

@@ -77,6 +77,14 @@ def scalars(event_dir: os.PathLike, tag: str) -> list[float]:
   return [values[k] for k in sorted(values)]
 
 
+def tags(event_dir: os.PathLike) -> set[str]:
+  """Every tag (scalars, images, ...) a run wrote to TensorBoard."""
+  import tensorflow as tf
+  return {v.tag for path in pathlib.Path(event_dir).glob("events.out.tfevents.*")
+          for event in tf.compat.v1.train.summary_iterator(str(path))
+          for v in event.summary.value}
+
+
 class ProcessOutput:
   """The output of a running process (stdout with stderr merged), read line by line on a
   thread, so that a test can wait for a line while the process goes on."""

@@ -377,7 +377,7 @@ def test_training_augments_on_device_from_stored_images(tmp_path, phantom_dir, m
   from medbench_jax.data import prepare
   from medbench_jax.data import sources
   from medbench_jax.tasks import base
-  from medbench_jax.trainer import trials
+  from medbench_jax.trainer import run
   config = helpers.load_tiny()
   config.dataset.manual_dir = str(phantom_dir)
   config.input.augment_on_device = True
@@ -392,7 +392,7 @@ def test_training_augments_on_device_from_stored_images(tmp_path, phantom_dir, m
                           source, **kw))
   monkeypatch.setattr(base.Task, "input_images",
                       lambda self, batch: shipped.append(batch) or input_images(self, batch))
-  results = trials.train_and_evaluate(config, str(tmp_path))
+  results = run.train_and_evaluate(config, str(tmp_path))
 
   assert specs == [""]
   (first,) = shipped  # the first host batch of the trial

@@ -1,8 +1,12 @@
 """evaluate.py: re-testing a finished run reproduces its test metrics exactly; external
-validation scores the findings two data sets share, matched by name."""
+validation scores the findings two data sets share, matched by name; a trial's variables
+reach the devices of several processes without comparing them across processes."""
 
 import csv
 import json
+import subprocess
+import sys
+import textwrap
 
 import pytest
 
@@ -32,11 +36,6 @@ def test_findings_are_matched_by_name_and_synonym():
   assert evaluate.match_classes(("pleural_thickening",), ("Pleural thickening",)) == [(0, 0)]
 
 
-@pytest.fixture(scope="module")
-def finished_run(tmp_path_factory, phantom_dir):
-  workdir = tmp_path_factory.mktemp("run")
-  helpers.main(workdir, phantom_dir, f"--config={helpers.TINY}")
-  return workdir
 
 
 def _evaluate(workdir, *overrides):
@@ -85,3 +84,53 @@ def test_external_validation_scores_the_shared_findings(finished_run, phantom_di
     assert external["test"]["auc/pneumothorax"] == pytest.approx(
         own["test"]["auc/Pneumothorax"], abs=1e-9)
     assert "auc/Fracture" not in external["test"]
+
+
+# ---------------------------------------------------------------- placing the variables
+
+_PLACE = textwrap.dedent("""
+    import json, sys
+    import jax
+    import numpy as np
+    from jax.experimental import multihost_utils
+    from medbench_jax import runtime
+    from medbench_jax.trainer import sharding
+
+    runtime.join(f"127.0.0.1:{sys.argv[1]}", 2, int(sys.argv[2]))
+    compared = []
+    assert_equal = multihost_utils.assert_equal
+    multihost_utils.assert_equal = lambda *a, **k: (compared.append(1), assert_equal(*a, **k))
+    rng = np.random.default_rng(0)  # the same in both processes, like one weights file
+    variables = {"params": {"conv": {"kernel": rng.normal(size=(3, 3, 2, 4)).astype("f4")},
+                            "fc": {"bias": np.arange(5, dtype=np.float32)}},
+                 "batch_stats": {"bn": {"mean": np.ones(4, np.float32)}}}
+    mesh = sharding.make_mesh()
+    placed = sharding.put_replicated(variables, mesh)
+    by_put_replicated = len(compared)
+    for got, want in zip(jax.tree.leaves(placed), jax.tree.leaves(variables)):
+      assert got.sharding == sharding.replicated(mesh) and not got.is_fully_addressable
+      assert got.shape == want.shape and got.dtype == want.dtype
+      for shard in got.addressable_shards:
+        np.testing.assert_array_equal(shard.data, want)
+    jax.device_put(variables, sharding.replicated(mesh))
+    print(json.dumps({"devices": jax.device_count(), "put_replicated": by_put_replicated,
+                      "device_put": len(compared) - by_put_replicated}))
+""")
+
+
+@pytest.mark.timeout(180)
+def test_variables_are_replicated_over_two_processes_without_comparing_them():
+  """sharding.put_replicated (evaluate.py and study/probe.py place each trial's or
+  candidate's variables with it) in two loopback processes of 2 devices each: every
+  device holds the variables, and no leaf is compared across processes, where
+  jax.device_put compares each (multihost assert_equal, counted)."""
+  port = str(helpers.free_port())
+  procs = [subprocess.Popen([sys.executable, "-c", _PLACE, port, str(i)], cwd=helpers.REPO,
+                            env=helpers.subprocess_env(2, JAX_PLATFORMS="cpu"),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+           for i in range(2)]
+  outputs = [p.communicate(timeout=150)[0] for p in procs]
+  for proc, out in zip(procs, outputs):
+    assert proc.returncode == 0, out[-3000:]
+    counts = json.loads(out.strip().splitlines()[-1])
+    assert counts == {"devices": 4, "put_replicated": 0, "device_put": 3}, counts

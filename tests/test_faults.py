@@ -345,7 +345,7 @@ def test_rerun_over_a_damaged_checkpoint_stops_instead_of_retraining(
 @pytest.mark.parametrize("name", ["results.json", "trial_0/result.json"])
 def test_results_cut_in_half_are_named(tmp_path, phantom_dir, name):
   from medbench_jax import paths
-  from medbench_jax.trainer import trials
+  from medbench_jax.trainer import run
   config, _ = _prepared(phantom_dir)
   # A finished run's files, in the trainer's formats.
   workdir = tmp_path / "run"
@@ -359,7 +359,7 @@ def test_results_cut_in_half_are_named(tmp_path, phantom_dir, name):
   path.write_bytes(path.read_bytes()[:path.stat().st_size // 2])
   with pytest.raises(ValueError, match=re.escape(f"{path} is not valid JSON") +
                      ".*cut short or edited. Delete it to recompute it"):
-    trials.train_and_evaluate(config, str(workdir))
+    run.train_and_evaluate(config, str(workdir))
 
 
 @pytest.mark.parametrize("victim", ["train.array_record", "label_table.npz"])
@@ -817,14 +817,14 @@ def test_fsdp_on_one_device_fails_before_any_work(tmp_path):
 
 def test_label_fraction_leaving_less_than_a_batch_fails_before_training(tmp_path,
                                                                         phantom_dir):
-  from medbench_jax.trainer import trials
+  from medbench_jax.trainer import run
   config, _ = _prepared(phantom_dir)
   config.dataset.label_fraction = 0.1  # 10 of 96 training examples, batches of 16
   with pytest.raises(ValueError, match=re.escape(
       "config.dataset.label_fraction=0.1 leaves 10 of the 96 training examples of "
       "phantom_cxr, fewer than one batch (config.input.batch_size=16): raise "
       "config.dataset.label_fraction to at least 0.1667")):
-    trials.train_and_evaluate(config, str(tmp_path / "run"))
+    run.train_and_evaluate(config, str(tmp_path / "run"))
   assert not (tmp_path / "run" / "trial_0").exists()
 
 

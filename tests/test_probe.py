@@ -180,6 +180,24 @@ def test_a_random_candidate_is_the_backbone_a_run_starts_from(classification):
     np.testing.assert_array_equal(value, trained[key])
 
 
+def test_variables_are_placed_without_device_put(classification, monkeypatch):
+  """A candidate's host variables go onto the mesh through sharding.put_replicated, which
+  compares nothing across processes (tests/test_evaluate.py counts it in two processes),
+  not jax.device_put, which compares every leaf."""
+  placed, device_put = [], []
+  put_replicated, real_device_put = sharding.put_replicated, jax.device_put
+  monkeypatch.setattr(sharding, "put_replicated",
+                      lambda tree, mesh: placed.append(tree) or put_replicated(tree, mesh))
+  monkeypatch.setattr(jax, "device_put", lambda x, *a, **k: device_put.append(x) or
+                      real_device_put(x, *a, **k))
+  splits = sources.open_splits(classification.dataset)
+  examples = probe.probe_examples(splits.train, 16, seed=0)
+  features, _ = _extract(classification, probe.Candidate("resnet18", "random"), examples)
+  assert features.features.shape == (16, 512)
+  assert len(placed) == 1 and "params" in placed[0]
+  assert not [x for x in device_put if isinstance(x, dict) and "params" in x]
+
+
 def test_max_examples_is_a_seeded_choice_the_same_for_every_candidate(classification):
   splits = sources.open_splits(classification.dataset)
   chosen = probe.probe_examples(splits.train, 30, seed=0)

@@ -158,6 +158,28 @@ def test_tensorboard_events_reach_the_bucket_at_every_flush(bucket, tmp_path):
   assert helpers.scalars(tmp_path, "train/loss") == [2.0, 1.5]
 
 
+def test_a_profiler_trace_made_locally_is_copied_into_the_bucket(bucket, tmp_path,
+                                                                  monkeypatch):
+  """JAX's profiler writes gs:// through XLA's own GCS client (www.googleapis.com built
+  in, no emulator setting): a trace goes to a local folder, then paths.copy_tree puts it
+  beside the TensorBoard events."""
+  import jax
+  (tmp_path / "cwd").mkdir()
+  monkeypatch.chdir(tmp_path / "cwd")
+  local = tmp_path / "trace"
+  jax.profiler.start_trace(local)
+  jnp.ones((64, 64)).sum().block_until_ready()
+  jax.profiler.stop_trace()
+  made = sorted(p.relative_to(local).as_posix() for p in local.rglob("*") if p.is_file())
+  assert made and all(name.startswith("plugins/profile/") for name in made)
+  assert any(name.endswith(".xplane.pb") for name in made)
+  copies = paths.copy_tree(local, f"{bucket}/tb/trial_0")
+  assert [os.fspath(c) for c in copies] == [f"{bucket}/tb/trial_0/{name}" for name in made]
+  for name in made:
+    assert (bucket / "tb" / "trial_0" / name).read_bytes() == (local / name).read_bytes()
+  assert not list((tmp_path / "cwd").iterdir())  # no local "gs:" folder
+
+
 def _download(remote: epath.Path, local: pathlib.Path) -> None:
   for path in remote.iterdir():
     (local / path.name).write_bytes(path.read_bytes())
@@ -203,8 +225,10 @@ def test_a_run_in_the_bucket_resumes_after_sigkill_and_writes_its_results_there(
     bucket, emulator, phantom_dir, tmp_path):
   workdir = bucket / "run"
   env = {**emulator, "MEDBENCH_CACHE": str(tmp_path / "cache")}
+  # Steps 2-3 are profiled: the trace is made locally (JAX's profiler cannot write to an
+  # emulated bucket) and copied into the bucket before the kill.
   args = (f"--config={helpers.TINY}", f"--workdir={workdir}",
-          f"--config.dataset.manual_dir={phantom_dir}")
+          f"--config.dataset.manual_dir={phantom_dir}", "--config.train.profile_steps=2:4")
   proc = _command("medbench_jax.main", *args, env=env)
   latest = workdir / "trial_0" / "ckpt" / "latest"
   deadline = time.time() + 900
@@ -224,6 +248,9 @@ def test_a_run_in_the_bucket_resumes_after_sigkill_and_writes_its_results_there(
     assert (workdir / name).exists(), name
   assert any(p.name.startswith("events.out.tfevents.")
              for p in (workdir / "tb" / "trial_0").iterdir())
+  traces = [p for run in (workdir / "tb" / "trial_0" / "plugins" / "profile").iterdir()
+            for p in run.iterdir()]
+  assert any(p.name.endswith(".xplane.pb") for p in traces), traces
   assert not (helpers.REPO / "gs:").exists()
 
 

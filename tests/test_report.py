@@ -1,20 +1,30 @@
-"""The sweep report end to end, against numpy/scipy/statsmodels on the same files."""
+"""The sweep report end to end, against numpy/scipy/statsmodels/scikit-learn on the same
+files; trials with and without post-hoc records (operating points, calibration, surfaces)."""
 
 import json
 import math
 import pathlib
 import subprocess
 import sys
+import types
 
 from matplotlib import image as mpl_image
 import numpy as np
 import pandas as pd
 import pytest
+import scipy.special
 import scipy.stats
+from sklearn.calibration import calibration_curve
 from sklearn.metrics import roc_auc_score
 from statsmodels.stats.multitest import multipletests
 
+from medbench_jax import config_lib
+from medbench_jax.study import post_hoc
 from medbench_jax.study import report
+from medbench_jax.study import runs
+from medbench_jax.study import tables
+from medbench_jax.tasks import classification
+from medbench_jax.tasks import segmentation
 from tests import study_sweep
 
 KEY = ["task", "dataset", "model", "init", "label_fraction"]
@@ -289,3 +299,187 @@ def test_unknown_baseline_lists_the_candidates(sweep, tmp_path):
     report.build(root, tmp_path, baseline="resnet50/in21k", num_resamples=0)
   with pytest.raises(ValueError, match="MODEL/INIT"):
     report.build(root, tmp_path, baseline="resnet50", num_resamples=0)
+
+
+# ------------------------------------------------------------------ post-hoc records
+def _classification_records(kind, seeds, quality):
+  """Trial records with Classification.post_hoc's keys, and each trial's test arrays."""
+  config = config_lib.default_config()
+  config.eval.bootstrap_resamples = 100
+  info = types.SimpleNamespace(name="x", task=kind, class_names=study_sweep.CLASSES,
+                               eval_class_names=study_sweep.CLASSES)
+  task = classification.Classification(config, info)
+  records, tests = [], []
+  for seed in seeds:
+    rng = np.random.default_rng(seed)
+    splits = []
+    for n in (150, 200):
+      if kind == "multi-class":
+        labels = np.eye(3, dtype=np.float32)[rng.integers(0, 3, n)]
+        probs = scipy.special.softmax(quality * 4 * labels + rng.normal(size=labels.shape), 1)
+      else:
+        labels = (rng.uniform(size=(n, 3)) < 0.3).astype(np.float32)
+        probs = 1 / (1 + np.exp(-quality * 1.5 * (2 * labels - 1) - rng.normal(size=(n, 3))))
+      splits.append({"labels": labels, "probs": probs, "loss": np.zeros(n)})
+    validation, test = splits
+    records.append({"seed": seed, "best_step": 1, "best_val_loss": 0.3,
+                    "test": task.metrics(test), **task.post_hoc(validation, test)})
+    tests.append(test)
+  return records, tests
+
+
+def _segmentation_records(seeds):
+  config = config_lib.default_config()
+  info = types.SimpleNamespace(name="montgomery", task="segmentation",
+                               class_names=study_sweep.SEG_CLASSES,
+                               eval_class_names=study_sweep.SEG_CLASSES, has_fov=False)
+  task = segmentation.Segmentation(config, info)
+  records = []
+  for seed in seeds:
+    rng = np.random.default_rng(seed)
+    truth = np.zeros((5, 24, 24, 1), np.uint8)
+    pred = np.zeros_like(truth)
+    for i in range(5):
+      r, c = rng.integers(2, 12, 2)
+      truth[i, r:r + 8, c:c + 9] = 1
+      pred[i, r + rng.integers(-2, 3):r + 8, c:c + 9 + rng.integers(-2, 3)] = 1
+    pred[4] = 0  # a missed structure: the diagonal
+    counts = {"intersection": (truth * pred).sum((1, 2)), "prediction_sum": pred.sum((1, 2)),
+              "target_sum": truth.sum((1, 2))}
+    test = segmentation.overlap_metrics(**counts)
+    records.append({"seed": seed, "best_step": 1, "best_val_loss": 0.2, "test": test,
+                    **task.post_hoc({}, {"predicted_mask": pred, "true_mask": truth})})
+  return records
+
+
+@pytest.fixture(scope="module")
+def post_hoc_sweep(tmp_path_factory):
+  """Runs with post-hoc records beside runs finished before trials recorded them."""
+  root = tmp_path_factory.mktemp("post_hoc_sweep")
+  recorded, tests = _classification_records("multi-label", (0, 1), quality=1.0)
+  study_sweep.write_results(root / "cls/cxr/resnet50_imagenet", task="classification",
+                            dataset="chestxray14", model="resnet50", init="imagenet",
+                            fraction=1.0, trials=recorded, num_trials=2)
+  old = [study_sweep.classification_trial(root / "cls/cxr/resnet50_random", k, k,
+                                          "chestxray14", 0.5) for k in range(2)]
+  study_sweep.write_results(root / "cls/cxr/resnet50_random", task="classification",
+                            dataset="chestxray14", model="resnet50", init="random",
+                            fraction=1.0, trials=old, num_trials=2)
+  multi, _ = _classification_records("multi-class", (0,), quality=0.7)
+  study_sweep.write_results(root / "cls/path/resnet50_imagenet", task="classification",
+                            dataset="pathmnist", model="resnet50", init="imagenet",
+                            fraction=1.0, trials=multi, num_trials=1)
+  surfaces = _segmentation_records((0, 2))
+  study_sweep.write_results(root / "seg/unet_imagenet", task="segmentation",
+                            dataset="montgomery", model="unet_resnet50", init="imagenet",
+                            fraction=1.0, trials=surfaces, num_trials=2)
+  old = [study_sweep.segmentation_trial(root / "seg/unet_random", k, k, 1.0) for k in range(2)]
+  study_sweep.write_results(root / "seg/unet_random", task="segmentation",
+                            dataset="montgomery", model="unet_resnet50", init="random",
+                            fraction=1.0, trials=old, num_trials=2)
+  out = tmp_path_factory.mktemp("post_hoc_report")
+  result = report.build(root, out, num_resamples=0)
+  return root, out, result, {"recorded": recorded, "tests": tests, "multi": multi,
+                             "surfaces": surfaces}
+
+
+def test_operating_points_table_is_the_trials_mean(post_hoc_sweep):
+  _, out, _, made = post_hoc_sweep
+  frame = pd.read_csv(out / "operating_points.csv")
+  assert len(frame) == 2 * 3 + 3  # two multi-label trials and one multi-class, 3 classes
+  text = (out / "report.md").read_text()
+  section = text.split("## Operating points at thresholds chosen on validation")[1].split(
+      "\n## ")[0]
+  for name in study_sweep.CLASSES:
+    records = [r["operating_points"]["classes"][name] for r in made["recorded"]]
+    rows = frame[(frame["dataset"] == "chestxray14") & (frame["class"] == name)]
+    np.testing.assert_allclose(rows["sensitivity"], [r["sensitivity"]["value"] for r in records])
+    np.testing.assert_allclose(rows["threshold"],
+                               [r["thresholds"]["per_class"][name] for r in made["recorded"]])
+    cells = [tables.format_interval(*(np.mean([r[m][k] for r in records])
+                                      for k in ("value", "ci_low", "ci_high")), 3)
+             for m in ("sensitivity", "specificity", "ppv", "npv", "f1",
+                       "balanced_accuracy", "auprc")]
+    threshold = np.mean([r["threshold"] for r in records])
+    assert (f"| resnet50 | imagenet | {name} | youden | {threshold:.4f} | "
+            + " | ".join(cells) + " | 2 |") in section
+  assert "[" in cells[0]  # intervals shown
+  assert ("- resnet50 / random, chestxray14 (classification), 100% labels: not recorded"
+          in section)
+  assert "pathmnist" in section and "resnet50 / imagenet, pathmnist" not in section
+
+
+def test_calibration_table_and_reliability_diagrams(post_hoc_sweep):
+  root, out, result, made = post_hoc_sweep
+  text = (out / "report.md").read_text()
+  section = text.split("## Calibration: a temperature fitted on validation")[1].split(
+      "\n## ")[0]
+  calibrations = [r["calibration"] for r in made["recorded"]]
+  temperatures = [c["temperature"] for c in calibrations]
+  ece = [tables.format_value(np.mean([c[w]["ece_uniform"] for c in calibrations]))
+         for w in ("before", "after")]
+  brier = [tables.format_value(np.mean([c[w]["brier"] for c in calibrations]))
+           for w in ("before", "after")]
+  line = next(ln for ln in section.splitlines() if ln.startswith("| resnet50 | imagenet |")
+              and "→" in ln)
+  assert f"{np.mean(temperatures):.3f} ± {np.std(temperatures, ddof=1):.3f}" in line
+  assert f"{ece[0]} → {ece[1]}" in line and f"{brier[0]} → {brier[1]}" in line
+  assert "- resnet50 / random, chestxray14 (classification), 100% labels: not recorded" in section
+  # The diagram pools every trial's and class's equal-width bins: the diagram of all those
+  # test predictions together (scikit-learn's calibration_curve).
+  collection = runs.collect(root)
+  found = post_hoc.collect(collection, runs.trials_frame(collection))
+  diagram = found.reliability[("classification", "chestxray14", "resnet50", "imagenet", 1.0)]
+  assert diagram["what"] == "all classes pooled" and diagram["trials"] == 2
+  labels = np.concatenate([t["labels"].ravel() for t in made["tests"]])
+  probs = np.concatenate([t["probs"].ravel() for t in made["tests"]])
+  prob_true, prob_pred = calibration_curve(labels, probs, n_bins=15)
+  filled = diagram["before"]["count"] > 0
+  np.testing.assert_allclose(diagram["before"]["fraction_positive"][filled], prob_true,
+                             atol=1e-5)
+  np.testing.assert_allclose(diagram["before"]["mean_predicted"][filled], prob_pred, atol=1e-5)
+  assert diagram["before"]["count"].sum() == len(labels)
+  multi = found.reliability[("classification", "pathmnist", "resnet50", "imagenet", 1.0)]
+  assert multi["what"] == "top label" and multi["before"]["count"].sum() == 200
+  names = {p.name for p in result.plots}
+  for name in ("reliability_classification_chestxray14_1.png",
+               "reliability_classification_pathmnist_1.png"):
+    assert name in names and f"(plots/{name})" in text
+    pixels = mpl_image.imread(out / "plots" / name)
+    assert pixels.shape[0] > 300 and pixels[..., :3].std() > 0.05, name
+  frame = pd.read_csv(out / "calibration.csv")
+  assert len(frame) == 3
+  np.testing.assert_allclose(frame.loc[frame["dataset"] == "chestxray14", "temperature"],
+                             temperatures)
+
+
+def test_surface_distances_table(post_hoc_sweep):
+  _, out, _, made = post_hoc_sweep
+  text = (out / "report.md").read_text()
+  section = text.split("## Surface distances (segmentation)")[1].split("\n## ")[0]
+  values = {k: [r["surface"][k] for r in made["surfaces"]]
+            for k in ("hd95", "assd", "mean_hd95", "mean_assd")}
+  dice = [r["test"]["dice"] for r in made["surfaces"]]
+  line = next(ln for ln in section.splitlines() if ln.startswith("| unet_resnet50 | imagenet"))
+  expected = [tables.format_spread(v) for v in (dice, *values.values())]
+  assert line == ("| unet_resnet50 | imagenet | " + " | ".join(expected) + " | 2 | 2 |")
+  # The missed image's border pixels, all at the diagonal, are over 5% of the pooled ones.
+  np.testing.assert_allclose(values["hd95"], np.hypot(23, 23))
+  assert 0 < np.mean(values["mean_hd95"]) < np.hypot(23, 23) / 2
+  assert "- unet_resnet50 / random, montgomery (segmentation), 100% labels: not recorded" in (
+      section)
+  assert len(pd.read_csv(out / "surface.csv")) == 2
+
+
+def test_runs_from_before_post_hoc_records_say_not_recorded(sweep):
+  _, out, _ = sweep
+  text = (out / "report.md").read_text()
+  for line in ("Operating points: not recorded (trials finished before they recorded it), "
+               "for every classification run.",
+               "Calibration: not recorded (trials finished before they recorded it), for "
+               "every classification run.",
+               "Surface distances: not recorded (trials finished before they recorded it), "
+               "for every segmentation run."):
+    assert line in text
+  for name in ("operating_points", "calibration", "surface"):
+    assert pd.read_csv(out / f"{name}.csv").empty

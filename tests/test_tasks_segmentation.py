@@ -1,10 +1,13 @@
 """tasks/segmentation.py: Dice/IoU and the losses against the reference study's own
-functions (re-implemented here from their definitions), numpy, scikit-learn and PyTorch."""
+functions (re-implemented here from their definitions), numpy, scikit-learn and PyTorch;
+the post-hoc surface distances against medpy."""
 
+import json
 import types
 
 import jax
 import jax.numpy as jnp
+from medpy.metric import binary
 import numpy as np
 import pytest
 from sklearn.metrics import f1_score
@@ -13,6 +16,7 @@ import torch
 
 from medbench_jax import config_lib
 from medbench_jax.tasks import segmentation
+from medbench_jax.tasks import surface as surface_lib
 
 
 # The study's utils.py, as published (BenchmarkTransferLearning): pooled Dice of two
@@ -277,3 +281,83 @@ def test_overlays_show_truth_green_and_prediction_red():
   assert out.shape == (1, 4, 4, 3)
   assert out[0, 0, 0, 1] > out[0, 0, 0, 0] and out[0, 3, 3, 0] > out[0, 3, 3, 1]
   np.testing.assert_array_equal(out[0, 1, 1], [100, 100, 100])
+
+
+# ------------------------------------------------------------------ post_hoc: surfaces
+def test_test_step_returns_the_masks_and_the_eval_steps_counts():
+  task = _task(fov=True)
+  rng = np.random.default_rng(5)
+  small = rng.normal(size=(3, 8, 8, 1)).astype(np.float32)
+  masks = (rng.random((3, 16, 16, 1)) < 0.4).astype(np.uint8)
+  fov = np.zeros((3, 16, 16, 1), np.uint8)
+  fov[:, 2:14, 3:15] = 1
+  batch = {"image": np.zeros((3, 8, 8, 1), np.uint8), "mask": masks, "fov": fov}
+  apply_fn = lambda variables, images, train: jnp.asarray(small)
+  normalize = lambda x: x.astype(jnp.float32)
+  eval_out = jax.jit(task.make_eval_step(apply_fn, normalize))({}, batch)
+  test_out = jax.jit(task.make_test_step(apply_fn, normalize))({}, batch)
+  assert "predicted_mask" not in eval_out  # validation stays cheap
+  assert set(test_out) == set(eval_out) | {"predicted_mask", "true_mask"}
+  for key, value in eval_out.items():
+    np.testing.assert_array_equal(test_out[key], value)
+  upsampled = np.asarray(jax.image.resize(small, (3, 16, 16, 1), "bilinear"))
+  predicted = ((1 / (1 + np.exp(-upsampled)) > 0.5) * fov).astype(np.uint8)
+  assert test_out["predicted_mask"].dtype == np.uint8
+  np.testing.assert_array_equal(test_out["predicted_mask"], predicted)
+  np.testing.assert_array_equal(test_out["true_mask"], masks * fov)
+  assert task.metrics(test_out) == task.metrics(eval_out)
+
+
+def _blob_masks(n, shape, k, seed):
+  """Random ellipses, prediction shifted and resized from the truth; none empty."""
+  rng = np.random.default_rng(seed)
+  yy, xx = np.mgrid[:shape[0], :shape[1]]
+  truth = np.zeros((n, *shape, k), np.uint8)
+  pred = np.zeros_like(truth)
+  for i in range(n):
+    for c in range(k):
+      cy, cx = rng.uniform(10, shape[0] - 10), rng.uniform(10, shape[1] - 10)
+      ry, rx = rng.uniform(3, 8, size=2)
+      truth[i, ..., c] = ((yy - cy) / ry) ** 2 + ((xx - cx) / rx) ** 2 <= 1
+      cy, cx = cy + rng.normal(0, 2), cx + rng.normal(0, 2)
+      ry, rx = ry * rng.uniform(0.7, 1.3), rx * rng.uniform(0.7, 1.3)
+      pred[i, ..., c] = ((yy - cy) / ry) ** 2 + ((xx - cx) / rx) ** 2 <= 1
+  return truth, pred
+
+
+def test_post_hoc_surface_distances_equal_medpy():
+  task = _task(classes=("left", "right"))
+  truth, pred = _blob_masks(6, (40, 36), 2, seed=0)
+  out = task.post_hoc({}, {"predicted_mask": pred, "true_mask": truth})
+  surface = json.loads(json.dumps(out, allow_nan=False))["surface"]
+  for c, name in enumerate(("left", "right")):
+    hd95 = [binary.hd95(pred[i, ..., c], truth[i, ..., c]) for i in range(6)]
+    assd = [binary.assd(pred[i, ..., c], truth[i, ..., c]) for i in range(6)]
+    assert surface[f"mean_hd95/{name}"] == pytest.approx(np.mean(hd95), abs=1e-9)
+    assert surface[f"mean_assd/{name}"] == pytest.approx(np.mean(assd), abs=1e-9)
+  # Pooled over images: medpy on the images side by side, each with its own surface
+  # (a column of background between them keeps the surfaces apart).
+  gap = np.zeros((6, 40, 100, 2), np.uint8)
+  side = lambda m: np.concatenate(list(np.concatenate([m, gap], axis=2)), axis=1)
+  assert surface["hd95/left"] == pytest.approx(
+      binary.hd95(side(pred)[..., 0], side(truth)[..., 0]), abs=1e-9)
+  assert surface["assd/left"] == pytest.approx(
+      binary.assd(side(pred)[..., 0], side(truth)[..., 0]), abs=1e-9)
+  assert surface["surface_one_empty"] == 0
+  assert surface["convention"].startswith("both empty: 0; one empty: the image diagonal")
+  assert surface["hd95"] > surface["assd"] > 0
+
+
+def test_post_hoc_empty_mask_convention_and_missing_masks():
+  task = _task()
+  truth, pred = _blob_masks(3, (20, 30), 1, seed=1)
+  truth[0], pred[0] = 0, 0  # both empty: distance 0
+  pred[1] = 0  # missed: every truth surface pixel at the diagonal
+  surface = task.post_hoc({}, {"predicted_mask": pred, "true_mask": truth})["surface"]
+  diagonal = np.hypot(19, 29)
+  third = surface_lib.surface_distances(pred[2, ..., 0], truth[2, ..., 0])
+  assert surface["mean_hd95"] == pytest.approx(
+      (0 + diagonal + surface_lib.hd95(third)) / 3, abs=1e-9)
+  assert surface["surface_one_empty"] == 1
+  # Without the test step's masks nothing is scored (and the log says so).
+  assert task.post_hoc({}, {"intersection": np.zeros((3, 1))}) == {}

@@ -23,9 +23,10 @@ def _prepared_tiny(phantom_dir):
 
 
 def test_run_writes_results_checkpoints_and_tensorboard(tmp_path, phantom_dir):
-  from medbench_jax.trainer import trials
+  from medbench_jax.trainer import run
   config = _prepared_tiny(phantom_dir)
-  results = trials.train_and_evaluate(config, str(tmp_path))
+  config.train.gradcam_images = 4
+  results = run.train_and_evaluate(config, str(tmp_path))
 
   on_disk = json.loads((tmp_path / "results.json").read_text())
   assert on_disk == json.loads(json.dumps(results))
@@ -47,11 +48,24 @@ def test_run_writes_results_checkpoints_and_tensorboard(tmp_path, phantom_dir):
   assert len(provenance["config_sha256"]) == 64 and provenance["weights_sha256"] is None
   assert cost["wall_s"] > 0 and cost["first_step_s"] > 0 and cost["peak_rss_mb"] > 100
   assert cost["train_images_per_s"] > 0 and trial["cost"]["first_step_s"] > 0
+  # The figure of merit: runs per device-hour over the 8 devices, XLA's FLOPs of the
+  # program that ran; no MFU on a CPU (no published peak).
+  assert cost["runs_per_device_hour"] == pytest.approx(3600 / (cost["wall_s"] * 8), rel=0.01)
+  assert trial["cost"]["flops_per_step"] > 0 and trial["cost"]["train_steps"] == 11
+  assert cost["flops_per_step"] == pytest.approx(trial["cost"]["flops_per_step"])
+  assert cost["mfu"] is None
   # The test predictions are saved: the metric recomputes from them.
   with np.load(tmp_path / "trial_0" / "test_predictions.npz") as saved:
     assert list(saved["class_names"]) == on_disk["class_names"]
     assert saved["probs"].shape == saved["labels"].shape == (40, 4)
+    test_ids = list(saved["ids"])
     aucs = [roc_auc_score(saved["labels"][:, c], saved["probs"][:, c]) for c in range(4)]
+  # Both splits' best-checkpoint predictions carry the examples' names (distinct splits).
+  with np.load(tmp_path / "trial_0" / "val_predictions.npz") as validation:
+    assert validation["probs"].shape == (40, 4) and len(set(validation["ids"])) == 40
+    assert not set(validation["ids"]) & set(test_ids)
+  assert len(set(test_ids)) == 40
+  assert set(trial["thresholds"]["per_class"]) == set(on_disk["class_names"])
   assert trial["test"]["mean_auc"] == pytest.approx(np.mean(aucs), abs=1e-9)
   assert json.loads((tmp_path / "config.json").read_text())["model"]["name"] == \
       "swin_demo_patch4_window4_128"
@@ -63,10 +77,11 @@ def test_run_writes_results_checkpoints_and_tensorboard(tmp_path, phantom_dir):
   for tag in ("train/lr", "val/loss", "val/mean_auc", "perf/images_per_s",
               "perf/input_wait_fraction", "perf/step_time_s", "test/mean_auc"):
     assert helpers.scalars(tb, tag), tag
+  assert {"train/augmented_inputs", "val/gradcam"} <= helpers.tags(tb)
 
   # A finished workdir is reported, not retrained.
   mtime = (tmp_path / "results.json").stat().st_mtime_ns
-  assert trials.train_and_evaluate(config, str(tmp_path)) == results
+  assert run.train_and_evaluate(config, str(tmp_path)) == results
   assert (tmp_path / "results.json").stat().st_mtime_ns == mtime
 
 

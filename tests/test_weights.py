@@ -84,9 +84,10 @@ def test_forward_parity_with_pytorch(tmp_path, name, size, source):
     assert diff <= 1e-4, f"{name} {source} {file} at {size}px: max |diff| {diff}"
 
 
-@pytest.mark.parametrize("name,size,source,float64", [("resnet18", 64, "timm", False),
-                                                      ("resnet50", 64, "torchvision", True),
-                                                      (DEMO, 96, "timm", False)])
+@pytest.mark.parametrize("name,size,source,float64", [
+    ("resnet18", 64, "timm", False), ("resnet18", 64, "torchvision", True),
+    pytest.param("resnet50", 64, "torchvision", True, marks=pytest.mark.slow),
+    (DEMO, 96, "timm", False)])
 def test_sgd_steps_in_train_mode_match_pytorch(tmp_path, name, size, source, float64):
   """Train-mode semantics (BatchNorm batch statistics and torch's unbiased running variance,
   gradients through every layer), not just inference."""

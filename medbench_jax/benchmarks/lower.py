@@ -31,6 +31,7 @@ import re
 import time
 from typing import Any
 
+from absl import logging
 import jax
 import ml_collections
 
@@ -199,6 +200,8 @@ def _compile(step: Step, platform: str, lowered: Any, tpu_devices: dict[str, Any
                          **_compiled_figures(compiled)})
         except Exception as e:  # reported per target, never fatal
           target["compile_error"] = f"{type(e).__name__}: {e}"
+      # Minutes each on a CPU: progress before the JSON lines, which come at the end.
+      logging.info("%s step for %s: %s", step.name, topology, target)
       targets.append(target)
   else:
     targets.append({"target": platform, "compile_error": (

@@ -5,6 +5,8 @@
   stats.py            per-run summaries, t-tests against a baseline, multiple-comparison
                       correction, average ranks, Friedman and post-hoc tests
   predictions.py      saved test predictions: bootstrap confidence intervals, DeLong's test
+  post_hoc.py         the trials' operating points, calibration and surface distances
+                      (Task.post_hoc's records) as frames, reliability bins pooled
   transferability.py  LogME and linear-probe scores of frozen features; rank correlations
   tables.py           Markdown tables in the study's layouts
   plots.py            PNG figures (matplotlib, Agg canvas)

@@ -1,15 +1,18 @@
 """What a sweep will cost before it starts: device-hours per point and in total, and the
 wall time of running them on the backend's slots.
 
-A point's time on its slot is, per trial,
+A point's time on its slot is
 
-  epochs x (steps per epoch x train step + validation batches x eval step)
-  + test batches x crops x eval step                        (ten crops at test: x10)
+  start-up                                  (process, imports, config checks, data set opened)
+  + preparation                             (a phantom set no earlier point generates)
+  + compilation                             (cold for the first point of a model setting,
+                                             loaded from the compilation cache after it)
+  + trials x [ set-up
+               + epochs x (steps per epoch x train step + validation batches x eval step
+                           + checkpoint saves per evaluation x a save)
+               + test batches x test step ]  (the ten-crop step with train.test_tta)
 
-plus, once per point, a start-up (process, imports, opening the data set: STARTUP_S,
-assumed) and, once per sweep and model setting, the first train step (tracing and XLA
-compilation, measured; later runs load it from the persistent compilation cache). Its
-device-hours are that time x the slot's devices. Where each figure comes from:
+and its device-hours are that time x the slot's devices. Where each figure comes from:
 
   data set size  the prepared data set's split sizes (TFDS metadata); a phantom set's
                  configured sizes before it is generated; times the label fraction of
@@ -20,17 +23,33 @@ device-hours are that time x the slot's devices. Where each figure comes from:
                  else the same data set and label fraction, else the same data set. Without
                  any: the budget where patience cannot stop the run earlier, else
                  ASSUMED_BEST_EPOCH + patience + 1 evaluations (stated as an assumption).
-  step times     `python -m medbench_jax.bench train|eval` results of the same model, batch,
-                 input size and dtype on the device kind (CACHE_DIR/bench/<kind>.jsonl,
-                 benchmarks/train_speed.record); of another batch or size of the same model,
-                 scaled by pixels per step (stated). Without an eval measurement an eval
-                 image costs a third of a train image (a forward pass of forward + backward).
-                 Without a train measurement the point has no estimate and says so.
-
-Not in the formula: checkpoint writes, evaluation programs' compilation, input-pipeline
-waits beyond what the bench measured, data-set preparation, queueing. Once some of the
+  step times     `python -m medbench_jax.bench train|eval [--ten_crop]` results of the same
+                 model, batch, input size and dtype on the device kind
+                 (CACHE_DIR/bench/<kind>.jsonl, benchmarks/train_speed.record); of another
+                 batch or size of the same model, scaled by pixels per step (stated).
+                 Without an eval measurement an eval image costs a third of a train image
+                 (a forward pass of forward + backward); without a ten-crop one a test
+                 image costs ten eval images. Without a train measurement the point has no
+                 estimate and says so.
+  compilation    the same bench lines: first step minus a step (tracing, XLA compilation,
+                 the first run) of the train, eval and test steps, plus the first trial's
+                 set-up (COLD_SET_UP_S: the initialisation's compilation), once per sweep
+                 and model setting (the persistent compilation cache is assumed not to hold
+                 it yet); every other trial loads its programs from the cache
+                 (WARM_COMPILE_S).
+  start-up       the sweep's finished points: the median of their runner-measured wall
+                 time (status.json) minus the trainer's (results.json cost.wall_s); else
+                 STARTUP_S. Preparation: PREPARE_S per phantom set no earlier point
+                 generates, whatever its resolutions (other data sets must be prepared
+                 before their size is known).
+  checkpoints    `latest` after every evaluation and `best` at each improvement: every
+                 evaluation up to the expected best (all of them when the budget, not
+                 patience, ends the run), CHECKPOINT_S each.
+The constants were measured on a 2-core CPU (the comments beside them say how); on
+other machines the finished points' calibration corrects them: once some of the
 sweep's points have finished, their wall times (status.json) against the formula's
-estimate for them give a factor that scales the rest, which covers these on average.
+estimate for them give a factor that scales the rest. Not in the formula: input-pipeline
+waits beyond what the bench measured, queueing.
 """
 
 from __future__ import annotations
@@ -41,6 +60,7 @@ import heapq
 import json
 import math
 import os
+import statistics
 from typing import Any
 
 from etils import epath
@@ -50,9 +70,19 @@ from medbench_jax.study import slots as slots_lib
 from medbench_jax.study import sweep as sweep_lib
 
 ASSUMED_BEST_EPOCH = 10  # where the validation loss bottoms out, without finished runs
-STARTUP_S = 15.0  # per point process: interpreter, imports, data set opened (assumed)
 FORWARD_SHARE = 1 / 3  # an eval image's cost relative to a train image's, unmeasured
 TEN_CROPS = 10
+# Overheads the bench does not measure, from the logs of a demo point (tiny Swin, 2
+# trials) on a 2-core CPU under load; the finished points' calibration replaces (start-up)
+# or scales them on other machines.
+STARTUP_S = 18.0  # process to data set opened: interpreter, JAX/TF/grain imports, checks
+PREPARE_S = 20.0  # generating and preparing a phantom set of a few hundred images
+COLD_SET_UP_S = 25.0  # the first trial of a setting: the initialisation's compilation,
+                      # the input pipeline's first use (measured 45, 24 and 23 s)
+TRIAL_SET_UP_S = 4.0  # per trial: input pipeline, model, writer, predictions, result files
+WARM_COMPILE_S = 8.0  # per trial whose programs the compilation cache holds: tracing and
+                      # loading the train, eval and test steps (3 to 8 s measured)
+CHECKPOINT_S = 1.0  # one save of a small model's state (orbax, manifest)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -70,10 +100,12 @@ class Estimate:
   state: str
   trials: int
   devices: int
+  packed: int = 1  # trials per program (train.pack_trials)
   train_examples: int | None = None
   epochs: float | None = None
   seconds: float | None = None  # on its slot, start-up and compilation included
-  compile_s: float = 0.0  # the first train step, where this point is the first to need it
+  compile_s: float = 0.0  # compilations (cold for the first point of a setting, else warm)
+  overhead_s: float = 0.0  # start-up, preparation, compilation, set-up and checkpoints
   notes: list[str] = dataclasses.field(default_factory=list)
 
   @property
@@ -251,12 +283,67 @@ def _crops(config: ml_collections.ConfigDict) -> int:
   return TEN_CROPS if config.train.test_tta and "ten_crop" in config.input.pp_test else 1
 
 
+def _unprepared(config: ml_collections.ConfigDict) -> str | None:
+  """The folder of the generated phantom set the point prepares from, None if its
+  resolution is prepared already. Points of one phantom at other resolutions share it:
+  generating it is the cost, resizing a few hundred images is not."""
+  from medbench_jax.data import prepare
+
+  d = config.dataset
+  if d.name not in prepare.PHANTOM_DATASETS or d.manual_dir:
+    return None
+  return None if prepare.builder_for(d).is_prepared() else prepare.manual_dir_for(d)
+
+
+@dataclasses.dataclass
+class _Sweep:
+  """What the points before this one leave behind: the model settings they compiled,
+  the data sets they prepared; and the start-up measured on finished points."""
+  compiled: set[str] = dataclasses.field(default_factory=set)
+  prepared: set[str] = dataclasses.field(default_factory=set)
+  startup_s: float = STARTUP_S
+  startup_source: str = "assumed (STARTUP_S, measured on a 2-core CPU)"
+
+
+def _eval_times(lines: Sequence[Mapping[str, Any]], config: ml_collections.ConfigDict,
+                train: StepTime, device_kind: str, notes: list[str]
+                ) -> tuple[float, float, float]:
+  """Seconds of one validation batch and one test batch, and the cold compilation of
+  their steps (0 where unmeasured); the sources go to `notes`."""
+  from medbench_jax.benchmarks import train_speed
+
+  settings = train_speed.step_settings(config, "eval")
+  batch = settings["batch_size"]
+  measured = step_time(lines, "eval", settings, device_kind)
+  compile_s = 0.0
+  if measured is not None:
+    eval_s = measured.step_s
+    compile_s += max(0.0, (measured.first_step_s or 0.0) - measured.step_s)
+    notes.append(f"eval step {measured.step_s:.3g} s: {measured.source}")
+  else:
+    eval_s = train.step_s / train_speed.step_settings(config, "train")["batch_size"] * (
+        batch * FORWARD_SHARE)
+    notes.append(f"eval: assumed {FORWARD_SHARE:.2f} of a train image "
+                 "(no `bench eval` measurement)")
+  crops = _crops(config)
+  test_s = eval_s * crops
+  if crops > 1:
+    ten = step_time(lines, "eval", settings, device_kind, ten_crop=True)
+    if ten is not None:
+      test_s = ten.step_s
+      compile_s += max(0.0, (ten.first_step_s or 0.0) - ten.step_s)
+      notes.append(f"test step (ten crops) {ten.step_s:.3g} s: {ten.source}")
+    else:
+      notes.append(f"test: {crops} crops x the eval step (no `bench eval --ten_crop`)")
+  return eval_s, test_s, compile_s
+
+
 def _cost(est: Estimate, config: ml_collections.ConfigDict, runs: Sequence[FinishedRun],
-          lines: Sequence[Mapping[str, Any]], device_kind: str, compiled: set[str],
+          lines: Sequence[Mapping[str, Any]], device_kind: str, sweep: _Sweep,
           epochs: float | None = None) -> None:
   """Fills in `est` (seconds None where a figure is unknown, with the reason in its notes);
-  `epochs` where known (a finished point's own), else expected; `compiled`: the model
-  settings whose first step an earlier point pays."""
+  `epochs` where known (a finished point's own), else expected; `sweep`: what earlier
+  points compiled and prepared (updated with this point's)."""
   from medbench_jax.benchmarks import train_speed
 
   sizes, size_source = split_sizes(config)
@@ -280,27 +367,62 @@ def _cost(est: Estimate, config: ml_collections.ConfigDict, runs: Sequence[Finis
     est.notes.append(
         f"no `bench train` of {train_settings['model']} (batch {batch}, "
         f"{train_settings['image_size']} px, {train_settings['dtype']}) on {device_kind}: "
-        "run `python -m medbench_jax.bench train --config=...` there (step time unknown)")
+        "run `python -m medbench_jax.bench train --config=...` and `bench eval "
+        "[--ten_crop]` with the point's --config flags there (step time unknown)")
     return
   est.notes.append(f"train step {train.step_s:.3g} s: {train.source}")
-  eval_settings = train_speed.step_settings(config, "eval")
-  eval_batch = eval_settings["batch_size"]
-  measured_eval = step_time(lines, "eval", eval_settings, device_kind)
-  if measured_eval is not None:
-    eval_image_s = measured_eval.step_s / eval_batch
-    est.notes.append(f"eval step {measured_eval.step_s:.3g} s: {measured_eval.source}")
-  else:
-    eval_image_s = train.step_s / batch * FORWARD_SHARE
-    est.notes.append(f"eval: assumed {FORWARD_SHARE:.2f} of a train image "
-                     "(no `bench eval` measurement)")
-  val_s = math.ceil(sizes["validation"] / eval_batch) * eval_batch * eval_image_s
-  test_s = math.ceil(sizes["test"] / eval_batch) * eval_batch * eval_image_s * _crops(config)
-  per_trial = est.epochs * (steps_per_epoch * train.step_s + val_s) + test_s
+  eval_s, test_s, eval_compile_s = _eval_times(lines, config, train, device_kind, est.notes)
+  eval_batch = config.input.eval_batch_size
+  evals_per_epoch = steps_per_epoch / (config.train.eval_every_steps or steps_per_epoch)
+  evaluations = est.epochs * evals_per_epoch
+  # latest at every evaluation; best at every one up to the expected best.
+  patience_evals = config.train.patience + 1
+  best_saves = (evaluations - patience_evals if evaluations > patience_evals
+                else evaluations)
+  saves = evaluations + max(1.0, best_saves)
+  per_trial = (est.epochs * steps_per_epoch * train.step_s
+               + evaluations * math.ceil(sizes["validation"] / eval_batch) * eval_s
+               + saves * CHECKPOINT_S
+               + math.ceil(sizes["test"] / eval_batch) * test_s + TRIAL_SET_UP_S)
+  programs = _programs(est, config)
   key = json.dumps(train_settings, sort_keys=True, default=str)
-  if key not in compiled and train.first_step_s:
-    compiled.add(key)
-    est.compile_s = train.first_step_s
-  est.seconds = STARTUP_S + est.compile_s + est.trials * per_trial
+  if key not in sweep.compiled and train.first_step_s:
+    sweep.compiled.add(key)
+    cold = max(0.0, train.first_step_s - train.step_s) + eval_compile_s + COLD_SET_UP_S
+    est.compile_s = cold + (programs - 1) * WARM_COMPILE_S
+    est.notes.append(f"compilation: {cold:.0f} s cold (bench first steps + "
+                     f"{COLD_SET_UP_S:g} s set-up), then "
+                     f"{WARM_COMPILE_S:g} s a trial from the compilation cache")
+  else:
+    est.compile_s = programs * WARM_COMPILE_S
+  prepare_s = 0.0
+  unprepared = _unprepared(config)
+  if unprepared is not None and unprepared not in sweep.prepared:
+    sweep.prepared.add(unprepared)
+    prepare_s = PREPARE_S
+    est.notes.append(f"preparation: {PREPARE_S:g} s (PREPARE_S; generates {unprepared})")
+  est.notes.append(f"start-up: {sweep.startup_s:.0f} s, {sweep.startup_source}; "
+                   f"{saves:.1f} checkpoint saves a trial at {CHECKPOINT_S:g} s")
+  est.overhead_s = (sweep.startup_s + prepare_s + est.compile_s
+                    + est.trials * (saves * CHECKPOINT_S + TRIAL_SET_UP_S))
+  est.seconds = sweep.startup_s + prepare_s + est.compile_s + est.trials * per_trial
+
+
+def _programs(est: Estimate, config: ml_collections.ConfigDict) -> int:
+  """How many programs the point's trials train in (train.pack_trials), noted in `est`.
+  A packed program's step is taken as N single steps: no gain is assumed until it is
+  measured (on a CPU it is about that; on an accelerator it is less)."""
+  pack = config.train.pack_trials
+  if pack == "auto":
+    est.notes.append("train.pack_trials=auto: N is chosen at run time from the compiled "
+                     "step's memory; estimated as trials one after another")
+    pack = 1
+  est.packed = min(int(pack), est.trials)
+  programs = math.ceil(est.trials / est.packed)
+  if est.packed > 1:
+    est.notes.append(f"packed: {est.packed} trials per program, {programs} program(s); a "
+                     f"packed step taken as {est.packed} single steps (no gain assumed)")
+  return programs
 
 
 def _measured_s(workdir: epath.Path) -> float | None:
@@ -309,18 +431,42 @@ def _measured_s(workdir: epath.Path) -> float | None:
   return float(wall) if isinstance(wall, (int, float)) and wall > 0 else None
 
 
+def measured_startup(workdirs: Sequence[epath.Path]) -> list[float]:
+  """Seconds each finished point spent outside the trainer: the runner's wall time
+  (status.json) minus the trainer's (results.json cost.wall_s), where both are known."""
+  startups = []
+  for workdir in workdirs:
+    wall = _measured_s(workdir)
+    path = workdir / "results.json"
+    if wall is None or not path.exists():
+      continue
+    try:
+      trainer = json.loads(path.read_text())["cost"]["wall_s"]
+    except (ValueError, KeyError, TypeError):
+      continue
+    if isinstance(trainer, (int, float)) and 0 < trainer <= wall:
+      startups.append(wall - trainer)
+  return startups
+
+
 def estimate(plan: sweep_lib.Plan, configs: Mapping[str, ml_collections.ConfigDict], *,
              device_kind: str, devices_per_point: int = 1,
              cache_dir: str | None = None) -> list[Estimate]:
   """Each point's expected cost (done points cost nothing more).
 
-  The sweep's finished points calibrate the rest: where the runner measured their wall
-  time, the unfinished points' estimates are scaled by measured / estimated of those
-  (their own epochs; the same model of what the formula leaves out)."""
+  The sweep's finished points calibrate the rest: their start-up replaces STARTUP_S,
+  and where the runner measured their wall time, the unfinished points' estimates are
+  scaled by measured / estimated of those (their own epochs; the same model of what the
+  formula leaves out)."""
   runs = finished_runs([p.workdir for p in plan.points])
   lines = read_bench(device_kind, cache_dir)
-  compiled: set[str] = set()
-  compiled_before: set[str] = set()  # by finished points, for their own estimates
+  sweep, before = _Sweep(), _Sweep()  # before: as finished points saw it, for their own
+  startups = measured_startup([p.workdir for p in plan.points])
+  if startups:
+    for s in (sweep, before):
+      s.startup_s = statistics.median(startups)
+      s.startup_source = (f"median of {len(startups)} finished point(s) (status.json wall_s "
+                          "- results.json cost.wall_s)")
   estimates, measured, predicted = [], 0.0, 0.0
   for point in plan.points:
     config = configs[point.name]
@@ -332,7 +478,7 @@ def estimate(plan: sweep_lib.Plan, configs: Mapping[str, ml_collections.ConfigDi
       wall = _measured_s(point.workdir)
       if own is not None and wall is not None:
         prior = Estimate(point.name, state, est.trials, devices_per_point)
-        _cost(prior, config, runs, lines, device_kind, compiled_before,
+        _cost(prior, config, runs, lines, device_kind, before,
               epochs=sum(own.epochs) / len(own.epochs))
         if prior.seconds:
           measured, predicted = measured + wall, predicted + prior.seconds
@@ -340,13 +486,14 @@ def estimate(plan: sweep_lib.Plan, configs: Mapping[str, ml_collections.ConfigDi
       continue
     if state == sweep_lib.RESUMABLE:
       est.notes.append("resumable: counted from the start (an upper bound)")
-    _cost(est, config, runs, lines, device_kind, compiled)
+    _cost(est, config, runs, lines, device_kind, sweep)
   if predicted:
     factor = measured / predicted
     for est in estimates:
       if est.state != sweep_lib.DONE and est.seconds is not None:
         est.seconds *= factor
         est.compile_s *= factor
+        est.overhead_s *= factor
         est.notes.append(f"calibrated x{factor:.2f}: the sweep's finished points took "
                          f"{measured:.0f} s against {predicted:.0f} s estimated")
   return estimates
@@ -421,7 +568,8 @@ def describe(estimates: Sequence[Estimate], assignments: Sequence[Assignment],
     where = f"{a.slot.host or 'here'}, device(s) {','.join(a.slot.devices) or 'all'}"
     cost = (f"{_duration(est.seconds)}, {_hours(est.seconds * est.devices)} device-h"
             if est.seconds is not None else "cost unknown")
-    lines.append(f"  {est.name} -> {where}; start +{_duration(a.start_s)}: {cost}")
+    packed = f", {est.packed} trials per program" if est.packed > 1 else ""
+    lines.append(f"  {est.name} -> {where}{packed}; start +{_duration(a.start_s)}: {cost}")
     if show_env and a.slot.env:
       lines.append("      env: " + " ".join(f"{k}={v}" for k, v in a.slot.env.items()))
     for note in est.notes:

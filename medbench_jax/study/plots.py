@@ -133,6 +133,43 @@ def trial_points(setting_trials: pd.DataFrame, title: str, path: pathlib.Path) -
   return _save(fig, path)
 
 
+def reliability_diagrams(panels: list[tuple[str, dict, float, float]], title: str,
+                         path: pathlib.Path) -> pathlib.Path:
+  """One panel per candidate (label, post_hoc.PostHoc.reliability entry, mean ECE before,
+  after): fraction of positives against mean predicted probability in each non-empty
+  equal-width bin, before and after the temperature, over the share of predictions per
+  bin."""
+  columns = min(3, len(panels))
+  rows = math.ceil(len(panels) / columns)
+  fig = mpl_figure.Figure(figsize=(4.2 * columns, 4.0 * rows + 0.7), layout="constrained")
+  axes = fig.subplots(rows, columns, squeeze=False)
+  for ax, (label, diagram, ece_before, ece_after) in zip(axes.flat, panels):
+    ax.plot([0, 1], [0, 1], color="gray", linestyle="--", linewidth=1, label="calibrated")
+    count = diagram["before"]["count"]
+    edges = np.linspace(0, 1, len(count) + 1)
+    ax.bar(edges[:-1], count / max(count.sum(), 1), width=np.diff(edges), align="edge",
+           color="lightgray", edgecolor="white", label="share of predictions (before)")
+    for when, ece, color, marker in (("before", ece_before, "tab:red", "o"),
+                                     ("after", ece_after, "tab:blue", "s")):
+      bins = diagram[when]
+      filled = bins["count"] > 0
+      ax.plot(bins["mean_predicted"][filled], bins["fraction_positive"][filled],
+              color=color, marker=marker, markersize=4, linewidth=1.5,
+              label=f"{when} temperature (ECE {tables.format_value(ece, 3)})")
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1)
+    ax.set_aspect("equal")
+    ax.set_title(f"{label}\n{diagram['what']}, {diagram['trials']} trial(s)", fontsize=9)
+    ax.set_xlabel("mean predicted probability")
+    ax.set_ylabel("fraction of positives")
+    ax.legend(fontsize="x-small", loc="upper left")
+    ax.grid(alpha=0.3)
+  for ax in list(axes.flat)[len(panels):]:
+    ax.set_visible(False)
+  fig.suptitle(f"{title}\ntest predictions in 15 equal-width bins, pooled over trials")
+  return _save(fig, path)
+
+
 def cd_diagram(analysis: stats.RankAnalysis, title: str, path: pathlib.Path,
                alpha: float = 0.05) -> pathlib.Path:
   """Critical-difference diagram: average ranks, Nemenyi non-significance crossbars."""

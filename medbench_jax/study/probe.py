@@ -245,7 +245,7 @@ def compiled_step(model: nn.Module, normalization: tuple[tuple[float, ...], ...]
 def extract(step: Callable, variables: dict, batches: grain.IterDataset,
             mesh: jax.sharding.Mesh) -> Features:
   """Runs the jitted feature step (compiled_step) over every batch, padding dropped."""
-  out = evaluation.predict(step, jax.device_put(variables, sharding.replicated(mesh)),
+  out = evaluation.predict(step, sharding.put_replicated(variables, mesh),
                            batches, sharding.batch_sharding(mesh))
   features, targets = out["features"], out["targets"]
   examples = len(features)

@@ -9,7 +9,12 @@
   ranks_*.csv      per task and label fraction over data sets: Nemenyi and Conover p-values
   probe.csv        transferability estimates beside fine-tuned means (with --probe), and
   probe_correlations.csv  their rank correlations with the fine-tuned means
+  operating_points.csv  per trial and class: the threshold chosen on validation and the
+                   test metrics at it with their bootstrap intervals
+  calibration.csv  per trial: ECE and Brier score before and after the temperature
+  surface.csv      per segmentation trial: HD95 and ASSD, pooled and mean over images
   problems.csv     runs missing, failed, blocked, incomplete or otherwise not used as asked
+  efficiency.csv   per run: device-hours, runs per device-hour, MFU (study/efficiency.py)
   report.md        all of it as tables, with plots/*.png (unless with_plots=False)
 Group keys in CSVs are exactly as in results.json; tables and plots show an init by a
 short label (tables.readable_inits), which --baseline accepts too. Without a baseline
@@ -28,7 +33,9 @@ from etils import epath
 import pandas as pd
 
 from medbench_jax import paths
+from medbench_jax.study import efficiency
 from medbench_jax.study import plots
+from medbench_jax.study import post_hoc
 from medbench_jax.study import predictions
 from medbench_jax.study import runs
 from medbench_jax.study import stats
@@ -153,6 +160,105 @@ def _ranks_sections(writer: _Writer, summary: pd.DataFrame, alpha: float) -> Non
     writer.add("")
     writer.plot(plots.cd_diagram, f"{title}: critical-difference diagram",
                 f"{stem}_cd.png", analysis)
+
+
+_OPERATING_HEADERS = {"sensitivity": "sensitivity", "specificity": "specificity",
+                      "ppv": "PPV", "npv": "NPV", "f1": "F1",
+                      "balanced_accuracy": "balanced accuracy", "auprc": "AUPRC"}
+_NOT_RECORDED = "not recorded (trials finished before they recorded it)"
+
+
+def _not_recorded_lines(writer: _Writer, groups: Sequence[runs.Key], labels: dict) -> None:
+  """One line per group without the section's records."""
+  for task, dataset, model, init, fraction in groups:
+    writer.add(f"- {model} / {labels.get(init, init)}, "
+               f"{_title(task, dataset, fraction)}: {_NOT_RECORDED}")
+  if groups:
+    writer.add("")
+
+
+def _operating_points_section(writer: _Writer, found: post_hoc.PostHoc, labels: dict) -> None:
+  frame = found.operating_points
+  writer.add("## Operating points at thresholds chosen on validation", "",
+             "Per class: the threshold each trial chose on its validation predictions by "
+             "the rule shown (`youden`: maximum sensitivity + specificity - 1, `f1`, or a "
+             "target `sensitivity:T` / `specificity:T`), and the test metrics at it. Cells: "
+             "the mean over trials, in brackets the mean over trials of each trial's "
+             "percentile bootstrap interval (95%, test examples resampled); n trials.", "")
+  if frame.empty:
+    writer.add(f"Operating points: {_NOT_RECORDED}, for every classification run.", "")
+    return
+  for (task, dataset, fraction), setting in frame.groupby(stats.SETTING_COLUMNS, sort=True):
+    writer.add(f"### {_title(task, dataset, fraction)}", "")
+    rows = []
+    for (model, init, name), trials in setting.groupby(["model", "init", "class"],
+                                                       sort=True):
+      cells = [tables.format_interval(trials[m].mean(), trials[f"{m}_low"].mean(),
+                                      trials[f"{m}_high"].mean(), 3)
+               for m in post_hoc.OPERATING_METRICS]
+      rows.append([model, labels.get(init, init), name, ", ".join(sorted(set(trials["rule"]))),
+                   tables.format_value(trials["threshold"].mean()), *cells, len(trials)])
+    writer.add(tables.markdown_table(
+        ["model", "init", "class", "rule", "threshold", *_OPERATING_HEADERS.values(), "n"],
+        rows), "")
+  _not_recorded_lines(writer, found.not_recorded["operating_points"], labels)
+
+
+def _calibration_section(writer: _Writer, found: post_hoc.PostHoc, labels: dict) -> None:
+  frame = found.calibration
+  writer.add("## Calibration: a temperature fitted on validation", "",
+             "Test expected calibration error (15 equal-width and 15 equal-mass bins; "
+             "multi-label and binary sets: the mean over classes, multi-class sets: the top "
+             "label) and Brier score, before → after dividing the logits by the temperature "
+             "that minimises each trial's validation negative log-likelihood. Cells: means "
+             "over trials; temperature: mean ± std (ddof=1). Reliability diagrams pool the "
+             "equal-width bins of a candidate's trials (and classes).", "")
+  if frame.empty:
+    writer.add(f"Calibration: {_NOT_RECORDED}, for every classification run.", "")
+    return
+  for (task, dataset, fraction), setting in frame.groupby(stats.SETTING_COLUMNS, sort=True):
+    title = _title(task, dataset, fraction)
+    writer.add(f"### {title}", "")
+    rows, panels = [], []
+    for (model, init), trials in setting.groupby(["model", "init"], sort=True):
+      label = labels.get(init, init)
+      rows.append([model, label, tables.format_spread(trials["temperature"], 3),
+                   *(tables.format_change(trials[f"{k}_before"].mean(),
+                                          trials[f"{k}_after"].mean())
+                     for k in post_hoc.CALIBRATION_NUMBERS), len(trials)])
+      diagram = found.reliability[(task, dataset, model, init, fraction)]
+      panels.append((f"{model} / {label}", diagram,
+                     trials["ece_uniform_before"].mean(), trials["ece_uniform_after"].mean()))
+    writer.add(tables.markdown_table(
+        ["model", "init", "temperature", "ECE equal-width", "ECE equal-mass", "Brier", "n"],
+        rows), "")
+    writer.plot(plots.reliability_diagrams, f"{title}: reliability",
+                plots.file_name("reliability", task, dataset, f"{fraction:g}"), panels)
+  _not_recorded_lines(writer, found.not_recorded["calibration"], labels)
+
+
+def _surface_section(writer: _Writer, found: post_hoc.PostHoc, labels: dict) -> None:
+  frame = found.surface
+  writer.add("## Surface distances (segmentation)", "",
+             "HD95 (95th percentile) and ASSD (mean) of the symmetric surface distances, in "
+             "pixels of the stored masks: pooled over all test images and classes, and the "
+             "mean over images of each image's value, as Dice is pooled. Empty masks: both "
+             "empty score 0; one empty scores the image diagonal (the largest distance the "
+             "image allows). Cells: mean ± std (ddof=1) over trials; one-empty: image-class "
+             "pairs with exactly one empty mask, summed over trials.", "")
+  if frame.empty:
+    writer.add(f"Surface distances: {_NOT_RECORDED}, for every segmentation run.", "")
+    return
+  for (task, dataset, fraction), setting in frame.groupby(stats.SETTING_COLUMNS, sort=True):
+    writer.add(f"### {_title(task, dataset, fraction)}", "")
+    rows = [[model, labels.get(init, init),
+             *(tables.format_spread(trials[k]) for k in ("dice", *post_hoc.SURFACE_NUMBERS)),
+             int(trials["one_empty"].sum()), len(trials)]
+            for (model, init), trials in setting.groupby(["model", "init"], sort=True)]
+    writer.add(tables.markdown_table(
+        ["model", "init", "Dice (pooled)", "HD95 (pooled)", "ASSD (pooled)",
+         "HD95 (mean over images)", "ASSD (mean over images)", "one-empty", "n"], rows), "")
+  _not_recorded_lines(writer, found.not_recorded["surface"], labels)
 
 
 def _probe_section(writer: _Writer, probe: pd.DataFrame, summary: pd.DataFrame) -> None:
@@ -311,12 +417,22 @@ def build(runs_dir: str | os.PathLike, out_dir: str | os.PathLike, *,
       "table", *runs.KEY_COLUMNS, "metric", "mean", "delta", "p_value", "p_holm", "p_bh"]),
              "tests.csv")
   _ranks_sections(writer, summary, alpha)
+  found = post_hoc.collect(collection, trials)
+  for name, frame in (("operating_points", found.operating_points),
+                      ("calibration", found.calibration), ("surface", found.surface)):
+    writer.csv(frame, f"{name}.csv")
+  if (trials["task"] == "classification").any():
+    _operating_points_section(writer, found, labels)
+    _calibration_section(writer, found, labels)
+  if (trials["task"] == "segmentation").any():
+    _surface_section(writer, found, labels)
   if probe_scores is not None:
     _probe_section(writer, probe_scores, summary)
   if num_resamples > 0:
     _bootstrap_section(writer, intervals, num_resamples, seed)
   if base is not None:
     _delong_section(writer, delong, alpha)
+  writer.add(*efficiency.section(collection, out))
   (out / "report.md").write_text("\n".join(writer.lines).rstrip() + "\n")
   pd.DataFrame([dataclasses.asdict(p) for p in problems], columns=PROBLEM_COLUMNS).to_csv(
       out / "problems.csv", index=False)

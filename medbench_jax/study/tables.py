@@ -69,6 +69,29 @@ def format_value(value: float, digits: int = 4) -> str:
   return "—" if value is None or math.isnan(value) else f"{value:.{digits}f}"
 
 
+def format_interval(value: float, low: float, high: float, digits: int = 4) -> str:
+  """`value [low, high]`; the brackets left out where the interval is undefined."""
+  text = format_value(value, digits)
+  if text == "—" or any(x is None or math.isnan(x) for x in (low, high)):
+    return text
+  return f"{text} [{low:.{digits}f}, {high:.{digits}f}]"
+
+
+def format_change(before: float, after: float, digits: int = 4) -> str:
+  """`before → after`."""
+  return f"{format_value(before, digits)} → {format_value(after, digits)}"
+
+
+def format_spread(values: Sequence[float], digits: int = 4) -> str:
+  """`mean ± std` (ddof=1) of the defined values; the mean alone for one value."""
+  values = np.asarray(values, np.float64)
+  values = values[~np.isnan(values)]
+  if not values.size:
+    return "—"
+  spread = f" ± {values.std(ddof=1):.{digits}f}" if values.size > 1 else ""
+  return f"{values.mean():.{digits}f}{spread}"
+
+
 def format_cell(row: pd.Series) -> str:
   """`mean ± std [std_paper] (n)` of one summary row (see the module docstring)."""
   n = int(row["n"])

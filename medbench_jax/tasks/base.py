@@ -63,10 +63,23 @@ class Task(abc.ABC):
   def make_eval_step(self, apply_fn: Callable, normalize: Normalize) -> EvalStep:
     """A jittable step returning per-example predictions, "loss" among them."""
 
+  def make_test_step(self, apply_fn: Callable, normalize: Normalize) -> EvalStep:
+    """The step of the test split: `make_eval_step`'s outputs and whatever else
+    `post_hoc` reads (segmentation: the masks); validation keeps the cheaper step."""
+    return self.make_eval_step(apply_fn, normalize)
+
   # ------------------------------------------------------------ metrics and reporting
   @abc.abstractmethod
   def metrics(self, predictions: Mapping[str, np.ndarray]) -> dict[str, float]:
     """Metrics of a whole split's gathered predictions; includes "loss" and `metric`."""
+
+  def post_hoc(self, validation: Mapping[str, np.ndarray], test: Mapping[str, np.ndarray]
+               ) -> dict[str, Any]:
+    """What a trial adds to its result.json after its test, from the best checkpoint's
+    predictions of the validation split (`make_eval_step`) and of the test split
+    (`make_test_step`): top-level keys of the trial record, JSON-ready."""
+    del validation, test
+    return {}
 
   def describe(self, metrics: Mapping[str, float], per_class: bool = False) -> str:
     """A log line's account of `metrics`: the headline, and each class where asked."""

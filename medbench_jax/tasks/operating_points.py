@@ -43,7 +43,8 @@ METHODS = ("youden", "f1", "sensitivity", "specificity")
 METRICS = ("sensitivity", "specificity", "ppv", "npv", "f1", "balanced_accuracy", "auprc")
 
 
-def _check_rule(method: str, target: float | None) -> None:
+def check_rule(method: str, target: float | None) -> None:
+  """Raises a ValueError unless (method, target) is a rule of this module."""
   if method not in METHODS:
     raise ValueError(f"operating point method {method!r} is not allowed; allowed: {METHODS}")
   if method in ("youden", "f1"):
@@ -66,7 +67,7 @@ def choose_threshold(labels: np.ndarray, scores: np.ndarray, method: str = "youd
                      target: float | None = None) -> float:
   """The threshold of one class chosen on validation (labels and scores (N,));
   NaN where the labels take one value."""
-  _check_rule(method, target)
+  check_rule(method, target)
   positive = np.asarray(labels) >= 0.5
   scores = np.asarray(scores, np.float64)
   num_pos = int(positive.sum())

@@ -31,6 +31,7 @@ from collections.abc import Callable, Mapping
 import math
 from typing import Any
 
+from absl import logging
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -39,6 +40,7 @@ import optax
 
 from medbench_jax import config_lib
 from medbench_jax.tasks import base
+from medbench_jax.tasks import surface
 
 LOSSES = ("dice", "bce", "bce_dice", "softmax_ce_dice")
 VAL_LOSSES = ("pooled", "per_image")
@@ -53,6 +55,9 @@ _COUNTS = ("intersection", "prediction_sum", "target_sum")
 # Per image: the mean pixel-wise loss, and per class the soft sums of the Dice loss.
 _SOFT_SUMS = ("soft_intersection", "soft_prediction_sum", "soft_target_sum")
 _LOSS_PARTS = ("pixel_loss", *_SOFT_SUMS)
+# How HD95 and ASSD treat empty masks (surface.py), as result.json states it.
+SURFACE_CONVENTION = ("both empty: 0; one empty: the image diagonal, the largest distance "
+                      "the image allows")
 
 
 def _with_background(masks: jnp.ndarray) -> jnp.ndarray:
@@ -182,21 +187,30 @@ class Segmentation(base.Task):
 
     return predict
 
-  def make_eval_step(self, apply_fn: Callable, normalize: base.Normalize) -> base.EvalStep:
+  def make_eval_step(self, apply_fn: Callable, normalize: base.Normalize,
+                     masks: bool = False) -> base.EvalStep:
     """Per image and class: pixel counts of intersection, prediction and mask (inside the
-    field of view where there is one), and the image's parts of the loss."""
+    field of view where there is one), and the image's parts of the loss; with `masks`
+    also the predicted and true masks themselves, (N, H, W, K) uint8 at the stored mask
+    resolution, zero outside the field of view (what `post_hoc` scores)."""
     predict = self.make_predict(apply_fn, normalize)
 
     def eval_step(variables: dict, batch: dict) -> dict:
       logits, predicted = predict(variables, batch)
-      masks = (batch["mask"] > 0).astype(jnp.float32)
+      truth = (batch["mask"] > 0).astype(jnp.float32)
       inside = (batch["fov"] > 0).astype(jnp.float32) if "fov" in batch else 1.0
-      counts = {"intersection": predicted * masks * inside,
-                "prediction_sum": predicted * inside, "target_sum": masks * inside}
+      counts = {"intersection": predicted * truth * inside,
+                "prediction_sum": predicted * inside, "target_sum": truth * inside}
       out = {k: v.sum(axis=(1, 2)).astype(jnp.int32) for k, v in counts.items()}
-      return {**out, **self._loss_parts(logits, masks)}
+      if masks:
+        out["predicted_mask"] = counts["prediction_sum"].astype(jnp.uint8)
+        out["true_mask"] = counts["target_sum"].astype(jnp.uint8)
+      return {**out, **self._loss_parts(logits, truth)}
 
     return eval_step
+
+  def make_test_step(self, apply_fn: Callable, normalize: base.Normalize) -> base.EvalStep:
+    return self.make_eval_step(apply_fn, normalize, masks=True)
 
   def metrics(self, predictions: Mapping[str, np.ndarray]) -> dict[str, float]:
     counts = {k: np.asarray(predictions[k], np.int64) for k in _COUNTS}
@@ -210,6 +224,27 @@ class Segmentation(base.Task):
   def test_predictions(self, predictions: Mapping[str, np.ndarray]) -> dict[str, Any]:
     return {**{k: np.asarray(predictions[k], np.int64) for k in _COUNTS},
             "class_names": np.array(self.class_names)}
+
+  def post_hoc(self, validation: Mapping[str, np.ndarray], test: Mapping[str, np.ndarray]
+               ) -> dict[str, Any]:
+    """HD95 and ASSD of the test masks (`make_test_step`'s), pooled as Dice is:
+    {"surface": {"hd95", "assd" (the surface distances of all images and classes
+    together), "mean_hd95", "mean_assd" (the mean over images of each image's value,
+    its classes pooled), the same per class as "hd95/NAME", ..., "surface_one_empty"
+    (image-class pairs where exactly one of prediction and truth is empty),
+    "convention", "spacing"}}. Distances are in pixels of the stored masks, inside the
+    field of view where there is one (surface.py)."""
+    del validation  # nothing is chosen on validation
+    if "predicted_mask" not in test:
+      # A trial that trained for hours is not failed over a metric beside its headline.
+      logging.error("No surface distances: the test split was not predicted with "
+                    "make_test_step (outputs %s have no 'predicted_mask').", sorted(test))
+      return {}
+    result = surface.surface_metrics(test["predicted_mask"], test["true_mask"],
+                                     self.class_names)
+    return {"surface": {**{k: None if isinstance(v, float) and math.isnan(v) else v
+                           for k, v in result.items()},
+                        "convention": SURFACE_CONVENTION, "spacing": "pixel"}}
 
   def input_images(self, batch: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
     images = batch["image"][:16]

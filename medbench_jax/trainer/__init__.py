@@ -7,7 +7,9 @@
   loop.py         fit: steps, evaluation cadence, early stopping, plateau, speed, TensorBoard
   evaluation.py   a split's predictions gathered over devices and hosts
   results.py      trial records, results.json, provenance and cost
-  trials.py       train_and_evaluate: trials -> results.json
+  trials.py       one trial: train -> best checkpoint -> test -> trial_K/
+  packed.py       train.pack_trials: N trials of a config as one vmapped program
+  run.py          train_and_evaluate: all trials (one by one or packed) -> results.json
 
 The package imports none of them, so a light module (optim) loads without the rest.
 """

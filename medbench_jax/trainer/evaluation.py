@@ -64,10 +64,22 @@ class Evaluator:
   @classmethod
   def create(cls, config: ml_collections.ConfigDict, task: tasks_base.Task,
              apply_fn: Callable, normalize: tasks_base.Normalize,
-             data_sharding: NamedSharding) -> Evaluator:
+             data_sharding: NamedSharding, packed: bool = False, test: bool = False
+             ) -> Evaluator:
     """`apply_fn(variables, images, train=)` is the model; the variables keep their own
-    shardings and batches come sharded over the mesh (`data_sharding`)."""
-    eval_step = jax.jit(task.make_eval_step(apply_fn, normalize), out_shardings=data_sharding)
+    shardings and batches come sharded over the mesh (`data_sharding`).
+
+    test: the task's test step (Task.make_test_step: what post_hoc needs besides the
+    metrics' inputs, e.g. segmentation masks) instead of its validation step.
+
+    packed: the variables are packed trials' (a leading trial axis, packed.py); each batch
+    is read once and scored by all of them, and every output gets a trial axis second:
+    (examples, trials, ...); `unpack` takes one trial's outputs out.
+    """
+    eval_step = (task.make_test_step if test else task.make_eval_step)(apply_fn, normalize)
+    if packed:
+      eval_step = _trials_second(jax.vmap(eval_step, in_axes=(0, None)))
+    eval_step = jax.jit(eval_step, out_shardings=data_sharding)
     dataset = functools.partial(
         pipeline.eval_dataset, keys=task.keys, num_threads=config.input.num_workers,
         local_batch_size=config.input.eval_batch_size // jax.process_count(),
@@ -80,6 +92,17 @@ class Evaluator:
     test examples (test-time augmentation); `seed` draws labels that are drawn per read."""
     dataset = self.dataset(source, pp_spec=self.task.pp_eval(test), seed=seed)
     return predict(self.eval_step, variables, dataset, self.data_sharding)
+
+
+def _trials_second(packed_step: Callable[[dict, dict], dict]) -> Callable[[dict, dict], dict]:
+  """(trials, batch, ...) outputs -> (batch, trials, ...), so they gather as a batch."""
+  return lambda variables, batch: jax.tree.map(lambda x: jnp.moveaxis(x, 0, 1),
+                                               packed_step(variables, batch))
+
+
+def unpack(predictions: dict[str, np.ndarray], trial: int) -> dict[str, np.ndarray]:
+  """Trial `trial`'s outputs of a packed Evaluator.predict."""
+  return {k: v[:, trial] for k, v in predictions.items()}
 
 
 def first_examples(source: Sequence[dict], pp_spec: str, keys: Sequence[str], count: int

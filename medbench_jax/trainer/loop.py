@@ -19,6 +19,8 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator, Mapping
 import dataclasses
 import math
+import shutil
+import tempfile
 import time
 from typing import Any
 
@@ -28,6 +30,7 @@ import jax
 import ml_collections
 import numpy as np
 
+from medbench_jax import paths
 from medbench_jax import runtime
 from medbench_jax.tasks import base as tasks_base
 from medbench_jax.trainer import checkpoints as checkpoints_lib
@@ -78,7 +81,7 @@ class Speed:
 
 
 @dataclasses.dataclass
-class _Window:
+class Window:
   """The steps since the last report: their metrics (not yet fetched) and timing."""
   metrics: list = dataclasses.field(default_factory=list)
   steps: int = 0  # steps timed (not the compiling first step)
@@ -136,17 +139,27 @@ class Loop:
     logging.info("Training for %d steps (%d per epoch, batch %d), evaluating every %d",
                  schedule.total_steps, schedule.steps_per_epoch, schedule.batch_size,
                  schedule.eval_every)
-    window = _Window()
+    window = Window()
     profile = [int(x) for x in self.config.train.profile_steps.split(":")] if (
         self.config.train.profile_steps) else None
+    trace_dir = None  # where the running profiler trace goes
     while progress.step < schedule.total_steps and not progress.stopped_early:
       if profile and progress.step == profile[0]:
-        jax.profiler.start_trace(self.tb_dir)
+        # JAX's profiler writes a URL through XLA's own GCS client, not epath: trace
+        # locally, copy into tb_dir at the end.
+        trace_dir = (tempfile.mkdtemp(prefix="medbench_trace_")
+                     if paths.is_remote(self.tb_dir) else self.tb_dir)
+        jax.profiler.start_trace(trace_dir)
       compiling = speed.first_step_s is None
       state = self._train_step(state, progress, window, compiling)
-      if profile and progress.step == profile[1]:
+      # A run resumed inside the profiled steps started no trace.
+      if trace_dir is not None and progress.step == profile[1]:
         jax.block_until_ready(window.metrics[-1])
         jax.profiler.stop_trace()
+        if trace_dir != self.tb_dir:
+          paths.copy_tree(trace_dir, self.tb_dir)
+          shutil.rmtree(trace_dir, ignore_errors=True)
+        trace_dir = None
         logging.info("[%s] profile of steps %d-%d written to %s", self.log_prefix, profile[0],
                      profile[1] - 1, self.tb_dir)
       if compiling:
@@ -166,9 +179,9 @@ class Loop:
       # a non-finite update never reaches a checkpoint.
       if window.metrics and (preempted or evaluating
                              or progress.step % schedule.log_every == 0):
-        self._report(window, progress, speed)
+        self.report(window, progress, speed)
       if evaluating:
-        state = self._evaluate(state, progress)
+        state = self.evaluate(state, progress)
         window.restart_clock()
       if preempted:
         self.ckpt.save_latest(progress.step, state, self.train_iter, progress.to_json())
@@ -180,7 +193,7 @@ class Loop:
     self.ckpt.wait_until_finished()
     return state, speed
 
-  def _train_step(self, state: state_lib.TrainState, progress: Progress, window: _Window,
+  def _train_step(self, state: state_lib.TrainState, progress: Progress, window: Window,
                   compiling: bool) -> state_lib.TrainState:
     """One update on the next batch; its metrics wait in `window` for the next report."""
     t = time.perf_counter()
@@ -196,7 +209,7 @@ class Loop:
     progress.step += 1
     return state
 
-  def _report(self, window: _Window, progress: Progress, speed: Speed) -> None:
+  def report(self, window: Window, progress: Progress, speed: Speed) -> None:
     """Fetches and checks the window's step metrics, writes them, and logs the speed of
     its timed steps; the window starts again."""
     fetched = jax.device_get(window.metrics)
@@ -246,7 +259,7 @@ class Loop:
           + ". Check the data for bad values (labels, masks), lower optim.lr or set "
           "optim.grad_clip_norm; train.nonfinite=skip skips such updates instead.")
 
-  def _evaluate(self, state: state_lib.TrainState, progress: Progress
+  def evaluate(self, state: state_lib.TrainState, progress: Progress
                 ) -> state_lib.TrainState:
     """Validates; a lower loss is saved as `best`; steps the plateau schedule, decides on
     early stopping and saves `latest`. Returns the state (its learning rate may change)."""

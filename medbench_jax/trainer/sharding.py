@@ -25,7 +25,7 @@ import numpy as np
 
 from medbench_jax import config_lib
 
-DATA, FSDP = "data", "fsdp"
+DATA, FSDP, TRIAL = "data", "fsdp", "trial"
 # Tactics a rule may name: shard the largest dimension divisible by the fsdp size, or not.
 TACTICS = ("largest", "replicate")
 
@@ -47,19 +47,53 @@ def validate(config: ml_collections.ConfigDict) -> None:
       raise ValueError(f"config.mesh.fsdp_rules: bad regex {pattern!r}: {e}") from None
 
 
-def make_mesh(fsdp: int = 1) -> Mesh:
+def make_mesh(fsdp: int = 1, trials: int = 1) -> Mesh:
+  """The (data, fsdp) mesh; with trials > 1 (packed trials, packed.py) a `trial` axis of
+  that size sits between them, so each process's devices still hold every trial and a
+  slice of the batch, as the input pipeline reads it."""
   # Auto axes: XLA propagates the shardings through the model, so model code stays free
   # of sharding annotations.
-  return jax.make_mesh((jax.device_count() // fsdp, fsdp), (DATA, FSDP),
-                       axis_types=(jax.sharding.AxisType.Auto,) * 2)
+  if trials == 1:
+    return jax.make_mesh((jax.device_count() // fsdp, fsdp), (DATA, FSDP),
+                         axis_types=(jax.sharding.AxisType.Auto,) * 2)
+  return jax.make_mesh((jax.device_count() // (fsdp * trials), trials, fsdp),
+                       (DATA, TRIAL, FSDP), axis_types=(jax.sharding.AxisType.Auto,) * 3)
+
+
+def trial_axis_size(trials: int, fsdp: int = 1) -> int:
+  """The size of the mesh's trial axis for `trials` packed trials: the largest divisor
+  of `trials` that divides the devices left per fsdp group."""
+  groups = jax.device_count() // fsdp
+  return max(d for d in range(1, trials + 1) if trials % d == 0 and groups % d == 0)
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:
+  """A batch split over the data and fsdp axes (the same on every trial's devices)."""
   return NamedSharding(mesh, P((DATA, FSDP)))
+
+
+def stacked(sharding: NamedSharding) -> NamedSharding:
+  """The sharding of a leading trial axis of packed trials in front of `sharding`."""
+  trial = TRIAL if TRIAL in sharding.mesh.axis_names else None
+  return NamedSharding(sharding.mesh, P(trial, *sharding.spec))
 
 
 def replicated(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P())
+
+
+def put_replicated(tree: Any, mesh: Mesh) -> Any:
+  """Host arrays that every process holds the same (one seed, one weights file) as
+  global arrays replicated over `mesh`, each process filling its own devices from its
+  copy. jax.device_put of host arrays onto several processes' devices would compare each
+  leaf across the processes first (a multihost assert_equal per leaf)."""
+  sharding = replicated(mesh)
+
+  def put(leaf):
+    leaf = np.asarray(leaf)
+    return jax.make_array_from_callback(leaf.shape, sharding, lambda index: leaf[index])
+
+  return jax.tree.map(put, tree)
 
 
 def _path(key_path) -> str:

@@ -1,14 +1,15 @@
-"""A run: `config.num_trials` trials of (train with early stopping -> best checkpoint ->
-test), then results.json.
+"""A trial: train with early stopping -> best checkpoint -> test -> trial_K/, and the
+pieces packed trials (packed.py) share with it.
 
-Reads top to bottom, one banner per stage. A run is resumable at every level: a
-finished workdir prints its results, a finished trial is skipped, an unfinished trial
-restores model, optimizer, schedule, early-stopping state and the exact position of
-the data iterator from its latest checkpoint.
+`run_trial` reads top to bottom, one banner per stage. A trial is resumable: a finished
+one is skipped, an unfinished one restores model, optimizer, schedule, early-stopping
+state and the exact position of the data iterator from its latest checkpoint.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+import dataclasses
 import functools
 import io
 import os
@@ -22,7 +23,6 @@ import jax
 import ml_collections
 import numpy as np
 
-from medbench_jax import config_lib
 from medbench_jax import paths
 from medbench_jax import runtime
 from medbench_jax import tasks
@@ -30,6 +30,8 @@ from medbench_jax.data import device_transforms
 from medbench_jax.data import pipeline
 from medbench_jax.data import sources
 from medbench_jax.data import transforms
+from medbench_jax.models import cam
+from medbench_jax.tasks import base as tasks_base
 from medbench_jax.trainer import checkpoints as checkpoints_lib
 from medbench_jax.trainer import evaluation
 from medbench_jax.trainer import loop
@@ -66,7 +68,7 @@ def check_splits(config: ml_collections.ConfigDict, splits: sources.Splits) -> N
         "config.input.batch_size.")
 
 
-def _schedule(config: ml_collections.ConfigDict, num_train: int) -> loop.Schedule:
+def make_schedule(config: ml_collections.ConfigDict, num_train: int) -> loop.Schedule:
   """num_epochs of whole batches (at most train.max_steps), evaluated once per epoch
   unless train.eval_every_steps says otherwise."""
   batch_size = config.input.batch_size
@@ -79,17 +81,25 @@ def _schedule(config: ml_collections.ConfigDict, num_train: int) -> loop.Schedul
                        log_every=config.train.log_every_steps, batch_size=batch_size)
 
 
-def _model_and_state(config: ml_collections.ConfigDict, task: tasks.Task,
-                     splits: sources.Splits, mesh: jax.sharding.Mesh, schedule: loop.Schedule,
-                     seed: int) -> tuple[nn.Module, state_lib.TrainState, Any]:
-  """The model, its train state placed on the mesh, and the state's shardings."""
+def create_model(config: ml_collections.ConfigDict, task: tasks.Task, splits: sources.Splits
+           ) -> tuple[nn.Module, int]:
+  """The model and the side of its input images."""
   size = input_size(config, task, splits.info.channels)
-  model = state_lib.create_model(config, task.num_outputs)
+  return state_lib.create_model(config, task.num_outputs), size
+
+
+def initial_state(config: ml_collections.ConfigDict, task: tasks.Task, model: nn.Module,
+                   size: int, tx: Any, mesh: jax.sharding.Mesh, seed: int
+                   ) -> tuple[state_lib.TrainState, Any]:
+  """The trial's initial train state placed on the mesh, and the state's shardings."""
   variables = state_lib.init_variables(config, model, task.num_outputs, size, seed)
-  state, state_sharding = state_lib.create_sharded_state(
-      model, variables, optim.make_optimizer(config.optim, schedule.total_steps,
-                                             schedule.steps_per_epoch), mesh,
-      lambda abstract: sharding.state_shardings(abstract, mesh, config))
+  return state_lib.create_sharded_state(
+      model, variables, tx, mesh, lambda abstract: sharding.state_shardings(abstract, mesh,
+                                                                            config))
+
+
+def log_model(config: ml_collections.ConfigDict, task: tasks.Task, mesh: jax.sharding.Mesh,
+               state: state_lib.TrainState, state_sharding: Any, size: int) -> None:
   num_params = sum(x.size for x in jax.tree.leaves(state.params))
   if mesh.shape[sharding.FSDP] > 1:
     specs = [s.spec for s in jax.tree.leaves(state_sharding.params)]
@@ -98,10 +108,25 @@ def _model_and_state(config: ml_collections.ConfigDict, task: tasks.Task,
                  len(specs))
   logging.info("Model %s: %.2fM parameters, input %dpx, %d outputs (%s)", config.model.name,
                num_params / 1e6, size, task.num_outputs, task.name)
-  return model, state, state_sharding
 
 
-def _restore_or_start(config: ml_collections.ConfigDict, ckpt: checkpoints_lib.Checkpoints,
+def make_optimizer(config: ml_collections.ConfigDict, schedule: loop.Schedule) -> Any:
+  return optim.make_optimizer(config.optim, schedule.total_steps, schedule.steps_per_epoch)
+
+
+def train_iterator(config: ml_collections.ConfigDict, task: tasks.Task,
+                    splits: sources.Splits, seed: int) -> Any:
+  """The trial's training batches (this process's part), in the order its seed draws."""
+  # On-device augmentation: the host ships the stored images, the train step augments.
+  on_device = config.input.augment_on_device
+  return iter(pipeline.train_dataset(
+      splits.train, pp_spec="" if on_device else task.pp_train(), keys=task.keys,
+      local_batch_size=config.input.batch_size // jax.process_count(), seed=seed,
+      num_workers=config.input.num_workers, process_index=jax.process_index(),
+      process_count=jax.process_count()))
+
+
+def restore_or_start(config: ml_collections.ConfigDict, ckpt: checkpoints_lib.Checkpoints,
                       state: state_lib.TrainState, train_iter: Any, trial: int, seed: int
                       ) -> tuple[state_lib.TrainState, loop.Progress]:
   """The state and progress of the trial's latest checkpoint (`train_iter` moved to its
@@ -119,6 +144,55 @@ def _restore_or_start(config: ml_collections.ConfigDict, ckpt: checkpoints_lib.C
       factor=config.optim.plateau_factor, patience=config.train.patience // 2))
 
 
+def gradcam_images(config: ml_collections.ConfigDict, task: tasks.Task, model: nn.Module,
+                   normalize: Any, splits: sources.Splits
+                   ) -> Callable[[dict, int, Any], None] | None:
+  """`show(variables, step, writer)`: Grad-CAM overlays of the first
+  train.gradcam_images validation images (each for its most probable class) in
+  TensorBoard's val/gradcam; None where off or not a classification model."""
+  count = config.train.gradcam_images
+  if not count or task.name != "classification":
+    return None
+  shown = evaluation.first_examples(splits.validation, task.pp_eval(test=False), ("image",),
+                                    count)
+  cam_fn = cam.make_cam_fn(model, normalize, "gradcam")
+
+  def show(variables: dict, step: int, writer: Any) -> None:
+    maps = np.asarray(cam_fn(variables, shown["image"]))
+    writer.write_images(step, {"val/gradcam": tasks_base.image_grid(
+        cam.overlay(shown["image"], maps), columns=4)[None]})
+
+  return show
+
+
+class AheadOfTime:
+  """A jitted step compiled ahead of time at its first call, so that XLA's cost analysis
+  of the program that runs (its FLOPs, for MFU) is known without compiling it twice."""
+
+  def __init__(self, jitted: Any):
+    self.jitted, self.compiled = jitted, None
+
+  def __call__(self, *args: Any) -> Any:
+    if self.compiled is None:
+      self.compiled = self.jitted.lower(*args).compile()
+    return self.compiled(*args)
+
+  @property
+  def flops(self) -> float | None:
+    """FLOPs of one step (per device where partitioned); None before the first call."""
+    return results_lib.flops_of(self.compiled) if self.compiled is not None else None
+
+
+def training_cost(speed: loop.Speed, batch_size: int, flops_per_step: float | None
+                  ) -> dict[str, Any]:
+  """A trial's training figures for its record (and the run's efficiency): the timed
+  steps (the compiling first step and evaluations left out), their seconds, throughput
+  and XLA's FLOPs per step."""
+  return {"first_step_s": speed.first_step_s, "train_images_per_s": speed.images_per_s(),
+          "train_steps": speed.images // batch_size, "train_seconds": round(speed.seconds, 3),
+          "flops_per_step": flops_per_step}
+
+
 def train_step_fn(config: ml_collections.ConfigDict, task: tasks.Task,
                   normalize: Any, seed: int) -> Any:
   """The trial's update step, unjitted: `(state, batch) -> (state, metrics)`, with the
@@ -131,124 +205,137 @@ def train_step_fn(config: ml_collections.ConfigDict, task: tasks.Task,
                            skip_nonfinite=config.train.nonfinite == "skip")
 
 
+# The best checkpoint's predictions, per split (with the examples' ids).
+PREDICTION_FILES = {"validation": "val_predictions.npz", "test": "test_predictions.npz"}
+
+
+def example_ids(source: Any) -> np.ndarray:
+  """The names of a split's examples, in order: the ids prediction files carry."""
+  names = [source[i]["name"] for i in range(len(source))]
+  return np.array([n.decode() if isinstance(n, bytes) else str(n) for n in names])
+
+
+@dataclasses.dataclass
+class TrialFiles:
+  """Where trial K of a run keeps its outputs."""
+  trial: int
+  directory: epath.Path  # WORKDIR/trial_K
+  tb_dir: epath.Path  # WORKDIR/tb/trial_K
+
+  @classmethod
+  def of(cls, workdir: epath.Path, trial: int) -> TrialFiles:
+    return cls(trial, workdir / f"trial_{trial}", workdir / "tb" / f"trial_{trial}")
+
+  @property
+  def result(self) -> epath.Path:
+    return self.directory / "result.json"
+
+
+def best_predictions(tester: evaluation.Evaluator, variables: dict, splits: sources.Splits
+                     ) -> dict[str, dict[str, np.ndarray]]:
+  """The best checkpoint's predictions of the validation and test splits, both with the
+  test preprocessing (test-time augmentation where configured), so that thresholds and a
+  temperature fitted on validation apply to test predictions made the same way."""
+  return {name: tester.predict(variables, getattr(splits, name), test=True)
+          for name in ("validation", "test")}
+
+
+def finish_trial(files: TrialFiles, task: tasks.Task, seed: int, progress: loop.Progress,
+                 validation: dict[str, np.ndarray], test: dict[str, np.ndarray],
+                 ids: dict[str, np.ndarray], writer: Any, cost: dict[str, Any]) -> dict:
+  """Scores the best checkpoint's `test` predictions, writes trial_K's prediction files
+  (validation and test, with the examples' ids) and result.json, which marks the trial
+  finished. Returns the trial's record."""
+  test_metrics = task.metrics(test)
+  writer.write_scalars(progress.step, {f"test/{k}": v for k, v in test_metrics.items()})
+  writer.close()
+  logging.info("[trial %d] test (best step %d, %s): %s", files.trial, progress.best_step,
+               task.pp_eval(test=True), task.describe(test_metrics, per_class=True))
+  record = results_lib.trial_record(
+      seed=seed, best_step=progress.best_step, best_val_loss=progress.best_val_loss,
+      skipped_updates=progress.skipped_updates, test_metrics=test_metrics, cost=cost)
+  record.update(task.post_hoc(validation, test))
+  if runtime.is_lead():
+    for name, predictions in (("validation", validation), ("test", test)):
+      # Built in memory because zip archives seek back, which a bucket object being
+      # uploaded cannot.
+      npz = io.BytesIO()
+      np.savez_compressed(npz, ids=ids[name], **task.test_predictions(predictions))
+      paths.write_atomic(files.directory / PREDICTION_FILES[name], npz.getvalue())
+    paths.write_json(files.result, record)
+  return record
+
+
 def run_trial(config: ml_collections.ConfigDict, workdir: epath.Path, trial: int,
               splits: sources.Splits, task: tasks.Task, mesh: jax.sharding.Mesh) -> dict:
   """Trial `trial` of the run in `workdir` (seed config.seed + trial): trains it, resuming
   from its latest checkpoint, tests its best checkpoint and writes WORKDIR/trial_K.
   Returns its record (result.json); a finished trial's is read back, not recomputed."""
   seed = config.seed + trial
-  trial_dir = workdir / f"trial_{trial}"
-  result_path = trial_dir / "result.json"
-  if result_path.exists():
-    logging.info("Trial %d already finished: %s", trial, result_path)
-    return paths.read_json(result_path)
+  files = TrialFiles.of(workdir, trial)
+  if files.result.exists():
+    logging.info("Trial %d already finished: %s", trial, files.result)
+    return paths.read_json(files.result)
   start = time.perf_counter()
-  trial_dir.mkdir(parents=True, exist_ok=True)
-  tb_dir = workdir / "tb" / f"trial_{trial}"
-  writer = tensorboard.create_writer(tb_dir, just_logging=not runtime.is_lead())
+  files.directory.mkdir(parents=True, exist_ok=True)
+  writer = tensorboard.create_writer(files.tb_dir, just_logging=not runtime.is_lead())
 
   # ---------------------------------------------------------------- input
-  schedule = _schedule(config, len(splits.train))
-  # On-device augmentation: the host ships the stored images, the train step augments.
-  on_device = config.input.augment_on_device
-  train_iter = iter(pipeline.train_dataset(
-      splits.train, pp_spec="" if on_device else task.pp_train(), keys=task.keys,
-      local_batch_size=config.input.batch_size // jax.process_count(), seed=seed,
-      num_workers=config.input.num_workers, process_index=jax.process_index(),
-      process_count=jax.process_count()))
+  schedule = make_schedule(config, len(splits.train))
+  train_iter = train_iterator(config, task, splits, seed)
 
   # ---------------------------------------------------------------- model
-  model, state, state_sharding = _model_and_state(config, task, splits, mesh, schedule, seed)
+  model, size = create_model(config, task, splits)
+  state, state_sharding = initial_state(config, task, model, size,
+                                         make_optimizer(config, schedule), mesh, seed)
+  log_model(config, task, mesh, state, state_sharding, size)
 
   # ---------------------------------------------------------------- steps
   normalize = state_lib.normalizer(config)
   data_sharding = sharding.batch_sharding(mesh)
-  train_step = jax.jit(
+  train_step = AheadOfTime(jax.jit(
       train_step_fn(config, task, normalize, seed),
       in_shardings=(state_sharding, data_sharding),
-      out_shardings=(state_sharding, sharding.replicated(mesh)), donate_argnums=(0,))
+      out_shardings=(state_sharding, sharding.replicated(mesh)), donate_argnums=(0,)))
   evaluator = evaluation.Evaluator.create(config, task, model.apply, normalize, data_sharding)
   shown = evaluation.first_examples(splits.validation, task.pp_eval(test=False), task.keys,
                                     task.num_eval_images)
   predict_shown = jax.jit(task.make_predict(model.apply, normalize)) if shown else None
+  show_gradcam = gradcam_images(config, task, model, normalize, splits)
 
   def validate(state: state_lib.TrainState, step: int) -> dict[str, float]:
     if shown:
       _, predicted = predict_shown(state_lib.model_variables(state), shown)
       writer.write_images(step, task.eval_images(shown, np.asarray(predicted)))
+    if show_gradcam:
+      show_gradcam(state_lib.model_variables(state), step, writer)
     # Validation labels drawn per read (the study's LSR on validation) change with
     # every validation, reproducibly: the step seeds them.
     return task.metrics(evaluator.predict(state_lib.model_variables(state), splits.validation,
                                           test=False, seed=step))
 
   # ---------------------------------------------------------------- resume
-  ckpt = checkpoints_lib.Checkpoints(trial_dir / "ckpt")
-  state, progress = _restore_or_start(config, ckpt, state, train_iter, trial, seed)
+  ckpt = checkpoints_lib.Checkpoints(files.directory / "ckpt")
+  state, progress = restore_or_start(config, ckpt, state, train_iter, trial, seed)
 
   # ---------------------------------------------------------------- train
   state, speed = loop.Loop(
       config=config, task=task, schedule=schedule,
       step_fn=lambda state, local: train_step(state, sharding.to_global(local, data_sharding)),
       validate=validate, train_iter=train_iter, ckpt=ckpt, writer=writer,
-      log_prefix=f"trial {trial}", tb_dir=os.fspath(tb_dir)).fit(state, progress)
+      log_prefix=f"trial {trial}", tb_dir=os.fspath(files.tb_dir)).fit(state, progress)
   if hasattr(train_iter, "close"):
     train_iter.close()
 
   # ---------------------------------------------------------------- test
-  predictions = evaluator.predict(state_lib.model_variables(ckpt.restore_best(state)),
-                                  splits.test, test=True)
-  test = task.metrics(predictions)
-  writer.write_scalars(progress.step, {f"test/{k}": v for k, v in test.items()})
-  writer.close()
-  logging.info("[trial %d] test (best step %d, %s): %s", trial, progress.best_step,
-               task.pp_eval(test=True), task.describe(test, per_class=True))
-  record = results_lib.trial_record(
-      seed=seed, best_step=progress.best_step, best_val_loss=progress.best_val_loss,
-      skipped_updates=progress.skipped_updates, test_metrics=test,
+  tester = evaluation.Evaluator.create(config, task, model.apply, normalize, data_sharding,
+                                      test=True)
+  predictions = best_predictions(tester, state_lib.model_variables(ckpt.restore_best(state)),
+                                 splits)
+  record = finish_trial(
+      files, task, seed, progress, predictions["validation"], predictions["test"],
+      {name: example_ids(getattr(splits, name)) for name in predictions}, writer,
       cost={"wall_s": round(time.perf_counter() - start, 1),
-            "first_step_s": speed.first_step_s, "train_images_per_s": speed.images_per_s()})
-  if runtime.is_lead():
-    # Written before result.json, which marks the trial finished; built in memory because
-    # zip archives seek back, which a bucket object being uploaded cannot.
-    npz = io.BytesIO()
-    np.savez_compressed(npz, **task.test_predictions(predictions))
-    paths.write_atomic(trial_dir / "test_predictions.npz", npz.getvalue())
-    paths.write_json(result_path, record)
+            **training_cost(speed, schedule.batch_size, train_step.flops)})
   ckpt.close()
   return record
-
-
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
-  """Runs all trials of `config` in `workdir` (data already prepared); returns results.json."""
-  start = time.perf_counter()
-  workdir = paths.as_path(workdir)  # local (made absolute) or a bucket URL
-  results_path = workdir / "results.json"
-  if results_path.exists():
-    results = paths.read_json(results_path)
-    logging.info("%s is finished; not retraining. Test %s: %s", workdir, results["metric"],
-                 results["summary"])
-    return results
-  workdir.mkdir(parents=True, exist_ok=True)
-  resolved = config_lib.to_dict(config)
-  if runtime.is_lead():
-    paths.write_json(workdir / "config.json", resolved)
-  logging.info("Devices: %d (%s) over %d process(es)", jax.device_count(),
-               jax.devices()[0].platform, jax.process_count())
-
-  splits = sources.open_splits(config.dataset)
-  check_splits(config, splits)
-  task = tasks.for_dataset(config, splits.info)
-  mesh = sharding.make_mesh(config.mesh.fsdp)
-  trials = [run_trial(config, workdir, trial, splits, task, mesh)
-            for trial in range(config.num_trials)]
-
-  results = results_lib.assemble(
-      task_fields=task.results_fields(), config=resolved, trials=trials, subset=splits.subset,
-      skipped_examples=splits.info.skipped_examples,
-      provenance=results_lib.provenance(resolved, splits.info.split_hashes),
-      wall_s=time.perf_counter() - start)
-  if runtime.is_lead():
-    paths.write_json(results_path, results)
-  logging.info("Test %s over %d trial(s): %s", results["metric"], len(trials),
-               results["summary"])
-  return results

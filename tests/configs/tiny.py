@@ -21,6 +21,9 @@ def get_config(arg=None):
   config.train.num_epochs = args.epochs
   config.train.eval_every_steps = 4
   config.train.log_every_steps = 1
+  # Seconds-long runs: fewer bootstrap resamples for the operating points' intervals.
+  config.eval.bootstrap_resamples = 100
+  config.train.gradcam_images = 0  # test_trainer turns the overlays on
   if args.model.startswith("swin"):
     config.model.kw = ml_collections.ConfigDict(dict(
         img_size=64, embed_dim=16, depths=(1, 1, 1, 1), num_heads=(1, 1, 2, 2),
