@@ -259,12 +259,15 @@ class Loop:
           + ". Check the data for bad values (labels, masks), lower optim.lr or set "
           "optim.grad_clip_norm; train.nonfinite=skip skips such updates instead.")
 
-  def evaluate(self, state: state_lib.TrainState, progress: Progress
-                ) -> state_lib.TrainState:
-    """Validates; a lower loss is saved as `best`; steps the plateau schedule, decides on
-    early stopping and saves `latest`. Returns the state (its learning rate may change)."""
+  def evaluate(self, state: state_lib.TrainState, progress: Progress,
+               val: dict[str, float] | None = None) -> state_lib.TrainState:
+    """Validates (or takes `val`, metrics already computed: packed trials score all
+    trials with one read of the split); a lower loss is saved as `best`; steps the
+    plateau schedule, decides on early stopping and saves `latest`. Returns the state
+    (its learning rate may change)."""
     step = progress.step
-    val = self.validate(state, step)
+    if val is None:
+      val = self.validate(state, step)
     self.writer.write_scalars(step, {f"val/{k}": v for k, v in val.items()})
     improved = val["loss"] < progress.best_val_loss
     if improved:

@@ -334,10 +334,10 @@ class PackedLoop:
       scores = self.validate(packed, group.progress[evaluating[0]].step)
       for k in evaluating:
         lp = group.loops[k]
-        lp.validate = functools.partial(lambda metrics, state, step: metrics, scores[k])
         trial_state = self.take(packed, k)
         lr = state_lib.learning_rate(trial_state)
-        new_lr = state_lib.learning_rate(lp.evaluate(trial_state, group.progress[k]))
+        new_lr = state_lib.learning_rate(lp.evaluate(trial_state, group.progress[k],
+                                                     val=scores[k]))
         if not math.isclose(new_lr, lr):
           packed = _set_learning_rate(packed, k, new_lr)
         windows[k].restart_clock()
