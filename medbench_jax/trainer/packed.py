@@ -323,13 +323,15 @@ class PackedLoop:
     evaluating = [k for k in stepped
                   if group.progress[k].step % schedule.eval_every == 0
                   or group.progress[k].step == schedule.total_steps]
-    for k in stepped:
-      step = group.progress[k].step
-      if windows[k].metrics and (preempted or k in evaluating
-                                 or step % schedule.log_every == 0):
-        fetched = jax.device_get([m for m, _ in windows[k].metrics])
-        windows[k].metrics = [jax.tree.map(lambda x, k=k: x[k], m) for m in fetched]
-        group.loops[k].report(windows[k], group.progress[k], group.speeds[k])
+    reporting = [k for k in stepped if windows[k].metrics and (
+        preempted or k in evaluating or group.progress[k].step % schedule.log_every == 0)]
+    # The trials share each step's stacked metrics: fetched once, then sliced per trial.
+    pending = {id(m): m for k in reporting for m, _ in windows[k].metrics}
+    fetched = dict(zip(pending, jax.device_get(list(pending.values()))))
+    for k in reporting:
+      windows[k].metrics = [jax.tree.map(lambda x, k=k: x[k], fetched[id(m)])
+                            for m, _ in windows[k].metrics]
+      group.loops[k].report(windows[k], group.progress[k], group.speeds[k])
     if evaluating:
       scores = self.validate(packed, group.progress[evaluating[0]].step)
       for k in evaluating:
